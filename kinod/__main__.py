@@ -1,0 +1,3 @@
+from kinod.cli import main
+
+raise SystemExit(main())

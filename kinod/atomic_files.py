@@ -1,0 +1,73 @@
+"""File writes and moves that readers and crashes never see half-done."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+
+def atomic_write(path: Path, data: bytes, *, durable: bool = False) -> None:
+    """Replace ``path`` with ``data`` in one step: a temporary file beside it, then rename.
+
+    ``durable`` also flushes the data and the folder entry to disk, so the new
+    content survives a power cut (not only a crash of this process).
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if durable:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(tmp)
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
+def move_noreplace(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``; FileExistsError if ``dst`` exists, FileNotFoundError if
+    ``src`` is gone (another process took it first). Never overwrites.
+
+    A hard link then unlink is atomic about ``dst`` on every POSIX file system,
+    NFS included. Where links are not supported (some SMB mounts) it falls back
+    to a check and a rename, which is enough for one daemon per folder.
+    """
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, "destination exists", str(dst)) from None
+        os.rename(src, dst)
+        return
+    try:
+        os.unlink(src)
+    except FileNotFoundError:
+        pass
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

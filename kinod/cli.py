@@ -1,0 +1,292 @@
+"""The ``kinod`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from importlib.resources import files
+from pathlib import Path
+
+from rich.console import Console
+
+from kinod import __version__
+from kinod.config import Settings, load_settings
+from kinod.errors import ConfigError, InvalidJob
+from kinod.intake import InboxName, check_job, parse_document, read_job_bytes
+from kinod.models import Sidecar, is_valid_job_id
+from kinod.plugins.plugin_loader import PluginRegistry
+
+EXIT_OK = 0
+EXIT_FAILED = 1     # a job did not succeed, a file is invalid, a plugin failed to load
+EXIT_USAGE = 2      # bad command line or bad configuration
+EXIT_NOT_FOUND = 3  # no such job
+EXIT_INTERRUPTED = 130
+
+WAIT_POLL_S = 0.2
+
+EPILOG = """exit status:
+  0    success
+  1    a job did not succeed, a file is invalid, or a plugin failed to load
+  2    bad command line or configuration
+  3    no such job
+  130  interrupted (Ctrl-C)
+"""
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        err.print(f"kinod: {exc.message}", markup=False)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kinod", description="A file-driven job daemon for render and generation farms.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"kinod {__version__}")
+    sub = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    def command(name: str, func, help_text: str, description: str = "") -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=description or help_text,
+                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        if name != "init":
+            p.add_argument("--config", type=Path, metavar="FILE",
+                           help="settings file (default: $KINOD_CONFIG, else ./config.yaml)")
+        return p
+
+    p = command("run", cmd_run, "run the daemon",
+                "Run the daemon in the foreground until SIGTERM or SIGINT.")
+    p.add_argument("--log-format", choices=["text", "json"], help="log to stderr as text or JSON")
+    p.add_argument("--log-level", help="TRACE, DEBUG, INFO, SUCCESS, WARNING or ERROR")
+    p.add_argument("--burst", action="store_true",
+                   help="exit once every job found has ended (for cron jobs and scripts)")
+
+    p = command("init", cmd_init, "create the folders and a default config.yaml",
+                "Create inbox/, outbox/, data/frames/, models_storage/ and a commented "
+                "config.yaml in DIR. Existing files are left as they are.")
+    p.add_argument("dir", nargs="?", type=Path, default=Path("."), metavar="DIR")
+
+    p = command("submit", cmd_submit, "drop job files into the inbox",
+                "Copy each FILE into the inbox atomically; the job's id is the file's stem.")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    p.add_argument("--wait", action="store_true",
+                   help="follow the jobs until they end; exit 1 unless all succeeded")
+
+    p = command("status", cmd_status, "show jobs, or one job",
+                "Show every job in the outbox, or one job's sidecar.")
+    p.add_argument("id", nargs="?", metavar="ID")
+    p.add_argument("--json", action="store_true", help="print sidecars as JSON")
+    p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C (or the job ends)")
+
+    p = command("stop", cmd_stop, "ask a queued or running job to stop",
+                "Drop <inbox>/<ID>.stop: a queued job never starts, a running one is stopped.")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--wait", action="store_true", help="wait until the job has ended")
+
+    p = command("plugins", cmd_plugins, "list plugins and their load errors")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+
+    p = command("validate", cmd_validate, "check job files without submitting them",
+                "Check each FILE as the daemon would: name, syntax, keys and plugin parameters.")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    return parser
+
+
+# --- settings ---------------------------------------------------------------
+
+
+def _settings(args: argparse.Namespace, required: bool = True) -> Settings:
+    path = args.config or os.environ.get("KINOD_CONFIG")
+    if path is None and not Path("config.yaml").exists() and not required:
+        return load_defaults(Path.cwd())
+    return load_settings(path or "config.yaml")
+
+
+def load_defaults(base: Path) -> Settings:
+    settings = Settings()
+    return settings.model_copy(update={
+        key: base / getattr(settings, key) for key in ("inbox", "outbox", "frames", "models")})
+
+
+# --- run and init ---------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from kinod.daemon import Daemon
+    from kinod.logs import add_job_log_sink, setup_logging
+
+    settings = _settings(args)
+    overrides = {k: v for k, v in (("log_format", args.log_format),
+                                   ("log_level", args.log_level)) if v}
+    if overrides:
+        settings = Settings.model_validate({**settings.model_dump(), **overrides})
+    setup_logging(settings.log_format, settings.log_level)
+    settings.outbox.mkdir(parents=True, exist_ok=True)
+    add_job_log_sink(settings.outbox)
+    asyncio.run(Daemon(settings).run(burst=args.burst))
+    return EXIT_OK
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    root: Path = args.dir
+    for folder in ("inbox", "outbox", "data/frames", "models_storage/StableDiffusion"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    config = root / "config.yaml"
+    if config.exists():
+        out.print(f"{config} exists; left as it is", markup=False)
+    else:
+        config.write_text(files("kinod").joinpath("default_config.yaml").read_text())
+        out.print(f"wrote {config}", markup=False)
+    out.print(f"start the daemon with: kinod run --config {config}", markup=False)
+    return EXIT_OK
+
+
+# --- submit, stop and wait -----------------------------------------------
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    submitted: dict[str, str | None] = {}  # id -> created_at of the run before this one
+    status = EXIT_OK
+    for path in args.files:
+        name = InboxName.of(path.name)
+        problem = None
+        if name.kind != "job":
+            problem = "not a job file: its name must end in .yaml, .yml or .json"
+        elif not is_valid_job_id(name.job_id):
+            problem = (f"{name.job_id!r} is not a valid job id (letters, digits, '.', '_', '-'; "
+                       "at most 128; not starting with '.')")
+        else:
+            try:
+                raw, _ = read_job_bytes(path, settings.max_job_bytes)
+                check_job(parse_document(raw, path.suffix), registry=None)
+            except InvalidJob as exc:
+                problem = exc.message
+            except OSError as exc:
+                problem = exc.strerror or str(exc)
+        current = _read_sidecar(settings, name.job_id) if problem is None else None
+        if current is not None and not current.state.is_terminal:
+            problem = f"job {name.job_id} is still {current.state}; not submitted again"
+        if problem is None:
+            try:
+                _drop(raw, settings.inbox / f"{name.job_id}{path.suffix.lower()}")
+            except FileExistsError:
+                problem = f"{name.job_id} is already in the inbox, not yet picked up"
+        if problem is not None:
+            err.print(f"{path}: {problem}", markup=False)
+            status = EXIT_FAILED
+            continue
+        submitted[name.job_id] = current.created_at.isoformat() if current else None
+        out.print(f"submitted {name.job_id}", markup=False)
+    if args.wait and submitted and not _wait_for(settings, submitted):
+        status = EXIT_FAILED
+    return status
+
+
+def _drop(raw: bytes, dst: Path) -> None:
+    """Write under a name the daemon ignores, then link into place (never replacing a file)."""
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(raw)
+    try:
+        os.link(tmp, dst)
+    finally:
+        tmp.unlink()
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    job_id = args.id
+    if not is_valid_job_id(job_id):
+        err.print(f"{job_id!r} is not a valid job id", markup=False)
+        return EXIT_USAGE
+    current = _read_sidecar(settings, job_id)
+    waiting_in_inbox = any(
+        (settings.inbox / f"{job_id}{suffix}").exists() for suffix in (".yaml", ".yml", ".json"))
+    if (current is None or current.state.is_terminal) and not waiting_in_inbox:
+        state = f"already {current.state}" if current else "unknown"
+        err.print(f"job {job_id} is not queued or running ({state})", markup=False)
+        return EXIT_NOT_FOUND
+    (settings.inbox / f"{job_id}.stop").touch()
+    out.print(f"stop requested for {job_id}", markup=False)
+    if args.wait:
+        previous = current.created_at.isoformat() if current and waiting_in_inbox else None
+        return EXIT_OK if _wait_for(settings, {job_id: previous}, want="stopped") else EXIT_FAILED
+    return EXIT_OK
+
+
+def _wait_for(settings: Settings, jobs: dict[str, str | None], want: str = "succeeded") -> bool:
+    """Follow each job's new run to its end; True when every one ended ``want``."""
+    from kinod.cli_views import follow
+
+    return follow(settings, jobs, want, _read_sidecar, WAIT_POLL_S)
+
+
+def _read_sidecar(settings: Settings, job_id: str) -> Sidecar | None:
+    try:
+        return Sidecar.from_json((settings.outbox / f"{job_id}.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+# --- status, plugins, validate ----------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from kinod.cli_views import show_job, show_jobs
+
+    settings = _settings(args)
+    if args.id is None:
+        return show_jobs(settings, args.json, args.watch, _read_sidecar)
+    if _read_sidecar(settings, args.id) is None:
+        err.print(f"no job {args.id} in {settings.outbox}", markup=False)
+        return EXIT_NOT_FOUND
+    return show_job(settings, args.id, args.json, args.watch, _read_sidecar)
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from kinod.cli_views import show_plugins
+
+    settings = _settings(args, required=False)
+    registry = PluginRegistry(settings.plugin_dirs)
+    show_plugins(registry, args.json)
+    return EXIT_FAILED if registry.errors else EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    settings = _settings(args, required=False)
+    registry = PluginRegistry(settings.plugin_dirs)
+    status = EXIT_OK
+    for path in args.files:
+        name = InboxName.of(path.name)
+        try:
+            if name.kind != "job":
+                raise InvalidJob("not a job file: its name must end in .yaml, .yml or .json")
+            if not is_valid_job_id(name.job_id):
+                raise InvalidJob(f"{name.job_id!r} is not a valid job id")
+            raw, _ = read_job_bytes(path, settings.max_job_bytes)
+            _, plugin, _ = check_job(parse_document(raw, path.suffix), registry)
+        except InvalidJob as exc:
+            out.print(f"{path}: invalid: {exc.message}", markup=False)
+            status = EXIT_FAILED
+        except OSError as exc:
+            out.print(f"{path}: cannot read: {exc.strerror or exc}", markup=False)
+            status = EXIT_FAILED
+        else:
+            out.print(f"{path}: ok ({plugin.name})", markup=False)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""What the CLI shows: job tables, one job, plugins, and following jobs to their end."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+from rich.table import Table
+
+from kinod.config import Settings
+from kinod.models import Sidecar
+from kinod.plugins.plugin_loader import PluginRegistry
+
+ReadSidecar = Callable[[Settings, str], "Sidecar | None"]
+REFRESH_S = 0.5
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+_STATE_STYLE = {"queued": "yellow", "running": "cyan", "succeeded": "green",
+                "failed": "red", "stopped": "magenta"}
+
+
+def show_jobs(settings: Settings, as_json: bool, watch: bool, read: ReadSidecar) -> int:
+    def sidecars() -> list[Sidecar]:
+        found = []
+        for path in sorted(settings.outbox.glob("*.json")):
+            sidecar = read(settings, path.stem)
+            if sidecar is not None:
+                found.append(sidecar)
+        return sorted(found, key=lambda s: s.created_at)
+
+    if as_json:
+        print(json.dumps([s.model_dump(mode="json", by_alias=True) for s in sidecars()], indent=2))
+        return 0
+    if not watch:
+        out.print(_jobs_table(sidecars()))
+        return 0
+    with Live(_jobs_table(sidecars()), console=out, auto_refresh=False) as live:
+        while True:
+            time.sleep(REFRESH_S)
+            live.update(_jobs_table(sidecars()), refresh=True)
+
+
+def show_job(settings: Settings, job_id: str, as_json: bool, watch: bool,
+             read: ReadSidecar) -> int:
+    sidecar = read(settings, job_id)
+    if as_json and not watch:
+        print(sidecar.to_json().decode(), end="")
+        return 0
+    if not watch:
+        out.print(_job_details(sidecar))
+        return 0
+    with Live(_job_details(sidecar), console=out, auto_refresh=False) as live:
+        while not sidecar.state.is_terminal:
+            time.sleep(REFRESH_S)
+            sidecar = read(settings, job_id) or sidecar
+            live.update(_job_details(sidecar), refresh=True)
+    return 0 if sidecar.state == "succeeded" else 1
+
+
+def show_plugins(registry: PluginRegistry, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({
+            "plugins": [
+                {"name": p.name, "version": p.version, "description": p.description,
+                 "author": p.info.get("author"), "parameters": p.parameters, "source": p.source}
+                for p in registry.plugins.values()],
+            "errors": registry.errors,
+        }, indent=2, default=str))
+        return
+    table = Table("PLUGIN", "VERSION", "DESCRIPTION", "PARAMETERS", box=None)
+    for p in registry.plugins.values():
+        table.add_row(p.name, p.version, p.description, _parameters(p.parameters))
+    out.print(table)
+    for name, error in registry.errors.items():
+        err.print(f"[red]failed to load[/red] {name}: ", end="")
+        err.print(error, markup=False)
+
+
+def follow(settings: Settings, jobs: dict[str, str | None], want: str, read: ReadSidecar,
+           poll_s: float) -> bool:
+    """Wait for each job's run that began after ``jobs[id]`` (a created_at) to end."""
+    ended: dict[str, Sidecar] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                  TextColumn("{task.fields[state]}"), console=err, transient=False) as bars:
+        tasks = {job_id: bars.add_task(job_id, total=100, state="waiting") for job_id in jobs}
+        while len(ended) < len(jobs):
+            for job_id, before in jobs.items():
+                if job_id in ended:
+                    continue
+                sidecar = read(settings, job_id)
+                if sidecar is None or (before and sidecar.created_at.isoformat() == before
+                                       and want == "succeeded"):
+                    continue  # the new run has not been taken in yet
+                bars.update(tasks[job_id], completed=sidecar.progress, state=sidecar.state.value)
+                if sidecar.state.is_terminal:
+                    ended[job_id] = sidecar
+                    if not bars.console.is_terminal:
+                        err.print(_summary(sidecar), markup=False)
+            if len(ended) < len(jobs):
+                time.sleep(poll_s)
+    if bars.console.is_terminal:
+        for sidecar in ended.values():
+            err.print(_summary(sidecar), markup=False)
+    return all(s.state == want for s in ended.values())
+
+
+def _summary(s: Sidecar) -> str:
+    line = f"{s.id}: {s.state}"
+    if s.error:
+        line += f" ({s.error.code}: {s.error.message})"
+    return line
+
+
+def _jobs_table(sidecars: list[Sidecar]) -> Table:
+    table = Table("ID", "STATE", "PROGRESS", "ATTEMPT", "TYPE", "NODE", "UPDATED", "MESSAGE",
+                  box=None)
+    for s in sidecars:
+        style = _STATE_STYLE.get(s.state.value, "")
+        note = s.error.message if s.error else (s.message or "")
+        table.add_row(s.id, f"[{style}]{s.state}[/{style}]", f"{s.progress:.0f}%",
+                      str(s.attempt), s.type or "", s.node or "", _ago(s.updated_at), note)
+    return table
+
+
+def _job_details(s: Sidecar) -> Group:
+    table = Table(box=None, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [("id", s.id), ("name", s.name), ("type", s.type),
+            ("state", s.state.value), ("progress", f"{s.progress:.1f}%"), ("message", s.message),
+            ("attempt", str(s.attempt)), ("node", s.node), ("pid", s.pid),
+            ("created", s.created_at), ("started", s.started_at), ("finished", s.finished_at),
+            ("updated", s.updated_at)]
+    if s.error:
+        rows.append(("error", f"{s.error.code}: {s.error.message}"))
+    if s.result:
+        rows.append(("result", json.dumps(s.result, default=str)))
+    for key, value in rows:
+        if value is not None:
+            table.add_row(key, str(value))
+    return Group(table)
+
+
+def _parameters(parameters: dict) -> str:
+    parts = []
+    for name, spec in parameters.items():
+        spec = spec if isinstance(spec, dict) else {}
+        mark = "*" if spec.get("required") else ""
+        parts.append(f"{name}{mark}:{spec.get('type', 'any')}")
+    return ", ".join(parts)
+
+
+def _ago(when: datetime) -> str:
+    seconds = int((datetime.now(UTC) - when).total_seconds())
+    if seconds < 60:
+        return f"{seconds}s ago"
+    if seconds < 3600:
+        return f"{seconds // 60}m ago"
+    if seconds < 86400:
+        return f"{seconds // 3600}h ago"
+    return f"{seconds // 86400}d ago"

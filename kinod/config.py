@@ -1,0 +1,140 @@
+"""Settings: ``config.yaml``, then ``KINOD_<KEY>`` environment overrides, checked by one model."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from kinod.errors import ConfigError
+from kinod.params import format_validation_error
+
+ENV_PREFIX = "KINOD_"
+# Environment variables with this prefix that are not settings.
+ENV_NOT_SETTINGS = {"KINOD_CONFIG"}
+
+
+class PluginSettings(BaseModel):
+    """``plugins.<name>``: limits kinod applies, plus the plugin's own settings."""
+
+    # The plugin's own keys (e.g. comfyui_urls) pass through to plugin.settings.
+    model_config = ConfigDict(extra="allow")
+
+    max_concurrency: int | None = Field(default=None, ge=1)
+
+    def plugin_settings(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inbox: Path = Path("inbox")
+    outbox: Path = Path("outbox")
+    frames: Path = Path("data/frames")
+    models: Path = Path("models_storage")
+    plugin_dirs: list[Path] = Field(default_factory=list)
+    workers: int = Field(default=4, ge=1, le=1024)
+    plugins: dict[str, PluginSettings] = Field(default_factory=dict)
+    node: str | None = Field(default=None, min_length=1, validate_default=True)
+    stop_grace: float = Field(default=10.0, ge=0)
+    settle_s: float = Field(default=1.0, ge=0)
+    rescan_interval_s: float = Field(default=30.0, gt=0)
+    progress_interval_s: float = Field(default=0.5, ge=0)
+    max_job_bytes: int = Field(default=1024 * 1024, ge=1)
+    max_crash_attempts: int = Field(default=3, ge=1)
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("plugin_dirs", mode="before")
+    @classmethod
+    def _split_path_list(cls, value: Any) -> Any:
+        # KINOD_PLUGIN_DIRS=/a:/b, like PATH.
+        if isinstance(value, str):
+            return [part for part in value.split(os.pathsep) if part]
+        return value
+
+    @field_validator("node")
+    @classmethod
+    def _node_name(cls, value: str | None) -> str:
+        # The node's name becomes a folder name in the spool.
+        value = value or socket.gethostname()
+        if "/" in value or value.startswith("."):
+            raise ValueError("a node name cannot hold '/' or start with '.'")
+        return value
+
+    def max_concurrency(self, plugin: str) -> int | None:
+        entry = self.plugins.get(plugin)
+        return entry.max_concurrency if entry else None
+
+
+def load_settings(path: Path | str, environ: dict[str, str] | None = None) -> Settings:
+    """Read ``path``, apply ``KINOD_*`` overrides and make paths absolute.
+
+    Raises ConfigError naming every bad or unknown key.
+    """
+    path = Path(path)
+    environ = os.environ if environ is None else environ
+    raw = _read_yaml(path)
+    raw.update(_env_overrides(environ))
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        lines = format_validation_error(exc)
+        raise ConfigError(f"{path}: " + "; ".join(lines)) from None
+    return _absolute(settings, path.resolve().parent)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file (create one with `kinod init`)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    try:
+        data = yaml.load(text, Loader=yaml.CSafeLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of settings")
+    return data
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in ENV_NOT_SETTINGS:
+            continue
+        key = name[len(ENV_PREFIX):].lower()
+        if key not in Settings.model_fields:
+            raise ConfigError(f"environment: {name} is not a setting")
+        if key in ("node", "inbox", "outbox", "frames", "models", "plugin_dirs"):
+            overrides[key] = value  # text as given, never YAML-typed
+            continue
+        try:
+            overrides[key] = yaml.load(value, Loader=yaml.CSafeLoader)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"environment: {name}: invalid value: {exc}") from None
+    return overrides
+
+
+def _absolute(settings: Settings, base: Path) -> Settings:
+    def resolve(p: Path) -> Path:
+        return p if p.is_absolute() else base / p
+
+    return settings.model_copy(
+        update={
+            "inbox": resolve(settings.inbox),
+            "outbox": resolve(settings.outbox),
+            "frames": resolve(settings.frames),
+            "models": resolve(settings.models),
+            "plugin_dirs": [resolve(p) for p in settings.plugin_dirs],
+        }
+    )

@@ -1,0 +1,545 @@
+"""The daemon: one owner for the event loop, the jobs in flight, the worker gate and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import stat
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from loguru import logger
+
+from kinod.errors import DaemonCrashed, InvalidJob, JobStopped, KinodError
+from kinod.intake import (
+    InboxName,
+    check_job,
+    parse_document,
+    read_job_bytes,
+    wait_before_reading_s,
+)
+from kinod.jobqueue import JobQueue
+from kinod.models import JobSpec, JobState, Sidecar, SidecarError, is_valid_job_id, utc_now
+from kinod.outbox import Outbox
+from kinod.outcome import Outcome, StopReason, Verdict, judge
+from kinod.plugins.plugin_loader import LoadedPlugin, PluginRegistry
+from kinod.runner import PluginRun
+from kinod.spool import Spool
+from kinod.watcher import InboxWatcher
+
+# Inbox paths looked at per turn of the loop, so a flood of files never starves the rest.
+INTAKE_BATCH = 256
+
+
+@dataclass
+class Job:
+    """An accepted job that has not ended: queued, waiting for ``not_before``, or running."""
+
+    id: str
+    path: Path  # where its file is now (queued/ or running/)
+    spec: JobSpec
+    plugin: LoadedPlugin
+    data: dict[str, Any]
+    sidecar: Sidecar
+    submitted_ns: int
+    run: PluginRun | None = None
+    task: asyncio.Task | None = None
+    progress: tuple[float, str | None] | None = None  # latest report, not yet written
+    progress_pending: bool = False
+    progress_timer: asyncio.TimerHandle | None = None
+    last_write_s: float = 0.0
+    stop_requested: bool = False
+
+
+@dataclass
+class _ReadJob:
+    """A job file read and checked: either a runnable job or the reason it cannot run."""
+
+    spec: JobSpec | None = None
+    document: dict[str, Any] | None = None
+    plugin: LoadedPlugin | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    error: KinodError | None = None
+    mtime_ns: int = 0
+
+
+class Daemon:
+    def __init__(self, settings, registry: PluginRegistry | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.registry = registry if registry is not None else PluginRegistry(settings.plugin_dirs)
+        self.spool = Spool(settings.inbox, settings.node)
+        self.outbox = Outbox(settings.outbox)
+        self.queue = JobQueue()
+        self.jobs: dict[str, Job] = {}  # every accepted job that has not ended
+        self.running: dict[str, Job] = {}
+        self._running_per_plugin: Counter[str] = Counter()
+        self._pending: dict[Path, bool] = {}  # inbox paths to look at -> arrived by rename
+        self._settling: dict[Path, asyncio.TimerHandle] = {}
+        self._warned: set[str] = set()
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._wake = asyncio.Event()
+        self._shutdown = asyncio.Event()
+        self._signals = 0
+        self._scheduler: AsyncIOScheduler | None = None
+        self._watcher = InboxWatcher(settings.inbox, self._on_inbox_event)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # --- lifecycle ----------------------------------------------------------
+
+    async def run(self, burst: bool = False) -> None:
+        """Serve until SIGTERM/SIGINT (or, with ``burst``, until there is nothing left to do)."""
+        self._loop = asyncio.get_running_loop()
+        self._install_signal_handlers()
+        self.spool.ensure_folders()
+        self.outbox.ensure_folder()
+        self.settings.frames.mkdir(parents=True, exist_ok=True)
+        self._log_start()
+        self._recover()
+        self._watcher.start(self._loop)
+        self._scheduler = AsyncIOScheduler(event_loop=self._loop)
+        self._scheduler.add_job(self._rescan, "interval", seconds=self.settings.rescan_interval_s,
+                                id="rescan", coalesce=True, max_instances=1)
+        self._scheduler.start()
+        self._rescan_now()
+        logger.info("kinod ready on node {}: {} queued", self.settings.node, len(self.jobs))
+        try:
+            while not self._shutdown.is_set():
+                await self._turn()
+                if burst and self._idle():
+                    break
+                if not self._pending:
+                    await self._wait_for_work()
+        finally:
+            await self._stop_everything()
+
+    def request_shutdown(self) -> None:
+        """First call: stop taking jobs and stop running ones within the grace. Second: now."""
+        self._signals += 1
+        if self._signals == 1:
+            logger.info("stopping: {} running jobs get {:g} s to stop", len(self.running),
+                        self.settings.stop_grace)
+        else:
+            logger.warning("stopping now")
+            for job in self.running.values():
+                if job.run is not None:
+                    job.run.force_stop()
+        self._shutdown.set()
+        self._wake.set()
+
+    def _install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._loop.add_signal_handler(sig, self.request_shutdown)
+            except (RuntimeError, ValueError):  # not the main thread (tests run it in one)
+                return
+
+    async def _wait_for_work(self) -> None:
+        await self._wake.wait()
+        self._wake.clear()
+
+    async def _turn(self) -> None:
+        batch = list(self._pending.items())[:INTAKE_BATCH]
+        for path, renamed in batch:
+            del self._pending[path]
+            try:
+                self._look_at(path, renamed)
+            except Exception:  # the daemon never dies on input; the next rescan tries again
+                logger.opt(exception=True).error("{}: unexpected error; will look again", path)
+        self._dispatch()
+        if self._pending:
+            await asyncio.sleep(0)
+
+    def _idle(self) -> bool:
+        return not self._pending and not self._settling and not self.running and not len(self.queue)
+
+    async def _stop_everything(self) -> None:
+        self._watcher.stop()
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+        for handle in self._settling.values():
+            handle.cancel()
+        for job in list(self.running.values()):
+            if job.run is not None:
+                job.run.request_stop(StopReason.SHUTDOWN, self.settings.stop_grace)
+        tasks = [job.task for job in self.running.values() if job.task is not None]
+        if tasks:
+            await asyncio.wait(tasks)
+        logger.info("kinod stopped")
+
+    def _log_start(self) -> None:
+        s = self.settings
+        logger.info("kinod starting: node {} pid {}, inbox {}, outbox {}, {} workers",
+                    s.node, os.getpid(), s.inbox, s.outbox, s.workers)
+        logger.info("plugins: {}", ", ".join(sorted(self.registry.plugins)) or "none")
+        for name, error in self.registry.errors.items():
+            logger.error("plugin {} failed to load: {}", name, error)
+
+    # --- finding files --------------------------------------------------------
+
+    def _on_inbox_event(self, path: Path, renamed: bool) -> None:
+        if path.parent != self.settings.inbox:
+            return
+        self._pending[path] = self._pending.get(path, False) or renamed
+        self._wake.set()
+
+    async def _rescan(self) -> None:
+        self._rescan_now()
+
+    def _rescan_now(self) -> None:
+        """Look at every name in the inbox: catches whatever the watcher missed."""
+        try:
+            with os.scandir(self.settings.inbox) as entries:
+                for entry in entries:
+                    path = Path(entry.path)
+                    if path not in self._settling:
+                        self._pending.setdefault(path, False)
+        except OSError as exc:
+            logger.error("cannot list the inbox {}: {}", self.settings.inbox, exc)
+            return
+        self._wake.set()
+
+    def _look_at(self, path: Path, renamed: bool) -> None:
+        name = InboxName.of(path.name)
+        if name.kind == "ignored":
+            return
+        if name.kind == "other":
+            self._warn_once(path.name, "{}: not a job file (.yaml, .yml, .json) nor a .stop; "
+                            "left alone", path)
+            return
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            self._warn_once(path.name, "{}: a folder, not a job file; left alone", path)
+            return
+        if not is_valid_job_id(name.job_id):
+            moved = self.spool.set_aside_invalid(path)
+            logger.error("{!r}: not a valid job id (letters, digits, '.', '_', '-', at most 128, "
+                         "not starting with '.'); moved to {}", path.name, moved)
+            return
+        if name.kind == "stop":
+            self._on_stop_file(path, name.job_id)
+            return
+        wait_s = wait_before_reading_s(st, self._wall_clock(), self.settings.settle_s, renamed)
+        if wait_s > 0:
+            self._look_again_later(path, wait_s)
+            return
+        self._intake(path, name.job_id)
+
+    def _look_again_later(self, path: Path, wait_s: float) -> None:
+        old = self._settling.pop(path, None)
+        if old is not None:
+            old.cancel()
+
+        def again() -> None:
+            self._settling.pop(path, None)
+            self._pending.setdefault(path, False)
+            self._wake.set()
+
+        self._settling[path] = self._loop.call_later(wait_s + 0.01, again)
+
+    def _warn_once(self, key: str, message: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message, *args)
+
+    # --- accepting jobs -----------------------------------------------------------
+
+    def _intake(self, path: Path, job_id: str) -> None:
+        """inbox/<id>.<ext> -> queued/, with its first sidecar (queued, or failed if invalid)."""
+        if job_id in self.jobs:
+            self._set_aside_duplicate(path, job_id)
+            return
+        read = self._read(path)
+        if read is None:
+            return
+        previous = self.outbox.read(job_id)
+        if previous is not None:
+            self.outbox.archive_previous_run(job_id)
+        try:
+            queued = self.spool.accept(path)
+        except FileNotFoundError:
+            return  # taken away meanwhile
+        except FileExistsError:
+            self._set_aside_duplicate(path, job_id)
+            return
+        self._admit(queued, job_id, read, None)
+
+    def _read(self, path: Path) -> _ReadJob | None:
+        """Read and check a job file; None if it changed while read or could not be read now."""
+        read = _ReadJob()
+        try:
+            raw, st = read_job_bytes(path, self.settings.max_job_bytes)
+            read.mtime_ns = st.st_mtime_ns
+            read.document = parse_document(raw, path.suffix)
+            read.spec, read.plugin, read.data = check_job(read.document, self.registry)
+        except InvalidJob as exc:
+            read.error = exc
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            logger.error("{}: cannot read: {}; will try again", path, exc)
+            return None
+        try:
+            now = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        if read.mtime_ns and now.st_mtime_ns != read.mtime_ns:
+            self._look_again_later(path, self.settings.settle_s)  # rewritten while we read it
+            return None
+        return read
+
+    def _admit(self, queued: Path, job_id: str, read: _ReadJob, sidecar: Sidecar | None) -> None:
+        """Take a job file that is in queued/ into the queue, or fail it if it cannot run."""
+        now = utc_now()
+        fresh = sidecar is None or sidecar.state.is_terminal
+        if fresh:
+            sidecar = Sidecar(id=job_id, state=JobState.QUEUED, created_at=now, updated_at=now)
+        if read.spec is not None:
+            sidecar = sidecar.model_copy(update={"name": read.spec.name, "type": read.spec.type})
+        sidecar = sidecar.model_copy(update={
+            "task": read.document, "node": self.settings.node, "pid": os.getpid(),
+        })
+        if read.error is not None:
+            self._end(job_id, queued, sidecar, JobState.FAILED, error=read.error,
+                      published=not fresh)
+            return
+        if fresh or sidecar.state is not JobState.QUEUED:
+            sidecar = sidecar.model_copy(update={"state": JobState.QUEUED, "updated_at": now})
+            self.outbox.publish(sidecar)
+        job = Job(job_id, queued, read.spec, read.plugin, read.data, sidecar, read.mtime_ns)
+        self.jobs[job_id] = job
+        not_before = read.spec.not_before
+        if not_before is not None and not_before > now:
+            self._scheduler.add_job(self._release, "date", run_date=not_before, args=[job_id],
+                                    id=f"not_before:{job_id}", replace_existing=True)
+            logger.bind(job_id=job_id).info("job {} waits until {}", job_id, not_before)
+        else:
+            self._enqueue(job)
+        stop_file = self.settings.inbox / f"{job_id}.stop"
+        if stop_file.exists():
+            self._on_stop_file(stop_file, job_id)
+
+    def _enqueue(self, job: Job) -> None:
+        self.queue.push(job.id, job.plugin.name, job.spec.priority, job.submitted_ns)
+        self._wake.set()
+
+    async def _release(self, job_id: str) -> None:
+        job = self.jobs.get(job_id)
+        if job is not None and job_id not in self.running and job_id not in self.queue:
+            self._enqueue(job)
+
+    def _set_aside_duplicate(self, path: Path, job_id: str) -> None:
+        try:
+            moved = self.spool.set_aside_duplicate(path, job_id)
+        except FileNotFoundError:
+            return
+        state = "running" if job_id in self.running else "queued"
+        logger.bind(job_id=job_id).warning(
+            "{}: job {} is still {}; this resubmission was set aside as {}", path, job_id, state,
+            moved)
+
+    # --- recovery -------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Pick up where the last daemon on this node left off."""
+        for path in self.spool.running_files():
+            job_id = InboxName.of(path.name).job_id
+            sidecar = self.outbox.read(job_id)
+            if sidecar is not None and sidecar.state.is_terminal:
+                self.spool.finish(path, job_id)  # it had ended; only the move was cut short
+                continue
+            if sidecar is not None and sidecar.attempt >= self.settings.max_crash_attempts:
+                self._end(job_id, path, sidecar, JobState.FAILED, error=DaemonCrashed(
+                    f"the daemon stopped {sidecar.attempt} times while running this job"))
+                continue
+            self.spool.requeue(path)
+            logger.bind(job_id=job_id).warning(
+                "job {} was running when the daemon stopped; it runs again", job_id)
+        seen: set[str] = set()
+        for path in sorted(self.spool.queued_files()):
+            job_id = InboxName.of(path.name).job_id
+            if job_id in seen:
+                self._set_aside_duplicate(path, job_id)
+                continue
+            seen.add(job_id)
+            read = self._read(path)
+            if read is not None:
+                self._admit(path, job_id, read, self.outbox.read(job_id))
+
+    # --- running jobs -----------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        if self._shutdown.is_set():
+            return
+        while len(self.running) < self.settings.workers:
+            job_id = self.queue.pop(self._has_room)
+            if job_id is None:
+                return
+            self._start(self.jobs[job_id])
+
+    def _has_room(self, plugin: str) -> bool:
+        limit = self.settings.max_concurrency(plugin)
+        return limit is None or self._running_per_plugin[plugin] < limit
+
+    def _start(self, job: Job) -> None:
+        claimed = self.spool.claim(job.path)
+        if claimed is None:
+            del self.jobs[job.id]
+            now = utc_now()
+            self.outbox.publish(job.sidecar.model_copy(update={
+                "state": JobState.FAILED, "finished_at": now, "updated_at": now,
+                "error": SidecarError(code="lost", message=f"its file left {job.path.parent} "
+                                      "before it could run")}), job.sidecar)
+            return
+        job.path = claimed
+        old = job.sidecar
+        attempt = old.attempt + 1 if old.started_at is not None else old.attempt
+        now = utc_now()
+        job.sidecar = old.model_copy(update={
+            "state": JobState.RUNNING, "attempt": attempt, "progress": 0.0, "message": None,
+            "started_at": now, "finished_at": None, "updated_at": now, "error": None,
+            "result": None, "node": self.settings.node, "pid": os.getpid(),
+        })
+        self.outbox.publish(job.sidecar, old)
+        self.running[job.id] = job
+        self._running_per_plugin[job.plugin.name] += 1
+        job.task = asyncio.create_task(self._run(job), name=f"job {job.id}")
+
+    async def _run(self, job: Job) -> None:
+        try:
+            plugin = job.plugin.cls()
+            plugin.output_dir = self.settings.frames / job.id
+            plugin.output_dir.mkdir(parents=True, exist_ok=True)
+            entry = self.settings.plugins.get(job.plugin.name)
+            plugin.settings = entry.plugin_settings() if entry else {}
+        except Exception as exc:  # noqa: BLE001 - a plugin's constructor may raise anything
+            outcome = Outcome(exception=exc)
+        else:
+            job.run = PluginRun(plugin, job.id, job.data,
+                                on_progress=lambda p, m: self._on_progress(job, p, m),
+                                clock=self._clock)
+            if job.stop_requested:
+                job.run.request_stop(StopReason.USER, self.settings.stop_grace)
+            outcome = await job.run.run(job.spec.timeout, job.spec.stall_timeout,
+                                        self.settings.stop_grace)
+        self._after_run(job, judge(outcome))
+
+    def _after_run(self, job: Job, verdict: Verdict) -> None:
+        if job.progress_timer is not None:
+            job.progress_timer.cancel()
+        del self.running[job.id]
+        self._running_per_plugin[job.plugin.name] -= 1
+        sidecar = job.sidecar
+        if verdict.state is None:  # the daemon is stopping: back to the queue for next time
+            job.sidecar = sidecar.model_copy(update={
+                "state": JobState.QUEUED, "updated_at": utc_now(),
+                "message": f"back in the queue: the daemon on {self.settings.node} stopped"})
+            self.outbox.publish(job.sidecar, sidecar)
+            self.spool.requeue(job.path)
+            del self.jobs[job.id]
+        elif verdict.retryable and sidecar.attempt <= job.spec.retries:
+            job.sidecar = sidecar.model_copy(update={
+                "state": JobState.QUEUED, "updated_at": utc_now(),
+                "message": f"attempt {sidecar.attempt} failed ({verdict.error.message}); "
+                           f"retrying ({job.spec.retries - sidecar.attempt + 1} left)"})
+            self.outbox.publish(job.sidecar, sidecar)
+            job.path = self.spool.requeue(job.path)
+            self._enqueue(job)
+        else:
+            self._end(job.id, job.path, sidecar, verdict.state, error=verdict.error,
+                      result=verdict.result)
+        self._wake.set()
+
+    def _on_progress(self, job: Job, percent: float, message: str | None) -> None:
+        """The plugin's progress callback; runs on the plugin's thread."""
+        job.progress = (percent, message)
+        if not job.progress_pending:
+            job.progress_pending = True
+            try:
+                self._loop.call_soon_threadsafe(self._progress_due, job)
+            except RuntimeError:
+                pass  # the loop is gone: the daemon is exiting
+
+    def _progress_due(self, job: Job) -> None:
+        """Write progress at most once per ``progress_interval_s``; the last report always wins."""
+        job.progress_pending = False
+        if job.id not in self.running or job.progress_timer is not None:
+            return
+        wait_s = job.last_write_s + self.settings.progress_interval_s - self._clock()
+        if wait_s > 0:
+            job.progress_timer = self._loop.call_later(wait_s, self._write_progress, job)
+        else:
+            self._write_progress(job)
+
+    def _write_progress(self, job: Job) -> None:
+        job.progress_timer = None
+        if job.id not in self.running or job.progress is None:
+            return
+        percent, message = job.progress
+        old = job.sidecar
+        if old.progress == percent and (message is None or old.message == message):
+            return
+        job.sidecar = old.model_copy(update={
+            "progress": percent, "message": message if message is not None else old.message,
+            "updated_at": utc_now()})
+        self.outbox.publish(job.sidecar, old)
+        job.last_write_s = self._clock()
+
+    # --- stopping jobs ----------------------------------------------------------
+
+    def _on_stop_file(self, path: Path, job_id: str) -> None:
+        job = self.jobs.get(job_id)
+        if job is None:
+            if any(InboxName.of(p.name) == InboxName("job", job_id) for p in self._settling):
+                return  # its job file is still being written: acted on once it is accepted
+            logger.warning("{}: no queued or running job {}; stop request removed", path, job_id)
+            _unlink(path)
+            return
+        if job.stop_requested:
+            return
+        job.stop_requested = True
+        if job_id in self.running:
+            logger.bind(job_id=job_id).info("job {}: stop requested", job_id)
+            if job.run is not None:
+                job.run.request_stop(StopReason.USER, self.settings.stop_grace)
+            return  # the .stop file goes once the job has ended
+        self.queue.discard(job_id)
+        self._end(job_id, job.path, job.sidecar, JobState.STOPPED,
+                  error=JobStopped("stopped on request before it started"))
+
+    # --- ending jobs ------------------------------------------------------------
+
+    def _end(self, job_id: str, path: Path, sidecar: Sidecar, state: JobState,
+             error: KinodError | None = None, result: dict | None = None,
+             published: bool = True) -> None:
+        """The one way a job ends: final sidecar on disk, then its file filed away for good."""
+        now = utc_now()
+        final = sidecar.model_copy(update={
+            "state": state, "finished_at": now, "updated_at": now,
+            "progress": 100.0 if state is JobState.SUCCEEDED else sidecar.progress,
+            "result": result if state is JobState.SUCCEEDED else None,
+            "error": SidecarError(code=error.code, message=error.message) if error else None,
+        })
+        self.outbox.publish(final, sidecar if published else None)
+        self.spool.finish(path, job_id)
+        self.jobs.pop(job_id, None)
+        _unlink(self.settings.inbox / f"{job_id}.stop")
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+

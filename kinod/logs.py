@@ -1,0 +1,50 @@
+"""Logging: the daemon's log on stderr, and each job's own lines in ``outbox/<id>.log``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from loguru import logger
+
+TEXT_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {message}"
+JOB_LINE_FORMAT = "{time:YYYY-MM-DDTHH:mm:ss.SSSZ!UTC} {level: <7} {message}"
+
+
+def setup_logging(log_format: str = "text", level: str = "INFO") -> None:
+    """Send the daemon's log to stderr, as plain text or one JSON object a line."""
+    logger.remove()
+    if log_format == "json":
+        logger.add(sys.stderr, level=level, serialize=True)
+    else:
+        logger.add(sys.stderr, level=level, format=TEXT_FORMAT, colorize=None)
+    # Plugins that log with the standard library end up here too.
+    logging.basicConfig(handlers=[_InterceptHandler()], level=0, force=True)
+    # apscheduler reports every run of the periodic rescan at INFO.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def add_job_log_sink(outbox: Path) -> int:
+    """Copy every log line bound to a job (``job_id`` in extra) into ``outbox/<id>.log``.
+
+    The id was validated before any line is bound to it, so it is a safe file name.
+    """
+
+    def sink(message) -> None:
+        record = message.record
+        path = outbox / f"{record['extra']['job_id']}.log"
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(message)
+
+    return logger.add(sink, level="DEBUG", format=JOB_LINE_FORMAT,
+                      filter=lambda record: "job_id" in record["extra"], catch=True)
+
+
+class _InterceptHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.opt(depth=6, exception=record.exc_info).log(level, record.getMessage())

@@ -1,0 +1,92 @@
+"""The files users see: the job file and the sidecar, as pydantic models."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+
+SIDECAR_SCHEMA = "kinod.sidecar/1"
+JOB_ID_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+
+def is_valid_job_id(job_id: str) -> bool:
+    return JOB_ID_RE.fullmatch(job_id) is not None
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.STOPPED)
+
+
+class JobSpec(BaseModel):
+    """A job file (``inbox/<id>.yaml|.yml|.json``): the seed's task plus scheduling keys."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    type: str = Field(min_length=1)
+    data: dict[str, Any] = Field(default_factory=dict)
+    priority: int = 0
+    timeout: float | None = Field(default=None, gt=0)
+    stall_timeout: float | None = Field(default=None, gt=0)
+    retries: int = Field(default=0, ge=0, le=100)
+    not_before: datetime | None = None
+
+    @field_validator("not_before")
+    @classmethod
+    def _assume_utc(cls, value: datetime | None) -> datetime | None:
+        # A time without a zone is taken as UTC, the zone of every sidecar time.
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
+class SidecarError(BaseModel):
+    code: str
+    message: str
+
+
+class Sidecar(BaseModel):
+    """``outbox/<id>.json``: a job's state as users and scripts read it."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    schema_: str = Field(default=SIDECAR_SCHEMA, alias="schema")
+    id: str
+    name: str | None = None
+    type: str | None = None
+    state: JobState
+    progress: float = Field(default=0.0, ge=0, le=100)
+    message: str | None = None
+    created_at: AwareDatetime
+    started_at: AwareDatetime | None = None
+    finished_at: AwareDatetime | None = None
+    updated_at: AwareDatetime
+    attempt: int = Field(default=1, ge=1)
+    node: str | None = None
+    pid: int | None = None
+    result: dict[str, Any] | None = None
+    error: SidecarError | None = None
+    task: dict[str, Any] | None = None
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(by_alias=True, indent=2).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Sidecar:
+        return cls.model_validate_json(raw)

@@ -1,0 +1,77 @@
+"""The only module that writes ``outbox/``: sidecars (``<id>.json``) and job logs (``<id>.log``).
+
+Every sidecar write replaces the whole file atomically, and every change of a
+job's ``state`` goes through ``publish``, which logs it once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from loguru import logger
+from pydantic import ValidationError
+
+from kinod.atomic_files import atomic_write
+from kinod.models import Sidecar
+
+
+class Outbox:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.archive = folder / "archive"
+
+    def ensure_folder(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def sidecar_path(self, job_id: str) -> Path:
+        return self.folder / f"{job_id}.json"
+
+    def log_path(self, job_id: str) -> Path:
+        return self.folder / f"{job_id}.log"
+
+    def read(self, job_id: str) -> Sidecar | None:
+        """The job's sidecar, or None when there is none (or it is not kinod's)."""
+        try:
+            return Sidecar.from_json(self.sidecar_path(job_id).read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValidationError) as exc:
+            logger.warning("{}: unreadable sidecar, writing a new one: {}",
+                           self.sidecar_path(job_id), exc)
+            return None
+
+    def publish(self, sidecar: Sidecar, previous: Sidecar | None = None) -> None:
+        """Write the sidecar; a terminal state is flushed to disk before this returns."""
+        atomic_write(self.sidecar_path(sidecar.id), sidecar.to_json(),
+                     durable=sidecar.state.is_terminal)
+        if previous is None or previous.state != sidecar.state:
+            _log_transition(sidecar, previous)
+
+    def archive_previous_run(self, job_id: str) -> None:
+        """Before a new run: move the last run's sidecar and log to ``archive/<id>/<n>.*``."""
+        sidecar, log = self.sidecar_path(job_id), self.log_path(job_id)
+        if not sidecar.exists() and not log.exists():
+            return
+        folder = self.archive / job_id
+        folder.mkdir(parents=True, exist_ok=True)
+        n = 1
+        while (folder / f"{n}.json").exists() or (folder / f"{n}.log").exists():
+            n += 1
+        for src, dst in ((sidecar, folder / f"{n}.json"), (log, folder / f"{n}.log")):
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(src, dst)
+
+
+def _log_transition(sidecar: Sidecar, previous: Sidecar | None) -> None:
+    log = logger.bind(job_id=sidecar.id)
+    was = previous.state.value if previous else "new"
+    detail = ""
+    if sidecar.error is not None:
+        detail = f": {sidecar.error.code}: {sidecar.error.message}"
+    elif sidecar.message:
+        detail = f": {sidecar.message}"
+    level = "WARNING" if sidecar.state.value == "failed" else "INFO"
+    log.log(level, "job {} {} -> {} (attempt {}){}", sidecar.id, was, sidecar.state.value,
+            sidecar.attempt, detail)

@@ -1,0 +1,79 @@
+"""How a plugin run ended, and what that means for the job: one small function."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from kinod.errors import (
+    JobStalled,
+    JobStopped,
+    JobTimeout,
+    KinodError,
+    PluginCrashed,
+    PluginFailed,
+)
+from kinod.models import JobState
+from kinod.plugins.base_plugin import PluginResult
+
+
+class StopReason(StrEnum):
+    USER = "user"          # a .stop file
+    TIMEOUT = "timeout"    # the job's timeout passed
+    STALL = "stall"        # no progress for stall_timeout
+    SHUTDOWN = "shutdown"  # the daemon is stopping; the job goes back to the queue
+
+
+@dataclass
+class Outcome:
+    """What came back from one run of a plugin."""
+
+    result: Any = None                      # what generate() returned
+    exception: BaseException | None = None  # what generate() raised instead
+    stop_reason: StopReason | None = None   # why kinod asked it to stop, if it did
+    forced: bool = False                    # it did not stop within the grace and was cancelled
+    limit_s: float | None = None            # the timeout or stall limit that was passed
+
+
+@dataclass(frozen=True)
+class Verdict:
+    state: JobState | None  # None: back to the queue (daemon shutdown)
+    result: dict[str, Any] | None = None
+    error: KinodError | None = None
+
+    @property
+    def retryable(self) -> bool:
+        return self.error is not None and self.error.retryable
+
+
+def judge(outcome: Outcome) -> Verdict:
+    """Decide the job's end from the plugin's outcome."""
+    result = outcome.result
+    if isinstance(result, PluginResult) and result.success and not outcome.forced:
+        return Verdict(JobState.SUCCEEDED, result=dict(result.data or {}))
+    reason = outcome.stop_reason
+    forced = ""
+    if outcome.forced:
+        forced = " (it did not stop within the grace period and was cancelled)"
+    if reason is StopReason.SHUTDOWN:
+        return Verdict(None)
+    if reason is StopReason.USER:
+        return Verdict(JobState.STOPPED, error=JobStopped(f"stopped on request{forced}"))
+    if reason is StopReason.TIMEOUT:
+        return Verdict(JobState.FAILED, error=JobTimeout(
+            f"ran longer than its timeout of {outcome.limit_s:g} s{forced}"))
+    if reason is StopReason.STALL:
+        return Verdict(JobState.FAILED, error=JobStalled(
+            f"no progress for {outcome.limit_s:g} s (stall_timeout){forced}"))
+    if outcome.exception is not None:
+        exc = outcome.exception
+        text = str(exc) or "(no message)"
+        return Verdict(JobState.FAILED,
+                       error=PluginCrashed(f"plugin raised {type(exc).__name__}: {text}"))
+    if not isinstance(result, PluginResult):
+        return Verdict(JobState.FAILED, error=PluginCrashed(
+            f"generate() returned {type(result).__name__}, not a PluginResult"))
+    return Verdict(JobState.FAILED, error=PluginFailed(
+        result.error or "the plugin reported failure without a reason",
+        retryable=bool(getattr(result, "retryable", False))))

@@ -1,0 +1,1 @@
+"""Built-in generator plugins and the plugin contract (base_plugin, plugin_loader)."""

@@ -1,0 +1,91 @@
+"""The plugin contract every generator implements (kept as in the seed).
+
+A plugin is a subclass of ``BasePlugin`` living in ``<plugin folder>/loader.py``.
+kinod creates one instance per job, sets ``output_dir`` and ``settings`` on it,
+then awaits ``generate()``. ``stop()`` may be awaited while ``generate()`` runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ProgressCallback = Callable[..., None]
+
+
+@dataclass
+class PluginResult:
+    """What ``generate()`` returns.
+
+    ``retryable`` (a kinod addition, default False) marks a failure worth running
+    again when the job asked for ``retries``.
+    """
+
+    success: bool
+    data: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    retryable: bool = False
+
+
+class BasePlugin:
+    """Base class of all generator plugins."""
+
+    def __init__(self) -> None:
+        self.is_running = False
+        self.should_stop = False
+        self.progress = 0.0
+        # Set by kinod before generate(): the job's own output folder
+        # (data/frames/<id>/, already created) and this plugin's settings
+        # from config.yaml (plugins.<name>).
+        self.output_dir: Path | None = None
+        self.settings: dict[str, Any] = {}
+
+    async def generate(
+        self,
+        task_id: str,
+        data: dict[str, Any],
+        progress_callback: ProgressCallback | None = None,
+    ) -> PluginResult:
+        """Run one job; report progress through ``update_progress``."""
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        """Ask the running ``generate()`` to end soon."""
+        self.should_stop = True
+        self.is_running = False
+
+    def update_progress(
+        self,
+        value: float,
+        callback: ProgressCallback | None = None,
+        message: str | None = None,
+    ) -> None:
+        """Record progress (0 to 100) and pass it on; ``message`` is optional status text."""
+        self.progress = max(0.0, min(100.0, float(value)))
+        if callback is not None:
+            if message is None:
+                callback(self.progress)
+            else:
+                callback(self.progress, message)
+
+    def output_path(self, *parts: str) -> Path:
+        """A path inside this job's output folder; refuses anything that would leave it."""
+        if self.output_dir is None:
+            raise RuntimeError("output_dir is set by kinod before generate()")
+        root = self.output_dir.resolve()
+        path = root.joinpath(*parts).resolve()
+        if path != root and root not in path.parents:
+            raise ValueError(f"output path {'/'.join(parts)!r} leaves the job's folder")
+        return path
+
+    @classmethod
+    def get_plugin_info(cls) -> dict[str, Any]:
+        """Name, version, description, author and declared ``parameters``."""
+        return {
+            "name": cls.__name__,
+            "version": "0.0.0",
+            "description": (cls.__doc__ or "").strip(),
+            "parameters": {},
+        }

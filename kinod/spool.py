@@ -1,0 +1,118 @@
+"""The only module that moves job files. A job's state on disk is the folder its file is in.
+
+    inbox/<id>.yaml                      dropped, not yet accepted
+    inbox/.kinod/queued/<id>.yaml        accepted, waiting to run
+    inbox/.kinod/running/<node>/<id>.yaml  claimed by daemon <node>
+    inbox/.kinod/done/<id>/<n>.yaml      ended: the n-th run of <id>
+    inbox/.kinod/duplicates/<id>/<n>.yaml  resubmitted while <id> was queued or running
+    inbox/.kinod/invalid/<name>          not a job kinod can even name (bad id, link, FIFO)
+
+Everything lives inside the inbox, on the same file system, so every move is
+an atomic rename: a crash leaves each file in exactly one of these places.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from kinod.atomic_files import fsync_dir, move_noreplace
+
+
+class Spool:
+    def __init__(self, inbox: Path, node: str) -> None:
+        self.inbox = inbox
+        self.root = inbox / ".kinod"
+        self.queued = self.root / "queued"
+        self.running = self.root / "running" / node
+        self.done = self.root / "done"
+        self.duplicates = self.root / "duplicates"
+        self.invalid = self.root / "invalid"
+
+    def ensure_folders(self) -> None:
+        for folder in (self.queued, self.running, self.done, self.duplicates, self.invalid):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def accept(self, src: Path) -> Path:
+        """inbox → queued. FileExistsError if a file of that name is already queued."""
+        dst = self.queued / src.name
+        try:
+            move_noreplace(src, dst)
+        except FileExistsError:
+            if not _same_file(src, dst):
+                raise
+            # An earlier move was cut short after its link: finish it.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(src)
+        return dst
+
+    def claim(self, queued: Path) -> Path | None:
+        """queued → running/<node>; None if the file is gone (someone else took it)."""
+        dst = self.running / queued.name
+        try:
+            os.rename(queued, dst)
+        except FileNotFoundError:
+            return None
+        fsync_dir(self.running)
+        return dst
+
+    def requeue(self, running: Path) -> Path:
+        """running → queued: to run again after a retryable failure, a crash or a shutdown."""
+        dst = self.queued / running.name
+        os.rename(running, dst)
+        return dst
+
+    def finish(self, path: Path, job_id: str) -> Path:
+        """→ done/<id>/<n>.<ext>, where the job file stays for good."""
+        return self._file_away(path, self.done / job_id)
+
+    def set_aside_duplicate(self, path: Path, job_id: str) -> Path:
+        return self._file_away(path, self.duplicates / job_id)
+
+    def set_aside_invalid(self, path: Path) -> Path:
+        dst = self.invalid / path.name
+        n = 1
+        while True:
+            try:
+                move_noreplace(path, dst)
+                return dst
+            except FileExistsError:
+                n += 1
+                dst = self.invalid / f"{path.name}.{n}"
+
+    def queued_files(self) -> list[Path]:
+        return _files_in(self.queued)
+
+    def running_files(self) -> list[Path]:
+        return _files_in(self.running)
+
+    def _file_away(self, path: Path, folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        n = len(os.listdir(folder)) + 1
+        while True:
+            dst = folder / f"{n}{_suffix(path)}"
+            try:
+                move_noreplace(path, dst)
+                return dst
+            except FileExistsError:
+                n += 1
+
+
+def _suffix(path: Path) -> str:
+    return path.suffix.lower() or ".yaml"
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _files_in(folder: Path) -> list[Path]:
+    try:
+        with os.scandir(folder) as entries:
+            return [Path(e.path) for e in entries if not e.name.startswith(".")]
+    except FileNotFoundError:
+        return []

@@ -1,0 +1,54 @@
+"""Hands inbox file events from watchdog's thread to the daemon's event loop; decides nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+# Called on the daemon's loop with the path and whether it arrived by a rename.
+PathCallback = Callable[[Path, bool], None]
+
+
+class _Forwarder(FileSystemEventHandler):
+    def __init__(self, loop: asyncio.AbstractEventLoop, callback: PathCallback) -> None:
+        self._loop = loop
+        self._callback = callback
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory or event.event_type in ("deleted", "opened", "closed_no_write"):
+            return
+        if event.event_type == "moved":
+            path, renamed = event.dest_path, True
+        else:
+            path, renamed = event.src_path, False
+        path = path.decode() if isinstance(path, bytes) else path
+        try:
+            self._loop.call_soon_threadsafe(self._callback, Path(path), renamed)
+        except RuntimeError:
+            pass  # the loop closed while the observer was stopping
+
+
+class InboxWatcher:
+    """Watches one folder (not its sub-folders) with the platform's native observer."""
+
+    def __init__(self, folder: Path, callback: PathCallback) -> None:
+        self.folder = folder
+        self._callback = callback
+        self._observer: Observer | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._observer = Observer()
+        self._observer.schedule(_Forwarder(loop, self._callback), str(self.folder),
+                                recursive=False)
+        self._observer.daemon = True
+        self._observer.start()
+
+    def stop(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+            self._observer = None
