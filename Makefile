@@ -1,0 +1,28 @@
+# `make run` and `make test` are all a fresh machine needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip==25.3
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+## run: install, then run the daemon on ./config.yaml (Ctrl-C stops it)
+run: $(STAMP)
+	$(BIN)/kinod run --config config.yaml
+
+## test: install, then lint and run the test suite
+test: $(STAMP)
+	$(BIN)/ruff check kinod tests
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check kinod tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from loguru import logger
+
+from tests.helpers import DaemonProcess, write_config
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that leaves threads running (observers, plugin threads, schedulers)."""
+    before = set(threading.enumerate())
+    yield
+    if request.node.get_closest_marker("leaks_threads"):
+        return
+    deadline = time.monotonic() + 5
+    while True:
+        leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert not leaked, f"threads left running: {[t.name for t in leaked]}"
+
+
+@pytest.fixture
+def caplog_loguru(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """loguru's records in pytest's caplog."""
+    handler_id = logger.add(caplog.handler, format="{message}", level="DEBUG")
+    yield caplog
+    logger.remove(handler_id)
+
+
+@pytest.fixture
+def kinod_root(tmp_path: Path) -> Path:
+    for folder in ("inbox", "outbox", "data/frames", "models_storage"):
+        (tmp_path / folder).mkdir(parents=True)
+    return tmp_path
+
+
+@pytest.fixture
+def daemon(kinod_root: Path) -> Iterator[DaemonProcess]:
+    """The real daemon, in its own process, on a fresh folder; stopped after the test."""
+    proc = DaemonProcess(kinod_root, write_config(kinod_root))
+    yield proc
+    if proc.proc is not None and proc.proc.poll() is None:
+        proc.kill()

@@ -1,0 +1,129 @@
+"""Shared test tools: waiting on conditions with deadlines, and the real daemon in a process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_TIMEOUT_S = 30.0
+
+
+def wait_for(condition: Callable[[], Any], timeout_s: float = DEFAULT_TIMEOUT_S,
+             interval_s: float = 0.02, what: str = "condition") -> Any:
+    """Poll ``condition`` until it returns something truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def write_config(root: Path, **settings: Any) -> Path:
+    """A config.yaml in ``root``; tests default to quick settling and a quiet node name."""
+    values = {"node": "testnode", "settle_s": 0.3, "stop_grace": 3, "rescan_interval_s": 2,
+              "progress_interval_s": 0.05}
+    values.update(settings)
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def drop_job(inbox: Path, name: str, body: dict[str, Any] | str) -> Path:
+    """Drop a job file the recommended way: write under a dot-name, then rename into place."""
+    text = body if isinstance(body, str) else (
+        json.dumps(body) if name.endswith(".json") else yaml.safe_dump(body))
+    tmp = inbox / f".{name}.tmp"
+    tmp.write_text(text)
+    final = inbox / name
+    os.rename(tmp, final)
+    return final
+
+
+def read_sidecar(outbox: Path, job_id: str) -> dict[str, Any] | None:
+    try:
+        return json.loads((outbox / f"{job_id}.json").read_text())
+    except FileNotFoundError:
+        return None
+
+
+class DaemonProcess:
+    """``kinod run`` as a child process on a folder of its own."""
+
+    def __init__(self, root: Path, config: Path, env: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.config = config
+        self.inbox = root / "inbox"
+        self.outbox = root / "outbox"
+        self.frames = root / "data" / "frames"
+        self.log_path = root / "daemon.log"
+        self._env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> DaemonProcess:
+        log = open(self.log_path, "a")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kinod", "run", "--config", str(self.config)],
+            stdout=log, stderr=subprocess.STDOUT, env=self._env, cwd=self.root)
+        log.close()
+        wait_for(lambda: "kinod ready" in self.log() or self.proc.poll() is not None,
+                 what="the daemon to start")
+        assert self.proc.poll() is None, f"the daemon exited at start:\n{self.log()}"
+        return self
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text()
+        except FileNotFoundError:
+            return ""
+
+    def drop(self, name: str, body: dict[str, Any] | str) -> Path:
+        return drop_job(self.inbox, name, body)
+
+    def sidecar(self, job_id: str) -> dict[str, Any] | None:
+        return read_sidecar(self.outbox, job_id)
+
+    def wait_state(self, job_id: str, *states: str, timeout_s: float = DEFAULT_TIMEOUT_S
+                   ) -> dict[str, Any]:
+        def reached() -> dict[str, Any] | None:
+            sidecar = self.sidecar(job_id)
+            return sidecar if sidecar and sidecar["state"] in states else None
+
+        try:
+            return wait_for(reached, timeout_s, what=f"job {job_id} to be {'/'.join(states)}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; sidecar: {self.sidecar(job_id)}\n"
+                                 f"daemon log:\n{self.log()[-4000:]}") from None
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout_s: float = 20) -> int:
+        """SIGTERM, then wait for a clean exit; returns the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout_s)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+def kinod_cli(*args: str, cwd: Path | None = None, timeout_s: float = 60,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kinod", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout_s, env={**os.environ, **(env or {})})
