@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 from pathlib import Path
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = getattr(_libc, "renameat2", None)
 
 
 def atomic_write(path: Path, data: bytes, *, durable: bool = False) -> None:
@@ -39,9 +45,11 @@ def move_noreplace(src: Path, dst: Path) -> None:
     """Move ``src`` to ``dst``; FileExistsError if ``dst`` exists, FileNotFoundError if
     ``src`` is gone (another process took it first). Never overwrites.
 
-    A hard link then unlink is atomic about ``dst`` on every POSIX file system,
-    NFS included. Where links are not supported (some SMB mounts) it falls back
-    to a check and a rename, which is enough for one daemon per folder.
+    A hard link then an unlink is atomic about ``dst`` on every POSIX file
+    system, NFS included; a crash between the two leaves one file under two
+    names, which the caller can recognise (same inode). Where links are not
+    supported (some SMB mounts), a check then a rename, enough for one daemon
+    per folder.
     """
     try:
         os.link(src, dst, follow_symlinks=False)
@@ -56,6 +64,20 @@ def move_noreplace(src: Path, dst: Path) -> None:
         os.unlink(src)
     except FileNotFoundError:
         pass
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Like ``move_noreplace``, but a real rename where the system has one that can refuse to
+    overwrite (Linux's renameat2), so a watcher of ``dst``'s folder sees a file moved in,
+    complete. Used to drop job files into the inbox."""
+    if _renameat2 is not None:
+        if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst),
+                      _RENAME_NOREPLACE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise OSError(code, os.strerror(code), str(src), None, str(dst))
+    move_noreplace(src, dst)
 
 
 def fsync_dir(folder: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.console import Console
 
 from kinod import __version__
+from kinod.atomic_files import rename_noreplace
 from kinod.config import Settings, load_settings
 from kinod.errors import ConfigError, InvalidJob
 from kinod.intake import InboxName, check_job, parse_document, read_job_bytes
@@ -196,13 +197,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _drop(raw: bytes, dst: Path) -> None:
-    """Write under a name the daemon ignores, then link into place (never replacing a file)."""
+    """Write under a name the daemon ignores, then rename into place (never replacing a file)."""
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     tmp.write_bytes(raw)
     try:
-        os.link(tmp, dst)
+        rename_noreplace(tmp, dst)
     finally:
-        tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:

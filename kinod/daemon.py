@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import stat
@@ -147,7 +148,7 @@ class Daemon:
         self._wake.clear()
 
     async def _turn(self) -> None:
-        batch = list(self._pending.items())[:INTAKE_BATCH]
+        batch = list(itertools.islice(self._pending.items(), INTAKE_BATCH))
         for path, renamed in batch:
             del self._pending[path]
             try:
@@ -302,7 +303,7 @@ class Daemon:
     def _admit(self, queued: Path, job_id: str, read: _ReadJob, sidecar: Sidecar | None) -> None:
         """Take a job file that is in queued/ into the queue, or fail it if it cannot run."""
         now = utc_now()
-        fresh = sidecar is None or sidecar.state.is_terminal
+        fresh = sidecar is None
         if fresh:
             sidecar = Sidecar(id=job_id, state=JobState.QUEUED, created_at=now, updated_at=now)
         if read.spec is not None:
@@ -352,12 +353,17 @@ class Daemon:
     # --- recovery -------------------------------------------------------------------
 
     def _recover(self) -> None:
-        """Pick up where the last daemon on this node left off."""
+        """Pick up where the last daemon on this node left off.
+
+        A terminal sidecar beside a spooled file means that run ended and only
+        the move to done/ was cut short (a new run's old sidecar is archived
+        before its file is accepted), so it is filed away, never run again.
+        """
         for path in self.spool.running_files():
             job_id = InboxName.of(path.name).job_id
             sidecar = self.outbox.read(job_id)
             if sidecar is not None and sidecar.state.is_terminal:
-                self.spool.finish(path, job_id)  # it had ended; only the move was cut short
+                self.spool.finish(path, job_id)
                 continue
             if sidecar is not None and sidecar.attempt >= self.settings.max_crash_attempts:
                 self._end(job_id, path, sidecar, JobState.FAILED, error=DaemonCrashed(
@@ -373,9 +379,13 @@ class Daemon:
                 self._set_aside_duplicate(path, job_id)
                 continue
             seen.add(job_id)
+            sidecar = self.outbox.read(job_id)
+            if sidecar is not None and sidecar.state.is_terminal:
+                self.spool.finish(path, job_id)
+                continue
             read = self._read(path)
             if read is not None:
-                self._admit(path, job_id, read, self.outbox.read(job_id))
+                self._admit(path, job_id, read, sidecar)
 
     # --- running jobs -----------------------------------------------------------
 
