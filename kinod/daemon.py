@@ -36,6 +36,8 @@ from kinod.watcher import InboxWatcher
 
 # Inbox paths looked at per turn of the loop, so a flood of files never starves the rest.
 INTAKE_BATCH = 256
+# An invalid file written in place is failed only once quiet this many times settle_s.
+INCOMPLETE_GRACE = 10
 
 
 @dataclass
@@ -68,6 +70,8 @@ class _ReadJob:
     data: dict[str, Any] = field(default_factory=dict)
     error: KinodError | None = None
     mtime_ns: int = 0
+    finished_writing: bool = False  # renamed or touched after its last write (ctime > mtime)
+    age_s: float = 0.0  # since its last write
 
 
 class Daemon:
@@ -235,7 +239,7 @@ class Daemon:
         if wait_s > 0:
             self._look_again_later(path, wait_s)
             return
-        self._intake(path, name.job_id)
+        self._intake(path, name.job_id, renamed)
 
     def _look_again_later(self, path: Path, wait_s: float) -> None:
         old = self._settling.pop(path, None)
@@ -256,7 +260,7 @@ class Daemon:
 
     # --- accepting jobs -----------------------------------------------------------
 
-    def _intake(self, path: Path, job_id: str) -> None:
+    def _intake(self, path: Path, job_id: str, renamed: bool) -> None:
         """inbox/<id>.<ext> -> queued/, with its first sidecar (queued, or failed if invalid)."""
         if job_id in self.jobs:
             self._set_aside_duplicate(path, job_id)
@@ -264,6 +268,13 @@ class Daemon:
         read = self._read(path)
         if read is None:
             return
+        if read.error is not None and not renamed and not read.finished_writing:
+            # Written in place and invalid: perhaps a slow writer paused longer than settle_s.
+            # Give it INCOMPLETE_GRACE times as long before calling it invalid.
+            wait_s = self.settings.settle_s * INCOMPLETE_GRACE - read.age_s
+            if wait_s > 0:
+                self._look_again_later(path, wait_s)
+                return
         previous = self.outbox.read(job_id)
         if previous is not None:
             self.outbox.archive_previous_run(job_id)
@@ -282,10 +293,14 @@ class Daemon:
         try:
             raw, st = read_job_bytes(path, self.settings.max_job_bytes)
             read.mtime_ns = st.st_mtime_ns
+            read.finished_writing = st.st_ctime_ns > st.st_mtime_ns
+            read.age_s = self._wall_clock() - st.st_mtime
             read.document = parse_document(raw, path.suffix)
             read.spec, read.plugin, read.data = check_job(read.document, self.registry)
         except InvalidJob as exc:
             read.error = exc
+            if not read.mtime_ns:  # refused before reading (a link, a FIFO, too big): final
+                read.finished_writing = True
         except FileNotFoundError:
             return None
         except OSError as exc:
