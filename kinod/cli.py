@@ -16,7 +16,7 @@ from kinod.atomic_files import rename_noreplace
 from kinod.config import Settings, load_settings
 from kinod.errors import ConfigError, InvalidJob
 from kinod.intake import InboxName, check_job, parse_document, read_job_bytes
-from kinod.models import Sidecar, is_valid_job_id
+from kinod.models import JOB_ID_RULES, Sidecar, is_valid_job_id
 from kinod.plugins.plugin_loader import PluginRegistry
 
 EXIT_OK = 0
@@ -109,16 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace, required: bool = True) -> Settings:
+    """The settings file given, else ./config.yaml; commands that only read plugins and
+    files (``required`` False) fall back to the defaults when there is none."""
     path = args.config or os.environ.get("KINOD_CONFIG")
     if path is None and not Path("config.yaml").exists() and not required:
-        return load_defaults(Path.cwd())
+        return load_settings(None)
     return load_settings(path or "config.yaml")
-
-
-def load_defaults(base: Path) -> Settings:
-    settings = Settings()
-    return settings.model_copy(update={
-        key: base / getattr(settings, key) for key in ("inbox", "outbox", "frames", "models")})
 
 
 # --- run and init ---------------------------------------------------------
@@ -162,14 +158,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     submitted: dict[str, str | None] = {}  # id -> created_at of the run before this one
     status = EXIT_OK
     for path in args.files:
-        name = InboxName.of(path.name)
-        problem = None
-        if name.kind != "job":
-            problem = "not a job file: its name must end in .yaml, .yml or .json"
-        elif not is_valid_job_id(name.job_id):
-            problem = (f"{name.job_id!r} is not a valid job id (letters, digits, '.', '_', '-'; "
-                       "at most 128; not starting with '.')")
-        else:
+        job_id, problem = _job_name(path)
+        if problem is None:
             try:
                 raw, _ = read_job_bytes(path, settings.max_job_bytes)
                 check_job(parse_document(raw, path.suffix), registry=None)
@@ -177,23 +167,35 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 problem = exc.message
             except OSError as exc:
                 problem = exc.strerror or str(exc)
-        current = _read_sidecar(settings, name.job_id) if problem is None else None
+        current = _read_sidecar(settings, job_id) if problem is None else None
         if current is not None and not current.state.is_terminal:
-            problem = f"job {name.job_id} is still {current.state}; not submitted again"
+            problem = f"job {job_id} is still {current.state}; not submitted again"
         if problem is None:
             try:
-                _drop(raw, settings.inbox / f"{name.job_id}{path.suffix.lower()}")
+                _drop(raw, settings.inbox / f"{job_id}{path.suffix.lower()}")
             except FileExistsError:
-                problem = f"{name.job_id} is already in the inbox, not yet picked up"
+                problem = f"{job_id} is already in the inbox, not yet picked up"
         if problem is not None:
             err.print(f"{path}: {problem}", markup=False)
             status = EXIT_FAILED
             continue
-        submitted[name.job_id] = current.created_at.isoformat() if current else None
-        out.print(f"submitted {name.job_id}", markup=False)
+        submitted[job_id] = current.created_at.isoformat() if current else None
+        out.print(f"submitted {job_id}", markup=False)
     if args.wait and submitted and not _wait_for(settings, submitted):
         status = EXIT_FAILED
     return status
+
+
+def _job_name(path: Path) -> tuple[str, str | None]:
+    """The job id a file's name gives, and what is wrong with the name, if anything."""
+    name = InboxName.of(path.name)
+    if name.kind == "ignored":
+        return "", "kinod ignores names starting with '.' or ending in .tmp, .part or ~"
+    if name.kind != "job":
+        return "", "not a job file: its name must end in .yaml, .yml or .json"
+    if not is_valid_job_id(name.job_id):
+        return name.job_id, f"{name.job_id!r} is not a valid job id ({JOB_ID_RULES})"
+    return name.job_id, None
 
 
 def _drop(raw: bytes, dst: Path) -> None:
@@ -249,7 +251,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     if args.id is None:
+        if args.json and args.watch:
+            err.print("--watch with --json needs a job ID", markup=False)
+            return EXIT_USAGE
         return show_jobs(settings, args.json, args.watch, _read_sidecar)
+    if not is_valid_job_id(args.id):
+        err.print(f"{args.id!r} is not a valid job id", markup=False)
+        return EXIT_USAGE
     if _read_sidecar(settings, args.id) is None:
         err.print(f"no job {args.id} in {settings.outbox}", markup=False)
         return EXIT_NOT_FOUND
@@ -270,12 +278,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     registry = PluginRegistry(settings.plugin_dirs)
     status = EXIT_OK
     for path in args.files:
-        name = InboxName.of(path.name)
         try:
-            if name.kind != "job":
-                raise InvalidJob("not a job file: its name must end in .yaml, .yml or .json")
-            if not is_valid_job_id(name.job_id):
-                raise InvalidJob(f"{name.job_id!r} is not a valid job id")
+            problem = _job_name(path)[1]
+            if problem is not None:
+                raise InvalidJob(problem)
             raw, _ = read_job_bytes(path, settings.max_job_bytes)
             _, plugin, _ = check_job(parse_document(raw, path.suffix), registry)
         except InvalidJob as exc:

@@ -19,8 +19,11 @@ from kinod.plugins.plugin_loader import PluginRegistry
 ReadSidecar = Callable[[Settings, str], "Sidecar | None"]
 REFRESH_S = 0.5
 
-out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
+# Piped output (grep, awk) gets whole lines: no terminal width to cut them to.
+out = Console(highlight=False)
+if not out.is_terminal:
+    out = Console(highlight=False, width=100_000)
 
 _STATE_STYLE = {"queued": "yellow", "running": "cyan", "succeeded": "green",
                 "failed": "red", "stopped": "magenta"}
@@ -53,6 +56,15 @@ def show_job(settings: Settings, job_id: str, as_json: bool, watch: bool,
     if as_json and not watch:
         print(sidecar.to_json().decode(), end="")
         return 0
+    if as_json:  # one compact JSON document per change (JSON Lines) until the job ends
+        _print_json_line(sidecar)
+        while not sidecar.state.is_terminal:
+            time.sleep(REFRESH_S)
+            latest = read(settings, job_id) or sidecar
+            if latest != sidecar:
+                sidecar = latest
+                _print_json_line(sidecar)
+        return 0 if sidecar.state == "succeeded" else 1
     if not watch:
         out.print(_job_details(sidecar))
         return 0
@@ -62,6 +74,10 @@ def show_job(settings: Settings, job_id: str, as_json: bool, watch: bool,
             sidecar = read(settings, job_id) or sidecar
             live.update(_job_details(sidecar), refresh=True)
     return 0 if sidecar.state == "succeeded" else 1
+
+
+def _print_json_line(sidecar: Sidecar) -> None:
+    print(sidecar.model_dump_json(by_alias=True), flush=True)
 
 
 def show_plugins(registry: PluginRegistry, as_json: bool) -> None:
@@ -95,8 +111,7 @@ def follow(settings: Settings, jobs: dict[str, str | None], want: str, read: Rea
                 if job_id in ended:
                     continue
                 sidecar = read(settings, job_id)
-                if sidecar is None or (before and sidecar.created_at.isoformat() == before
-                                       and want == "succeeded"):
+                if sidecar is None or (before and sidecar.created_at.isoformat() == before):
                     continue  # the new run has not been taken in yet
                 bars.update(tasks[job_id], completed=sidecar.progress, state=sidecar.state.value)
                 if sidecar.state.is_terminal:

@@ -72,21 +72,22 @@ class Settings(BaseModel):
         return entry.max_concurrency if entry else None
 
 
-def load_settings(path: Path | str, environ: dict[str, str] | None = None) -> Settings:
+def load_settings(path: Path | str | None, environ: dict[str, str] | None = None) -> Settings:
     """Read ``path``, apply ``KINOD_*`` overrides and make paths absolute.
 
+    With ``path`` None every setting has its default, relative to the current folder.
     Raises ConfigError naming every bad or unknown key.
     """
-    path = Path(path)
     environ = os.environ if environ is None else environ
-    raw = _read_yaml(path)
+    raw = _read_yaml(Path(path)) if path is not None else {}
     raw.update(_env_overrides(environ))
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:
         lines = format_validation_error(exc)
-        raise ConfigError(f"{path}: " + "; ".join(lines)) from None
-    return _absolute(settings, path.resolve().parent)
+        raise ConfigError(f"{path or 'settings'}: " + "; ".join(lines)) from None
+    base = Path(path).resolve().parent if path is not None else Path.cwd()
+    return _absolute(settings, base)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

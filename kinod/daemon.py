@@ -26,7 +26,15 @@ from kinod.intake import (
     wait_before_reading_s,
 )
 from kinod.jobqueue import JobQueue
-from kinod.models import JobSpec, JobState, Sidecar, SidecarError, is_valid_job_id, utc_now
+from kinod.models import (
+    JOB_ID_RULES,
+    JobSpec,
+    JobState,
+    Sidecar,
+    SidecarError,
+    is_valid_job_id,
+    utc_now,
+)
 from kinod.outbox import Outbox
 from kinod.outcome import Outcome, StopReason, Verdict, judge
 from kinod.plugins.plugin_loader import LoadedPlugin, PluginRegistry
@@ -89,6 +97,7 @@ class Daemon:
         self._pending: dict[Path, bool] = {}  # inbox paths to look at -> arrived by rename
         self._settling: dict[Path, asyncio.TimerHandle] = {}
         self._warned: set[str] = set()
+        self._crashed: set[str] = set()  # ids with a crash count in the spool
         self._clock = clock
         self._wall_clock = wall_clock
         self._wake = asyncio.Event()
@@ -229,8 +238,8 @@ class Daemon:
             return
         if not is_valid_job_id(name.job_id):
             moved = self.spool.set_aside_invalid(path)
-            logger.error("{!r}: not a valid job id (letters, digits, '.', '_', '-', at most 128, "
-                         "not starting with '.'); moved to {}", path.name, moved)
+            logger.error("{!r}: not a valid job id ({}); moved to {}", path.name, JOB_ID_RULES,
+                         moved)
             return
         if name.kind == "stop":
             self._on_stop_file(path, name.job_id)
@@ -321,8 +330,11 @@ class Daemon:
         fresh = sidecar is None
         if fresh:
             sidecar = Sidecar(id=job_id, state=JobState.QUEUED, created_at=now, updated_at=now)
-        if read.spec is not None:
-            sidecar = sidecar.model_copy(update={"name": read.spec.name, "type": read.spec.type})
+        document = read.document or {}
+        sidecar = sidecar.model_copy(update={
+            # Taken from the file even when it is invalid, where they are text.
+            key: value for key in ("name", "type")
+            if isinstance(value := document.get(key), str)})
         sidecar = sidecar.model_copy(update={
             "task": read.document, "node": self.settings.node, "pid": os.getpid(),
         })
@@ -380,9 +392,11 @@ class Daemon:
             if sidecar is not None and sidecar.state.is_terminal:
                 self.spool.finish(path, job_id)
                 continue
-            if sidecar is not None and sidecar.attempt >= self.settings.max_crash_attempts:
+            crashes = self.spool.count_crash(job_id)
+            self._crashed.add(job_id)
+            if sidecar is not None and crashes >= self.settings.max_crash_attempts:
                 self._end(job_id, path, sidecar, JobState.FAILED, error=DaemonCrashed(
-                    f"the daemon stopped {sidecar.attempt} times while running this job"))
+                    f"the daemon died {crashes} times while running this job"))
                 continue
             self.spool.requeue(path)
             logger.bind(job_id=job_id).warning(
@@ -428,6 +442,7 @@ class Daemon:
                                       "before it could run")}), job.sidecar)
             return
         job.path = claimed
+        job.progress = None
         old = job.sidecar
         attempt = old.attempt + 1 if old.started_at is not None else old.attempt
         now = utc_now()
@@ -448,6 +463,7 @@ class Daemon:
             plugin.output_dir.mkdir(parents=True, exist_ok=True)
             entry = self.settings.plugins.get(job.plugin.name)
             plugin.settings = entry.plugin_settings() if entry else {}
+            plugin.models_dir = self.settings.models
         except Exception as exc:  # noqa: BLE001 - a plugin's constructor may raise anything
             outcome = Outcome(exception=exc)
         else:
@@ -465,7 +481,7 @@ class Daemon:
             job.progress_timer.cancel()
         del self.running[job.id]
         self._running_per_plugin[job.plugin.name] -= 1
-        sidecar = job.sidecar
+        sidecar = _with_progress(job.sidecar, job.progress)  # the last report may be unwritten
         if verdict.state is None:  # the daemon is stopping: back to the queue for next time
             job.sidecar = sidecar.model_copy(update={
                 "state": JobState.QUEUED, "updated_at": utc_now(),
@@ -511,13 +527,11 @@ class Daemon:
         job.progress_timer = None
         if job.id not in self.running or job.progress is None:
             return
-        percent, message = job.progress
         old = job.sidecar
-        if old.progress == percent and (message is None or old.message == message):
+        new = _with_progress(old, job.progress)
+        if new == old:
             return
-        job.sidecar = old.model_copy(update={
-            "progress": percent, "message": message if message is not None else old.message,
-            "updated_at": utc_now()})
+        job.sidecar = new.model_copy(update={"updated_at": utc_now()})
         self.outbox.publish(job.sidecar, old)
         job.last_write_s = self._clock()
 
@@ -559,7 +573,21 @@ class Daemon:
         self.outbox.publish(final, sidecar if published else None)
         self.spool.finish(path, job_id)
         self.jobs.pop(job_id, None)
+        if job_id in self._crashed:
+            self._crashed.discard(job_id)
+            self.spool.forget_crashes(job_id)
         _unlink(self.settings.inbox / f"{job_id}.stop")
+
+
+def _with_progress(sidecar: Sidecar, report: tuple[float, str | None] | None) -> Sidecar:
+    """The sidecar with a plugin's progress report in it (a report without text keeps the old)."""
+    if report is None:
+        return sidecar
+    percent, message = report
+    if sidecar.progress == percent and (message is None or sidecar.message == message):
+        return sidecar
+    return sidecar.model_copy(update={
+        "progress": percent, "message": message if message is not None else sidecar.message})
 
 
 def _unlink(path: Path) -> None:

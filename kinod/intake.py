@@ -162,6 +162,9 @@ def _check_plugin_data(name: str, data: dict[str, Any], registry: PluginRegistry
         checked = plugin.params_model.model_validate(data)
     except ValidationError as exc:
         raise InvalidJob("; ".join(format_validation_error(exc, prefix="data"))) from None
+    except Exception as exc:  # noqa: BLE001 - a declaration the load-time checks let through
+        raise InvalidJob(f"data: plugin {name!r} cannot check its parameters: "
+                         f"{type(exc).__name__}: {exc}") from None
     # Defaults fill what the job left out; an optional parameter without a default stays absent.
     dumped = checked.model_dump()
     return plugin, {k: v for k, v in dumped.items()

@@ -13,6 +13,9 @@ SIDECAR_SCHEMA = "kinod.sidecar/1"
 JOB_ID_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 
+JOB_ID_RULES = "letters, digits, '.', '_', '-'; at most 128 characters; not starting with '.'"
+
+
 def is_valid_job_id(job_id: str) -> bool:
     return JOB_ID_RE.fullmatch(job_id) is not None
 

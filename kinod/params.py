@@ -37,14 +37,18 @@ class ParameterSpec(BaseModel):
     enum: list[Any] | None = None
 
     def annotation(self) -> Any:
-        if self.enum:
-            return Literal[tuple(self.enum)]
         try:
-            return _TYPES[self.type.lower()]
+            python_type = _TYPES[self.type.lower()]
         except KeyError:
             raise ValueError(
                 f"unknown type {self.type!r} (one of {', '.join(sorted(_TYPES))})"
             ) from None
+        if (self.minimum is not None or self.maximum is not None) and python_type not in (
+                int, float):
+            raise ValueError(f"minimum and maximum apply to numbers, not to {self.type!r}")
+        if self.enum:
+            return Literal[tuple(self.enum)]
+        return python_type
 
 
 class _StrictData(BaseModel):

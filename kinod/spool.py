@@ -5,7 +5,8 @@
     inbox/.kinod/running/<node>/<id>.yaml  claimed by daemon <node>
     inbox/.kinod/done/<id>/<n>.yaml      ended: the n-th run of <id>
     inbox/.kinod/duplicates/<id>/<n>.yaml  resubmitted while <id> was queued or running
-    inbox/.kinod/invalid/<name>          not a job kinod can even name (bad id, link, FIFO)
+    inbox/.kinod/invalid/<name>          a name that is not a valid job id
+    inbox/.kinod/crashes/<id>            how often a daemon died running <id> (a number)
 
 Everything lives inside the inbox, on the same file system, so every move is
 an atomic rename: a crash leaves each file in exactly one of these places.
@@ -17,7 +18,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from kinod.atomic_files import fsync_dir, move_noreplace
+from kinod.atomic_files import atomic_write, fsync_dir, move_noreplace
 
 
 class Spool:
@@ -29,9 +30,11 @@ class Spool:
         self.done = self.root / "done"
         self.duplicates = self.root / "duplicates"
         self.invalid = self.root / "invalid"
+        self.crashes = self.root / "crashes"
 
     def ensure_folders(self) -> None:
-        for folder in (self.queued, self.running, self.done, self.duplicates, self.invalid):
+        for folder in (self.queued, self.running, self.done, self.duplicates, self.invalid,
+                       self.crashes):
             folder.mkdir(parents=True, exist_ok=True)
 
     def accept(self, src: Path) -> Path:
@@ -80,6 +83,20 @@ class Spool:
             except FileExistsError:
                 n += 1
                 dst = self.invalid / f"{path.name}.{n}"
+
+    def count_crash(self, job_id: str) -> int:
+        """Record that a daemon died while running ``job_id``; returns how many times it has."""
+        path = self.crashes / job_id
+        try:
+            count = int(path.read_text() or 0)
+        except (FileNotFoundError, ValueError):
+            count = 0
+        atomic_write(path, f"{count + 1}\n".encode(), durable=True)
+        return count + 1
+
+    def forget_crashes(self, job_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.crashes / job_id)
 
     def queued_files(self) -> list[Path]:
         return _files_in(self.queued)

@@ -37,10 +37,11 @@ class BasePlugin:
         self.should_stop = False
         self.progress = 0.0
         # Set by kinod before generate(): the job's own output folder
-        # (data/frames/<id>/, already created) and this plugin's settings
-        # from config.yaml (plugins.<name>).
+        # (data/frames/<id>/, already created), this plugin's settings from
+        # config.yaml (plugins.<name>) and the models folder (models_storage/).
         self.output_dir: Path | None = None
         self.settings: dict[str, Any] = {}
+        self.models_dir: Path | None = None
 
     async def generate(
         self,
