@@ -15,7 +15,8 @@ from kinod import __version__
 from kinod.atomic_files import rename_noreplace
 from kinod.config import Settings, load_settings
 from kinod.errors import ConfigError, InvalidJob
-from kinod.intake import InboxName, check_job, parse_document, read_job_bytes
+from kinod.intake import InboxName, check_job, read_job_bytes
+from kinod.job_document import parse_document
 from kinod.models import JOB_ID_RULES, Sidecar, is_valid_job_id
 from kinod.plugins.plugin_loader import PluginRegistry
 

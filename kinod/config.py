@@ -87,7 +87,20 @@ def load_settings(path: Path | str | None, environ: dict[str, str] | None = None
         lines = format_validation_error(exc)
         raise ConfigError(f"{path or 'settings'}: " + "; ".join(lines)) from None
     base = Path(path).resolve().parent if path is not None else Path.cwd()
-    return _absolute(settings, base)
+    settings = _absolute(settings, base)
+    _check_folders(settings, base, path)
+    return settings
+
+
+def _check_folders(settings: Settings, base: Path, path: Path | str | None) -> None:
+    """The inbox must be a folder of its own: anything else kinod writes there (or the
+    settings file) would be taken for a job."""
+    inbox = settings.inbox.resolve()
+    for key in ("outbox", "frames"):
+        if getattr(settings, key).resolve() == inbox:
+            raise ConfigError(f"{path or 'settings'}: inbox and {key} must be different folders")
+    if path is not None and inbox == base.resolve():
+        raise ConfigError(f"{path}: inbox cannot be the folder that holds the settings file")
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -18,13 +18,8 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from loguru import logger
 
 from kinod.errors import DaemonCrashed, InvalidJob, JobStopped, KinodError
-from kinod.intake import (
-    InboxName,
-    check_job,
-    parse_document,
-    read_job_bytes,
-    wait_before_reading_s,
-)
+from kinod.intake import InboxName, check_job, read_job_bytes, wait_before_reading_s
+from kinod.job_document import parse_document
 from kinod.jobqueue import JobQueue
 from kinod.models import (
     JOB_ID_RULES,
@@ -96,6 +91,8 @@ class Daemon:
         self._running_per_plugin: Counter[str] = Counter()
         self._pending: dict[Path, bool] = {}  # inbox paths to look at -> arrived by rename
         self._settling: dict[Path, asyncio.TimerHandle] = {}
+        # Files being written in place: (mtime_ns, size) and when first seen so.
+        self._unchanged: dict[Path, tuple[tuple[int, int], float]] = {}
         self._warned: set[str] = set()
         self._crashed: set[str] = set()  # ids with a crash count in the spool
         self._clock = clock
@@ -232,6 +229,7 @@ class Daemon:
         try:
             st = os.lstat(path)
         except FileNotFoundError:
+            self._unchanged.pop(path, None)
             return
         if stat.S_ISDIR(st.st_mode):
             self._warn_once(path.name, "{}: a folder, not a job file; left alone", path)
@@ -244,11 +242,23 @@ class Daemon:
         if name.kind == "stop":
             self._on_stop_file(path, name.job_id)
             return
-        wait_s = wait_before_reading_s(st, self._wall_clock(), self.settings.settle_s, renamed)
-        if wait_s > 0:
-            self._look_again_later(path, wait_s)
+        if self._wait_until_settled(path, st, renamed):
             return
         self._intake(path, name.job_id, renamed)
+
+    def _wait_until_settled(self, path: Path, st: os.stat_result, renamed: bool) -> bool:
+        """True (and a look again planned) while the file may still be being written."""
+        version = (st.st_mtime_ns, st.st_size)
+        seen = self._unchanged.get(path)
+        if seen is None or seen[0] != version:
+            seen = self._unchanged[path] = (version, self._clock())
+        wait_s = wait_before_reading_s(st, self._wall_clock(), self.settings.settle_s, renamed,
+                                       unchanged_for_s=self._clock() - seen[1])
+        if wait_s > 0:
+            self._look_again_later(path, wait_s)
+            return True
+        del self._unchanged[path]
+        return False
 
     def _look_again_later(self, path: Path, wait_s: float) -> None:
         old = self._settling.pop(path, None)
@@ -284,9 +294,7 @@ class Daemon:
             if wait_s > 0:
                 self._look_again_later(path, wait_s)
                 return
-        previous = self.outbox.read(job_id)
-        if previous is not None:
-            self.outbox.archive_previous_run(job_id)
+        self.outbox.archive_previous_run(job_id)
         try:
             queued = self.spool.accept(path)
         except FileNotFoundError:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from kinod.errors import InvalidJob
@@ -21,10 +19,6 @@ from kinod.plugins.plugin_loader import LoadedPlugin, PluginRegistry
 JOB_SUFFIXES = (".yaml", ".yml", ".json")
 STOP_SUFFIX = ".stop"
 IGNORED_SUFFIXES = (".tmp", ".part", "~")
-# Bounds on what a parsed job may hold, so that YAML alias bombs and absurd
-# nesting are refused instead of eating memory or the stack.
-MAX_NODES = 100_000
-MAX_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -50,17 +44,20 @@ class InboxName:
 
 
 def wait_before_reading_s(st: os.stat_result, now_s: float, settle_s: float,
-                          arrived_by_rename: bool = False) -> float:
+                          arrived_by_rename: bool = False, unchanged_for_s: float = 0.0) -> float:
     """Seconds to wait until a file is surely complete; 0 when it can be read now.
 
     A file renamed into place is complete. Writing in place updates mtime and
-    ctime together; a later rename, chmod or utime only moves ctime, so
-    ctime > mtime also means the writer is done. Otherwise the file must have
-    been quiet (mtime unchanged) for ``settle_s``.
+    ctime together; a later rename, chmod or utime moves only ctime, so
+    ctime > mtime on a non-empty file also means the writer is done (an empty
+    one may have had its mode set before its first write). Otherwise the file
+    must have been quiet for ``settle_s``: by its mtime, or, where a file
+    server's clock runs ahead of ours, by having been seen unchanged that long.
     """
-    if arrived_by_rename or st.st_ctime_ns > st.st_mtime_ns:
+    if arrived_by_rename or (st.st_ctime_ns > st.st_mtime_ns and st.st_size > 0):
         return 0.0
-    return max(0.0, settle_s - (now_s - st.st_mtime))
+    quiet_s = max(now_s - st.st_mtime, unchanged_for_s)
+    return max(0.0, settle_s - quiet_s)
 
 
 def read_job_bytes(path: Path, max_bytes: int) -> tuple[bytes, os.stat_result]:
@@ -77,6 +74,8 @@ def read_job_bytes(path: Path, max_bytes: int) -> tuple[bytes, os.stat_result]:
             raise InvalidJob("is a symbolic link; kinod never follows links in the inbox") from None
         if exc.errno in (errno.EACCES, errno.EPERM):
             raise InvalidJob("cannot be read: permission denied") from None
+        if exc.errno == errno.ENXIO:  # a Unix socket
+            raise InvalidJob("is not a regular file") from None
         raise
     try:
         st = os.fstat(fd)
@@ -94,33 +93,6 @@ def read_job_bytes(path: Path, max_bytes: int) -> tuple[bytes, os.stat_result]:
         return b"".join(chunks), st
     finally:
         os.close(fd)
-
-
-def parse_document(raw: bytes, suffix: str) -> dict[str, Any]:
-    """The job file's mapping as written; InvalidJob if it is not one (syntax, encoding, size)."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidJob(f"is not UTF-8 text (byte {exc.object[exc.start]:#04x} "
-                         f"at offset {exc.start})") from None
-    if not text.strip():
-        raise InvalidJob("is empty")
-    try:
-        if suffix.lower() == ".json":
-            document = json.loads(text)
-        else:
-            document = yaml.load(text, Loader=yaml.CSafeLoader)
-    except json.JSONDecodeError as exc:
-        raise InvalidJob(f"invalid JSON: {exc.msg} at line {exc.lineno} "
-                         f"column {exc.colno}") from None
-    except yaml.YAMLError as exc:
-        raise InvalidJob(f"invalid YAML: {_one_line(exc)}") from None
-    except RecursionError:
-        raise InvalidJob(f"nested too deeply (more than {MAX_DEPTH} levels)") from None
-    if not isinstance(document, dict):
-        raise InvalidJob(f"the top level must be a mapping, not {_kind(document)}")
-    _check_bounds(document)
-    return document
 
 
 def check_job(document: dict[str, Any], registry: PluginRegistry | None
@@ -169,28 +141,3 @@ def _check_plugin_data(name: str, data: dict[str, Any], registry: PluginRegistry
     dumped = checked.model_dump()
     return plugin, {k: v for k, v in dumped.items()
                     if v is not None or k in checked.model_fields_set}
-
-
-def _check_bounds(document: Any) -> None:
-    nodes = 0
-    stack = [(document, 1)]
-    while stack:
-        value, depth = stack.pop()
-        nodes += 1
-        if nodes > MAX_NODES:
-            raise InvalidJob(f"holds more than {MAX_NODES} values (a YAML alias bomb?)")
-        if depth > MAX_DEPTH:
-            raise InvalidJob(f"nested too deeply (more than {MAX_DEPTH} levels)")
-        if isinstance(value, dict):
-            stack.extend((v, depth + 1) for v in value.values())
-        elif isinstance(value, list):
-            stack.extend((v, depth + 1) for v in value)
-
-
-def _kind(value: Any) -> str:
-    return {list: "a list", str: "text", int: "a number", float: "a number",
-            bool: "a boolean"}.get(type(value), type(value).__name__)
-
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())

@@ -51,8 +51,15 @@ class Spool:
         return dst
 
     def claim(self, queued: Path) -> Path | None:
-        """queued → running/<node>; None if the file is gone (someone else took it)."""
+        """queued → running/<node>; None if the file is gone (someone else took it).
+
+        A plain rename: the source vanishing is what makes a claim exclusive.
+        Only this daemon writes running/<node>/; a file of the same name left
+        there (it cannot be running) is set aside, never replaced.
+        """
         dst = self.running / queued.name
+        if os.path.lexists(dst):
+            self.set_aside_duplicate(dst, _job_id(dst))
         try:
             os.rename(queued, dst)
         except FileNotFoundError:
@@ -61,10 +68,18 @@ class Spool:
         return dst
 
     def requeue(self, running: Path) -> Path:
-        """running → queued: to run again after a retryable failure, a crash or a shutdown."""
+        """running → queued: to run again after a retryable failure, a crash or a shutdown.
+
+        A file of the same name already in queued/ is a later submission that
+        should have waited: it is set aside as a duplicate, never overwritten.
+        """
         dst = self.queued / running.name
-        os.rename(running, dst)
-        return dst
+        while True:
+            try:
+                move_noreplace(running, dst)
+                return dst
+            except FileExistsError:
+                self.set_aside_duplicate(dst, _job_id(dst))
 
     def finish(self, path: Path, job_id: str) -> Path:
         """→ done/<id>/<n>.<ext>, where the job file stays for good."""
@@ -105,8 +120,11 @@ class Spool:
         return _files_in(self.running)
 
     def _file_away(self, path: Path, folder: Path) -> Path:
+        """Move to ``folder/<n><suffix>``, n one more than any run number there."""
         folder.mkdir(parents=True, exist_ok=True)
-        n = len(os.listdir(folder)) + 1
+        numbers = [int(stem) for stem, _, _ in (name.partition(".") for name in os.listdir(folder))
+                   if stem.isdigit()]
+        n = max(numbers, default=0) + 1
         while True:
             dst = folder / f"{n}{_suffix(path)}"
             try:
@@ -114,6 +132,10 @@ class Spool:
                 return dst
             except FileExistsError:
                 n += 1
+
+
+def _job_id(path: Path) -> str:
+    return path.name.rpartition(".")[0]
 
 
 def _suffix(path: Path) -> str:

@@ -1,0 +1,254 @@
+"""The spool: where a job file lives is its state; every move is atomic and loses nothing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from kinod.spool import Spool
+
+INBOX = Path("/farm/inbox")
+
+
+@pytest.fixture
+def spool(fs) -> Spool:
+    INBOX.mkdir(parents=True)
+    spool = Spool(INBOX, "node1")
+    spool.ensure_folders()
+    return spool
+
+
+def drop(name: str, text: str = "type: example\n") -> Path:
+    path = INBOX / name
+    path.write_text(text)
+    return path
+
+
+def paths(listing: list[Path]) -> list[str]:
+    # pyfakefs patches pathlib, so compare paths as text.
+    return sorted(os.fspath(p) for p in listing)
+
+
+def all_contents(root: Path) -> list[str]:
+    return sorted(p.read_text() for p in root.rglob("*") if p.is_file())
+
+
+def test_layout_lives_inside_the_inbox(spool: Spool) -> None:
+    assert spool.queued == INBOX / ".kinod" / "queued"
+    assert spool.running == INBOX / ".kinod" / "running" / "node1"
+    assert spool.done == INBOX / ".kinod" / "done"
+    for folder in (spool.queued, spool.running, spool.done, spool.duplicates, spool.invalid):
+        assert folder.is_dir()
+
+
+def test_ensure_folders_twice_is_harmless(spool: Spool) -> None:
+    (spool.queued / "a.yaml").write_text("x")
+    spool.ensure_folders()
+    assert (spool.queued / "a.yaml").read_text() == "x"
+
+
+def test_accept_moves_from_inbox_to_queued(spool: Spool) -> None:
+    src = drop("job1.yaml", "body")
+    queued = spool.accept(src)
+    assert queued == spool.queued / "job1.yaml"
+    assert queued.read_text() == "body"
+    assert not src.exists()
+    assert paths(spool.queued_files()) == [os.fspath(queued)]
+
+
+def test_accept_of_a_name_already_queued_raises_and_moves_nothing(spool: Spool) -> None:
+    (spool.queued / "job1.yaml").write_text("first")
+    src = drop("job1.yaml", "second")
+    with pytest.raises(FileExistsError):
+        spool.accept(src)
+    assert src.read_text() == "second"
+    assert (spool.queued / "job1.yaml").read_text() == "first"
+
+
+def test_accept_completes_a_half_done_move(spool: Spool) -> None:
+    src = drop("job1.yaml", "body")
+    os.link(src, spool.queued / "job1.yaml")  # a crash right after the link
+    assert os.path.samefile(src, spool.queued / "job1.yaml")
+    queued = spool.accept(src)
+    assert queued == spool.queued / "job1.yaml"
+    assert queued.read_text() == "body"
+    assert not src.exists()
+
+
+def test_accept_of_a_vanished_file_raises_file_not_found(spool: Spool) -> None:
+    with pytest.raises(FileNotFoundError):
+        spool.accept(INBOX / "gone.yaml")
+    assert spool.queued_files() == []
+
+
+def test_claim_moves_to_this_nodes_running_folder(spool: Spool) -> None:
+    queued = spool.accept(drop("job1.yaml", "body"))
+    running = spool.claim(queued)
+    assert running == INBOX / ".kinod" / "running" / "node1" / "job1.yaml"
+    assert running.read_text() == "body"
+    assert spool.queued_files() == []
+    assert paths(spool.running_files()) == [os.fspath(running)]
+
+
+def test_claim_of_a_vanished_file_returns_none(spool: Spool) -> None:
+    assert spool.claim(spool.queued / "gone.yaml") is None
+    assert spool.running_files() == []
+
+
+def test_claim_twice_the_second_loses(spool: Spool) -> None:
+    queued = spool.accept(drop("job1.yaml"))
+    other_node = Spool(INBOX, "node2")
+    other_node.ensure_folders()
+    assert spool.claim(queued) is not None
+    assert other_node.claim(queued) is None
+    assert other_node.running_files() == []
+
+
+def test_requeue_moves_back_to_queued(spool: Spool) -> None:
+    running = spool.claim(spool.accept(drop("job1.yaml", "body")))
+    queued = spool.requeue(running)
+    assert queued == spool.queued / "job1.yaml"
+    assert queued.read_text() == "body"
+    assert spool.running_files() == []
+
+
+def test_requeue_never_loses_a_queued_file_of_the_same_name(spool: Spool) -> None:
+    # Another daemon on the same inbox (or a resubmission) queued the same id meanwhile.
+    running = spool.running / "job1.yaml"
+    running.write_text("the run being handed back")
+    (spool.queued / "job1.yaml").write_text("a newer submission")
+    try:
+        spool.requeue(running)
+    except FileExistsError:
+        pass
+    assert all_contents(spool.root) == ["a newer submission", "the run being handed back"]
+
+
+def test_claim_never_loses_a_running_file_of_the_same_name(spool: Spool) -> None:
+    (spool.running / "job1.yaml").write_text("left over from a crash")
+    (spool.queued / "job1.yaml").write_text("queued")
+    spool.claim(spool.queued / "job1.yaml")
+    assert all_contents(spool.root) == ["left over from a crash", "queued"]
+
+
+def test_finish_numbers_runs_and_keeps_each_suffix(spool: Spool) -> None:
+    first = spool.finish(drop("job1.yaml", "run 1"), "job1")
+    second = spool.finish(drop("job1.json", '{"run": 2}'), "job1")
+    third = spool.finish(drop("job1.YML", "run 3"), "job1")
+    folder = spool.done / "job1"
+    assert (first, second, third) == (folder / "1.yaml", folder / "2.json", folder / "3.yml")
+    assert first.read_text() == "run 1"
+    assert second.read_text() == '{"run": 2}'
+    assert third.read_text() == "run 3"
+    assert sorted(os.listdir(INBOX)) == [".kinod"]
+
+
+def test_finish_from_running(spool: Spool) -> None:
+    running = spool.claim(spool.accept(drop("job1.yaml", "body")))
+    done = spool.finish(running, "job1")
+    assert done == spool.done / "job1" / "1.yaml"
+    assert done.read_text() == "body"
+    assert spool.running_files() == []
+
+
+def test_finish_keeps_jobs_apart(spool: Spool) -> None:
+    a = spool.finish(drop("a.yaml", "a"), "a")
+    b = spool.finish(drop("b.yaml", "b"), "b")
+    assert a == spool.done / "a" / "1.yaml"
+    assert b == spool.done / "b" / "1.yaml"
+
+
+def test_finish_never_overwrites_an_earlier_run(spool: Spool) -> None:
+    folder = spool.done / "job1"
+    folder.mkdir()
+    (folder / "1.yaml").write_text("run 1")
+    (folder / "3.yaml").write_text("run 3")  # run 2 was removed by hand
+    new = spool.finish(drop("job1.yaml", "run 4"), "job1")
+    assert new.read_text() == "run 4"
+    assert (folder / "1.yaml").read_text() == "run 1"
+    assert (folder / "3.yaml").read_text() == "run 3"
+
+
+def test_finish_never_reuses_a_run_number_with_another_suffix(spool: Spool) -> None:
+    folder = spool.done / "job1"
+    folder.mkdir()
+    (folder / "2.yaml").write_text("run 2")  # run 1 was removed by hand
+    new = spool.finish(drop("job1.json", "{}"), "job1")
+    # done/<id>/<n>.* is "the n-th run": two files may not both claim to be run 2.
+    assert new.stem != "2", f"{new.name} reuses the number of 2.yaml"
+    assert new.read_text() == "{}"
+
+
+def test_file_without_suffix_is_kept_as_yaml(spool: Spool) -> None:
+    done = spool.finish(drop("job1", "body"), "job1")
+    assert done == spool.done / "job1" / "1.yaml"
+
+
+def test_set_aside_duplicate_numbers_each_duplicate(spool: Spool) -> None:
+    first = spool.set_aside_duplicate(drop("job1.yaml", "dup 1"), "job1")
+    second = spool.set_aside_duplicate(drop("job1.json", "dup 2"), "job1")
+    folder = spool.duplicates / "job1"
+    assert (first, second) == (folder / "1.yaml", folder / "2.json")
+    assert first.read_text() == "dup 1"
+    assert second.read_text() == "dup 2"
+    assert not (spool.done / "job1").exists()
+
+
+def test_set_aside_invalid_keeps_the_name_and_numbers_repeats(spool: Spool) -> None:
+    first = spool.set_aside_invalid(drop("bad name!.yaml", "1"))
+    second = spool.set_aside_invalid(drop("bad name!.yaml", "2"))
+    third = spool.set_aside_invalid(drop("bad name!.yaml", "3"))
+    assert first == spool.invalid / "bad name!.yaml"
+    assert second == spool.invalid / "bad name!.yaml.2"
+    assert third == spool.invalid / "bad name!.yaml.3"
+    assert [p.read_text() for p in (first, second, third)] == ["1", "2", "3"]
+
+
+def test_set_aside_invalid_moves_a_symlink_not_its_target(spool: Spool, fs) -> None:
+    fs.create_file("/etc/secret", contents="secret")
+    os.symlink("/etc/secret", INBOX / "link.yaml")
+    moved = spool.set_aside_invalid(INBOX / "link.yaml")
+    assert moved == spool.invalid / "link.yaml"
+    assert os.path.islink(moved)
+    assert not os.path.lexists(INBOX / "link.yaml")
+    assert Path("/etc/secret").read_text() == "secret"
+
+
+def test_listings_skip_dot_files_and_missing_folders(fs) -> None:
+    INBOX.mkdir(parents=True)
+    spool = Spool(INBOX, "node1")
+    assert spool.queued_files() == []  # before ensure_folders
+    assert spool.running_files() == []
+    spool.ensure_folders()
+    (spool.queued / "a.yaml").write_text("a")
+    (spool.queued / ".a.yaml.123.tmp").write_text("partial")
+    assert paths(spool.queued_files()) == [os.fspath(spool.queued / "a.yaml")]
+
+
+def test_nodes_have_separate_running_folders(fs) -> None:
+    INBOX.mkdir(parents=True)
+    a, b = Spool(INBOX, "a"), Spool(INBOX, "b")
+    a.ensure_folders()
+    b.ensure_folders()
+    running = a.claim(a.accept(drop("job1.yaml")))
+    assert paths(a.running_files()) == [os.fspath(running)]
+    assert b.running_files() == []
+    assert a.queued == b.queued
+
+
+def test_count_crash_counts_up_and_forget_resets(spool: Spool) -> None:
+    assert [spool.count_crash("job1") for _ in range(3)] == [1, 2, 3]
+    assert spool.count_crash("job2") == 1  # per job
+    spool.forget_crashes("job1")
+    assert spool.count_crash("job1") == 1
+    spool.forget_crashes("never-crashed")  # nothing to forget: no error
+    assert sorted(os.listdir(spool.crashes)) == ["job1", "job2"]
+
+
+def test_count_crash_survives_a_garbled_count(spool: Spool) -> None:
+    (spool.crashes / "job1").write_text("not a number")
+    assert spool.count_crash("job1") == 1
+    (spool.crashes / "job2").write_text("")
+    assert spool.count_crash("job2") == 1
