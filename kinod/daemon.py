@@ -18,7 +18,13 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from loguru import logger
 
 from kinod.errors import DaemonCrashed, InvalidJob, JobStopped, KinodError
-from kinod.intake import InboxName, check_job, read_job_bytes, wait_before_reading_s
+from kinod.intake import (
+    JOB_SUFFIXES,
+    InboxName,
+    check_job,
+    read_job_bytes,
+    wait_before_reading_s,
+)
 from kinod.job_document import parse_document
 from kinod.jobqueue import JobQueue
 from kinod.models import (
@@ -94,7 +100,6 @@ class Daemon:
         # Files being written in place: (mtime_ns, size) and when first seen so.
         self._unchanged: dict[Path, tuple[tuple[int, int], float]] = {}
         self._warned: set[str] = set()
-        self._crashed: set[str] = set()  # ids with a crash count in the spool
         self._clock = clock
         self._wall_clock = wall_clock
         self._wake = asyncio.Event()
@@ -400,8 +405,7 @@ class Daemon:
             if sidecar is not None and sidecar.state.is_terminal:
                 self.spool.finish(path, job_id)
                 continue
-            crashes = self.spool.count_crash(job_id)
-            self._crashed.add(job_id)
+            crashes = self.spool.count(job_id, "crashes")
             if sidecar is not None and crashes >= self.settings.max_crash_attempts:
                 self._end(job_id, path, sidecar, JobState.FAILED, error=DaemonCrashed(
                     f"the daemon died {crashes} times while running this job"))
@@ -482,7 +486,12 @@ class Daemon:
                 job.run.request_stop(StopReason.USER, self.settings.stop_grace)
             outcome = await job.run.run(job.spec.timeout, job.spec.stall_timeout,
                                         self.settings.stop_grace)
-        self._after_run(job, judge(outcome))
+        try:
+            self._after_run(job, judge(outcome))
+        except Exception:  # the next start recovers it from running/ as a crash
+            logger.opt(exception=True).bind(job_id=job.id).error(
+                "job {}: could not record its end", job.id)
+            self._wake.set()
 
     def _after_run(self, job: Job, verdict: Verdict) -> None:
         if job.progress_timer is not None:
@@ -497,11 +506,11 @@ class Daemon:
             self.outbox.publish(job.sidecar, sidecar)
             self.spool.requeue(job.path)
             del self.jobs[job.id]
-        elif verdict.retryable and sidecar.attempt <= job.spec.retries:
+        elif verdict.retryable and self._retry_left(job):
             job.sidecar = sidecar.model_copy(update={
                 "state": JobState.QUEUED, "updated_at": utc_now(),
                 "message": f"attempt {sidecar.attempt} failed ({verdict.error.message}); "
-                           f"retrying ({job.spec.retries - sidecar.attempt + 1} left)"})
+                           "it runs again"})
             self.outbox.publish(job.sidecar, sidecar)
             job.path = self.spool.requeue(job.path)
             self._enqueue(job)
@@ -509,6 +518,10 @@ class Daemon:
             self._end(job.id, job.path, sidecar, verdict.state, error=verdict.error,
                       result=verdict.result)
         self._wake.set()
+
+    def _retry_left(self, job: Job) -> bool:
+        """Count a retryable failure; True while the job's ``retries`` allow another run."""
+        return job.spec.retries > 0 and self.spool.count(job.id, "failures") <= job.spec.retries
 
     def _on_progress(self, job: Job, percent: float, message: str | None) -> None:
         """The plugin's progress callback; runs on the plugin's thread."""
@@ -548,8 +561,9 @@ class Daemon:
     def _on_stop_file(self, path: Path, job_id: str) -> None:
         job = self.jobs.get(job_id)
         if job is None:
-            if any(InboxName.of(p.name) == InboxName("job", job_id) for p in self._settling):
-                return  # its job file is still being written: acted on once it is accepted
+            if any(os.path.lexists(self.settings.inbox / f"{job_id}{suffix}")
+                   for suffix in JOB_SUFFIXES):
+                return  # its job file is not taken in yet: acted on once it is accepted
             logger.warning("{}: no queued or running job {}; stop request removed", path, job_id)
             _unlink(path)
             return
@@ -581,9 +595,7 @@ class Daemon:
         self.outbox.publish(final, sidecar if published else None)
         self.spool.finish(path, job_id)
         self.jobs.pop(job_id, None)
-        if job_id in self._crashed:
-            self._crashed.discard(job_id)
-            self.spool.forget_crashes(job_id)
+        self.spool.forget_counts(job_id)
         _unlink(self.settings.inbox / f"{job_id}.stop")
 
 

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from kinod.errors import InvalidJob
 from kinod.models import JobSpec
-from kinod.params import format_validation_error
+from kinod.params import check_data, format_validation_error
 from kinod.plugins.plugin_loader import LoadedPlugin, PluginRegistry
 
 JOB_SUFFIXES = (".yaml", ".yml", ".json")
@@ -131,13 +131,9 @@ def _check_plugin_data(name: str, data: dict[str, Any], registry: PluginRegistry
     if plugin.params_model is None:
         return plugin, dict(data)
     try:
-        checked = plugin.params_model.model_validate(data)
+        return plugin, check_data(plugin.params_model, data)
     except ValidationError as exc:
         raise InvalidJob("; ".join(format_validation_error(exc, prefix="data"))) from None
     except Exception as exc:  # noqa: BLE001 - a declaration the load-time checks let through
         raise InvalidJob(f"data: plugin {name!r} cannot check its parameters: "
                          f"{type(exc).__name__}: {exc}") from None
-    # Defaults fill what the job left out; an optional parameter without a default stays absent.
-    dumped = checked.model_dump()
-    return plugin, {k: v for k, v in dumped.items()
-                    if v is not None or k in checked.model_fields_set}

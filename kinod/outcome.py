@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from pydantic_core import to_jsonable_python
+
 from kinod.errors import (
     JobStalled,
     JobStopped,
@@ -51,7 +53,12 @@ def judge(outcome: Outcome) -> Verdict:
     """Decide the job's end from the plugin's outcome."""
     result = outcome.result
     if isinstance(result, PluginResult) and result.success and not outcome.forced:
-        return Verdict(JobState.SUCCEEDED, result=dict(result.data or {}))
+        data = result.data if result.data is not None else {}
+        if not isinstance(data, dict):
+            return Verdict(JobState.FAILED, error=PluginCrashed(
+                f"PluginResult.data must be a mapping, not {type(data).__name__}"))
+        # Values JSON cannot hold (an image, a tensor, a set) are kept as their text.
+        return Verdict(JobState.SUCCEEDED, result=to_jsonable_python(data, fallback=str))
     reason = outcome.stop_reason
     forced = ""
     if outcome.forced:
@@ -75,5 +82,5 @@ def judge(outcome: Outcome) -> Verdict:
         return Verdict(JobState.FAILED, error=PluginCrashed(
             f"generate() returned {type(result).__name__}, not a PluginResult"))
     return Verdict(JobState.FAILED, error=PluginFailed(
-        result.error or "the plugin reported failure without a reason",
+        str(result.error or "the plugin reported failure without a reason"),
         retryable=bool(getattr(result, "retryable", False))))

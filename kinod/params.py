@@ -60,7 +60,9 @@ def build_params_model(plugin_name: str, parameters: dict[str, Any]) -> type[Bas
     """Build the model once, when the plugin loads; raises ValueError naming the bad declaration."""
     fields: dict[str, Any] = {}
     problems = []
-    for name, raw in parameters.items():
+    # Fields get neutral names (p0, p1, ...) with the parameter's name as alias, so a
+    # parameter may be called anything, "model_config" and "schema" included.
+    for index, (name, raw) in enumerate(parameters.items()):
         try:
             spec = ParameterSpec.model_validate(raw)
             annotation = spec.annotation()
@@ -69,15 +71,25 @@ def build_params_model(plugin_name: str, parameters: dict[str, Any]) -> type[Bas
             continue
         constraints = {"ge": spec.minimum, "le": spec.maximum}
         constraints = {k: v for k, v in constraints.items() if v is not None}
-        if spec.required:
-            fields[name] = (annotation, Field(..., description=spec.description, **constraints))
-        else:
+        default = ... if spec.required else spec.default
+        if not spec.required:
             annotation = annotation | None
-            fields[name] = (annotation, Field(spec.default, description=spec.description,
-                                              **constraints))
+        fields[f"p{index}"] = (annotation, Field(default, alias=str(name),
+                                                 description=spec.description, **constraints))
     if problems:
         raise ValueError("; ".join(problems))
     return create_model(f"{plugin_name}_parameters", __base__=_StrictData, **fields)
+
+
+def check_data(model: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` checked by a model from ``build_params_model``; raises ValidationError.
+
+    Defaults fill what the job left out; an optional parameter without a default stays absent.
+    """
+    checked = model.model_validate(data)
+    given = {model.model_fields[field].alias for field in checked.model_fields_set}
+    return {name: value for name, value in checked.model_dump(by_alias=True).items()
+            if value is not None or name in given}
 
 
 # pydantic's wording for the two most common mistakes, in the words of a job file.

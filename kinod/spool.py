@@ -6,7 +6,7 @@
     inbox/.kinod/done/<id>/<n>.yaml      ended: the n-th run of <id>
     inbox/.kinod/duplicates/<id>/<n>.yaml  resubmitted while <id> was queued or running
     inbox/.kinod/invalid/<name>          a name that is not a valid job id
-    inbox/.kinod/crashes/<id>            how often a daemon died running <id> (a number)
+    inbox/.kinod/counts/<id>.json        how often <id> crashed a daemon or failed retryably
 
 Everything lives inside the inbox, on the same file system, so every move is
 an atomic rename: a crash leaves each file in exactly one of these places.
@@ -15,6 +15,7 @@ an atomic rename: a crash leaves each file in exactly one of these places.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 
@@ -30,11 +31,11 @@ class Spool:
         self.done = self.root / "done"
         self.duplicates = self.root / "duplicates"
         self.invalid = self.root / "invalid"
-        self.crashes = self.root / "crashes"
+        self.counts = self.root / "counts"
 
     def ensure_folders(self) -> None:
         for folder in (self.queued, self.running, self.done, self.duplicates, self.invalid,
-                       self.crashes):
+                       self.counts):
             folder.mkdir(parents=True, exist_ok=True)
 
     def accept(self, src: Path) -> Path:
@@ -99,19 +100,22 @@ class Spool:
                 n += 1
                 dst = self.invalid / f"{path.name}.{n}"
 
-    def count_crash(self, job_id: str) -> int:
-        """Record that a daemon died while running ``job_id``; returns how many times it has."""
-        path = self.crashes / job_id
+    def count(self, job_id: str, event: str) -> int:
+        """Count one more ``event`` ("crashes", "failures") of the current run of ``job_id``;
+        returns the new total. Kept on disk, so restarts do not reset it."""
+        path = self.counts / f"{job_id}.json"
         try:
-            count = int(path.read_text() or 0)
+            counts = json.loads(path.read_bytes())
         except (FileNotFoundError, ValueError):
-            count = 0
-        atomic_write(path, f"{count + 1}\n".encode(), durable=True)
-        return count + 1
+            counts = {}
+        counts[event] = int(counts.get(event, 0)) + 1
+        atomic_write(path, json.dumps(counts).encode(), durable=True)
+        return counts[event]
 
-    def forget_crashes(self, job_id: str) -> None:
+    def forget_counts(self, job_id: str) -> None:
+        """The run ended: its counts go (one cheap unlink when there are none)."""
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.crashes / job_id)
+            os.unlink(self.counts / f"{job_id}.json")
 
     def queued_files(self) -> list[Path]:
         return _files_in(self.queued)

@@ -7,11 +7,11 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from kinod.params import ParameterSpec, build_params_model, format_validation_error
+from kinod.params import ParameterSpec, build_params_model, check_data, format_validation_error
 
 
 def check(parameters: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
-    return build_params_model("p", parameters).model_validate(data).model_dump()
+    return check_data(build_params_model("p", parameters), data)
 
 
 def errors(parameters: dict[str, Any], data: dict[str, Any]) -> list[str]:
@@ -24,12 +24,12 @@ def test_model_is_named_for_the_plugin() -> None:
     model = build_params_model("sdxl", {"prompt": {"type": "string"}})
     assert issubclass(model, BaseModel)
     assert model.__name__ == "sdxl_parameters"
-    assert set(model.model_fields) == {"prompt"}
+    assert {field.alias for field in model.model_fields.values()} == {"prompt"}
 
 
 def test_no_parameters_takes_no_data() -> None:
     model = build_params_model("p", {})
-    assert model.model_validate({}).model_dump() == {}
+    assert check_data(model, {}) == {}
     with pytest.raises(ValidationError):
         model.model_validate({"anything": 1})
 
@@ -77,14 +77,21 @@ def test_required() -> None:
 
 def test_optional_with_and_without_default() -> None:
     parameters = {"steps": {"type": "integer", "default": 10}, "seed": {"type": "integer"}}
-    assert check(parameters, {}) == {"steps": 10, "seed": None}
+    assert check(parameters, {}) == {"steps": 10}
     assert check(parameters, {"steps": 3, "seed": 7}) == {"steps": 3, "seed": 7}
 
 
-def test_optional_without_default_is_unset_unless_given() -> None:
+def test_optional_without_default_is_absent_unless_given() -> None:
     model = build_params_model("p", {"seed": {"type": "integer"}})
-    assert model.model_validate({}).model_fields_set == set()
-    assert model.model_validate({"seed": None}).model_fields_set == {"seed"}
+    assert check_data(model, {}) == {}
+    assert check_data(model, {"seed": None}) == {"seed": None}
+
+
+def test_parameters_may_have_any_name() -> None:
+    names = ["model_config", "schema", "copy", "json", "dict", "validate", "p0"]
+    model = build_params_model("p", {name: {"type": "integer", "required": True} for name in names})
+    data = {name: i for i, name in enumerate(names)}
+    assert check_data(model, data) == data
 
 
 def test_minimum_and_maximum_are_inclusive() -> None:
@@ -134,7 +141,8 @@ def test_plugin_hints_beyond_the_known_keys_are_allowed() -> None:
     parameters = {"prompt": {"type": "string", "required": True, "example": "a cat",
                              "description": "What to draw"}}
     model = build_params_model("p", parameters)
-    assert model.model_fields["prompt"].description == "What to draw"
+    assert model.model_fields["p0"].alias == "prompt"
+    assert model.model_fields["p0"].description == "What to draw"
 
 
 def test_unknown_type_names_the_parameter() -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from kinod.params import check_data
 from kinod.plugins import plugin_loader
 from kinod.plugins.base_plugin import BasePlugin, PluginResult
 from kinod.plugins.plugin_loader import BUILTIN_DIR, PluginRegistry
@@ -175,8 +176,7 @@ def test_builtin_example_loads() -> None:
     assert example.description
     assert set(example.parameters) == {"prompt", "steps"}
     assert example.source == str(BUILTIN_DIR / "example")
-    assert example.params_model.model_validate({"prompt": "p"}).model_dump() == {
-        "prompt": "p", "steps": 10}
+    assert check_data(example.params_model, {"prompt": "p"}) == {"prompt": "p", "steps": 10}
     assert not [key for key in registry.errors if key.startswith("example")]
 
 
@@ -209,7 +209,7 @@ def test_plugin_written_as_the_seed_readme_shows_loads(plugins_dir: Path) -> Non
     assert loaded.cls.__name__ == "MyPlugin"
     assert loaded.source == str(plugins_dir / "my_plugin")
     assert loaded.version == "1.0.0"
-    assert loaded.params_model.model_validate({"param1": "v"}).model_dump() == {"param1": "v"}
+    assert check_data(loaded.params_model, {"param1": "v"}) == {"param1": "v"}
 
 
 def test_seed_readme_plugin_runs_and_returns_kinods_plugin_result(plugins_dir: Path) -> None:

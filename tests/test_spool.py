@@ -238,17 +238,19 @@ def test_nodes_have_separate_running_folders(fs) -> None:
     assert a.queued == b.queued
 
 
-def test_count_crash_counts_up_and_forget_resets(spool: Spool) -> None:
-    assert [spool.count_crash("job1") for _ in range(3)] == [1, 2, 3]
-    assert spool.count_crash("job2") == 1  # per job
-    spool.forget_crashes("job1")
-    assert spool.count_crash("job1") == 1
-    spool.forget_crashes("never-crashed")  # nothing to forget: no error
-    assert sorted(os.listdir(spool.crashes)) == ["job1", "job2"]
+def test_counts_count_up_per_job_and_event_and_forget_resets(spool: Spool) -> None:
+    assert [spool.count("job1", "crashes") for _ in range(3)] == [1, 2, 3]
+    assert spool.count("job1", "failures") == 1  # per event
+    assert spool.count("job2", "crashes") == 1  # per job
+    spool.forget_counts("job1")
+    assert spool.count("job1", "crashes") == 1
+    assert spool.count("job1", "failures") == 1
+    spool.forget_counts("never-counted")  # nothing to forget: no error
+    assert sorted(os.listdir(spool.counts)) == ["job1.json", "job2.json"]
 
 
-def test_count_crash_survives_a_garbled_count(spool: Spool) -> None:
-    (spool.crashes / "job1").write_text("not a number")
-    assert spool.count_crash("job1") == 1
-    (spool.crashes / "job2").write_text("")
-    assert spool.count_crash("job2") == 1
+def test_counts_survive_a_garbled_file(spool: Spool) -> None:
+    (spool.counts / "job1.json").write_text("not json")
+    assert spool.count("job1", "crashes") == 1
+    (spool.counts / "job2.json").write_text("")
+    assert spool.count("job2", "crashes") == 1

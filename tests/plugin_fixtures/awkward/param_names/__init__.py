@@ -1,0 +1,1 @@
+"""param_names: a test plugin for kinod's end-to-end tests."""

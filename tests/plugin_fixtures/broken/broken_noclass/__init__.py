@@ -1,0 +1,1 @@
+"""broken_noclass: a test plugin for kinod's end-to-end tests."""

@@ -1,0 +1,1 @@
+"""broken_params: a test plugin for kinod's end-to-end tests."""

@@ -1,0 +1,1 @@
+"""scripted: a test plugin for kinod's end-to-end tests."""
