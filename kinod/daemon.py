@@ -10,22 +10,15 @@ import stat
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from loguru import logger
 
-from kinod.errors import DaemonCrashed, InvalidJob, JobStopped, KinodError
-from kinod.intake import (
-    JOB_SUFFIXES,
-    InboxName,
-    check_job,
-    read_job_bytes,
-    wait_before_reading_s,
-)
-from kinod.job_document import parse_document
+from kinod.errors import DaemonCrashed, JobStopped, KinodError
+from kinod.intake import JOB_SUFFIXES, InboxName, ReadJob, read_job, wait_before_reading_s
 from kinod.jobqueue import JobQueue
 from kinod.models import (
     JOB_ID_RULES,
@@ -69,20 +62,6 @@ class Job:
     stop_requested: bool = False
 
 
-@dataclass
-class _ReadJob:
-    """A job file read and checked: either a runnable job or the reason it cannot run."""
-
-    spec: JobSpec | None = None
-    document: dict[str, Any] | None = None
-    plugin: LoadedPlugin | None = None
-    data: dict[str, Any] = field(default_factory=dict)
-    error: KinodError | None = None
-    mtime_ns: int = 0
-    finished_writing: bool = False  # renamed or touched after its last write (ctime > mtime)
-    age_s: float = 0.0  # since its last write
-
-
 class Daemon:
     def __init__(self, settings, registry: PluginRegistry | None = None,
                  clock: Callable[[], float] = time.monotonic,
@@ -119,11 +98,11 @@ class Daemon:
         self.outbox.ensure_folder()
         self.settings.frames.mkdir(parents=True, exist_ok=True)
         self._log_start()
-        self._recover()
-        self._watcher.start(self._loop)
         self._scheduler = AsyncIOScheduler(event_loop=self._loop)
         self._scheduler.add_job(self._rescan, "interval", seconds=self.settings.rescan_interval_s,
                                 id="rescan", coalesce=True, max_instances=1)
+        self._recover()  # may schedule not_before releases: the scheduler exists by now
+        self._watcher.start(self._loop)
         self._scheduler.start()
         self._rescan_now()
         logger.info("kinod ready on node {}: {} queued", self.settings.node, len(self.jobs))
@@ -309,35 +288,21 @@ class Daemon:
             return
         self._admit(queued, job_id, read, None)
 
-    def _read(self, path: Path) -> _ReadJob | None:
-        """Read and check a job file; None if it changed while read or could not be read now."""
-        read = _ReadJob()
+    def _read(self, path: Path) -> ReadJob | None:
+        """Read and check a job file; None if it is gone, changed while read, or unreadable now."""
         try:
-            raw, st = read_job_bytes(path, self.settings.max_job_bytes)
-            read.mtime_ns = st.st_mtime_ns
-            read.finished_writing = st.st_ctime_ns > st.st_mtime_ns
-            read.age_s = self._wall_clock() - st.st_mtime
-            read.document = parse_document(raw, path.suffix)
-            read.spec, read.plugin, read.data = check_job(read.document, self.registry)
-        except InvalidJob as exc:
-            read.error = exc
-            if not read.mtime_ns:  # refused before reading (a link, a FIFO, too big): final
-                read.finished_writing = True
+            read = read_job(path, self.settings.max_job_bytes, self.registry, self._wall_clock())
         except FileNotFoundError:
             return None
         except OSError as exc:
             logger.error("{}: cannot read: {}; will try again", path, exc)
             return None
-        try:
-            now = os.lstat(path)
-        except FileNotFoundError:
-            return None
-        if read.mtime_ns and now.st_mtime_ns != read.mtime_ns:
-            self._look_again_later(path, self.settings.settle_s)  # rewritten while we read it
+        if read.changed:
+            self._look_again_later(path, self.settings.settle_s)
             return None
         return read
 
-    def _admit(self, queued: Path, job_id: str, read: _ReadJob, sidecar: Sidecar | None) -> None:
+    def _admit(self, queued: Path, job_id: str, read: ReadJob, sidecar: Sidecar | None) -> None:
         """Take a job file that is in queued/ into the queue, or fail it if it cannot run."""
         now = utc_now()
         fresh = sidecar is None
@@ -345,11 +310,10 @@ class Daemon:
             sidecar = Sidecar(id=job_id, state=JobState.QUEUED, created_at=now, updated_at=now)
         document = read.document or {}
         sidecar = sidecar.model_copy(update={
-            # Taken from the file even when it is invalid, where they are text.
-            key: value for key in ("name", "type")
-            if isinstance(value := document.get(key), str)})
-        sidecar = sidecar.model_copy(update={
             "task": read.document, "node": self.settings.node, "pid": os.getpid(),
+            # Taken from the file even when it is invalid, where they are text.
+            **{key: value for key in ("name", "type")
+               if isinstance(value := document.get(key), str)},
         })
         if read.error is not None:
             self._end(job_id, queued, sidecar, JobState.FAILED, error=read.error,
@@ -498,7 +462,7 @@ class Daemon:
             job.progress_timer.cancel()
         del self.running[job.id]
         self._running_per_plugin[job.plugin.name] -= 1
-        sidecar = _with_progress(job.sidecar, job.progress)  # the last report may be unwritten
+        sidecar = job.sidecar.with_progress(job.progress)  # the last report may be unwritten
         if verdict.state is None:  # the daemon is stopping: back to the queue for next time
             job.sidecar = sidecar.model_copy(update={
                 "state": JobState.QUEUED, "updated_at": utc_now(),
@@ -549,7 +513,7 @@ class Daemon:
         if job.id not in self.running or job.progress is None:
             return
         old = job.sidecar
-        new = _with_progress(old, job.progress)
+        new = old.with_progress(job.progress)
         if new == old:
             return
         job.sidecar = new.model_copy(update={"updated_at": utc_now()})
@@ -597,17 +561,6 @@ class Daemon:
         self.jobs.pop(job_id, None)
         self.spool.forget_counts(job_id)
         _unlink(self.settings.inbox / f"{job_id}.stop")
-
-
-def _with_progress(sidecar: Sidecar, report: tuple[float, str | None] | None) -> Sidecar:
-    """The sidecar with a plugin's progress report in it (a report without text keeps the old)."""
-    if report is None:
-        return sidecar
-    percent, message = report
-    if sidecar.progress == percent and (message is None or sidecar.message == message):
-        return sidecar
-    return sidecar.model_copy(update={
-        "progress": percent, "message": message if message is not None else sidecar.message})
 
 
 def _unlink(path: Path) -> None:

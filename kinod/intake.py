@@ -5,13 +5,14 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from kinod.errors import InvalidJob
+from kinod.job_document import parse_document
 from kinod.models import JobSpec
 from kinod.params import check_data, format_validation_error
 from kinod.plugins.plugin_loader import LoadedPlugin, PluginRegistry
@@ -93,6 +94,40 @@ def read_job_bytes(path: Path, max_bytes: int) -> tuple[bytes, os.stat_result]:
         return b"".join(chunks), st
     finally:
         os.close(fd)
+
+
+@dataclass
+class ReadJob:
+    """A job file read and checked: a runnable job, or the reason it cannot run."""
+
+    spec: JobSpec | None = None
+    document: dict[str, Any] | None = None
+    plugin: LoadedPlugin | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    error: InvalidJob | None = None
+    mtime_ns: int = 0
+    finished_writing: bool = False  # renamed, or touched after its last write (ctime > mtime)
+    age_s: float = 0.0  # since its last write
+    changed: bool = False  # rewritten while it was being read: read it again later
+
+
+def read_job(path: Path, max_bytes: int, registry: PluginRegistry, now_s: float) -> ReadJob:
+    """Read and check one job file. OSError (FileNotFoundError included) when it cannot be
+    read now; a ReadJob with ``error`` when it can never run as written."""
+    read = ReadJob()
+    try:
+        raw, st = read_job_bytes(path, max_bytes)
+        read.mtime_ns = st.st_mtime_ns
+        read.finished_writing = st.st_ctime_ns > st.st_mtime_ns
+        read.age_s = now_s - st.st_mtime
+        read.document = parse_document(raw, path.suffix)
+        read.spec, read.plugin, read.data = check_job(read.document, registry)
+    except InvalidJob as exc:
+        read.error = exc
+        if not read.mtime_ns:  # refused before reading (a link, a FIFO, too big): final
+            read.finished_writing = True
+    read.changed = bool(read.mtime_ns) and os.lstat(path).st_mtime_ns != read.mtime_ns
+    return read
 
 
 def check_job(document: dict[str, Any], registry: PluginRegistry | None

@@ -87,6 +87,16 @@ class Sidecar(BaseModel):
     error: SidecarError | None = None
     task: dict[str, Any] | None = None
 
+    def with_progress(self, report: tuple[float, str | None] | None) -> Sidecar:
+        """This sidecar with a plugin's progress report in it (no text keeps the old message)."""
+        if report is None:
+            return self
+        percent, message = report
+        if self.progress == percent and (message is None or self.message == message):
+            return self
+        return self.model_copy(update={
+            "progress": percent, "message": message if message is not None else self.message})
+
     def to_json(self) -> bytes:
         return self.model_dump_json(by_alias=True, indent=2).encode() + b"\n"
 

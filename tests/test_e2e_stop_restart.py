@@ -411,3 +411,18 @@ def test_a_clean_restart_does_not_use_up_the_jobs_retries(
     assert sidecar["state"] == "succeeded", sidecar
     assert executions(daemon, "patient") == 3
     assert daemon.stop() == 0
+
+
+def test_a_job_waiting_for_not_before_survives_a_restart(
+        start_daemon: Callable[..., DaemonProcess]) -> None:
+    daemon = start_daemon()
+    not_before = datetime.now(UTC) + timedelta(seconds=3)
+    daemon.drop("later.yaml", {**scripted(steps=1), "not_before": not_before.isoformat()})
+    daemon.wait_state("later", "queued")
+    assert daemon.stop() == 0
+    daemon = start_daemon(log_name="restarted.log")
+    sidecar = wait_end(daemon, "later")
+    assert sidecar["state"] == "succeeded", sidecar
+    assert when(sidecar["started_at"]) >= not_before
+    assert executions(daemon, "later") == 1
+    assert daemon.stop() == 0
