@@ -39,7 +39,7 @@ from kinod.watcher import InboxWatcher
 # Inbox paths looked at per turn of the loop, so a flood of files never starves the rest.
 INTAKE_BATCH = 256
 # An invalid file written in place is failed only once quiet this many times settle_s.
-INCOMPLETE_GRACE = 10
+INCOMPLETE_GRACE = 3
 
 
 @dataclass
