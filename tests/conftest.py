@@ -2,13 +2,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from loguru import logger
 
-from tests.helpers import DaemonProcess, write_config
+from tests.helpers import WORKING_PLUGINS, DaemonProcess, write_config
 
 
 @pytest.fixture(autouse=True)
@@ -49,3 +50,23 @@ def daemon(kinod_root: Path) -> Iterator[DaemonProcess]:
     yield proc
     if proc.proc is not None and proc.proc.poll() is None:
         proc.kill()
+
+
+@pytest.fixture
+def start_daemon(kinod_root: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    """Start ``kinod run`` with these settings, by default with the working test plugins
+    and a 2 s stop grace; each start logs to its own file. All are killed after the test."""
+    started: list[DaemonProcess] = []
+
+    def start(log_name: str = "daemon.log", **settings: Any) -> DaemonProcess:
+        settings.setdefault("plugin_dirs", [str(WORKING_PLUGINS)])
+        settings.setdefault("stop_grace", 2)
+        proc = DaemonProcess(kinod_root, write_config(kinod_root, **settings))
+        proc.log_path = kinod_root / log_name  # a fresh log: "kinod ready" is looked for in it
+        started.append(proc)
+        return proc.start()
+
+    yield start
+    for proc in started:
+        if proc.proc is not None and proc.proc.poll() is None:
+            proc.kill()

@@ -9,12 +9,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 DEFAULT_TIMEOUT_S = 30.0
+TERMINAL = ("succeeded", "failed", "stopped")
+PLUGIN_FIXTURES = Path(__file__).parent / "plugin_fixtures"
+WORKING_PLUGINS = PLUGIN_FIXTURES / "working"  # seed-style test plugins that load
+BROKEN_PLUGINS = PLUGIN_FIXTURES / "broken"    # ... and ones that fail to
 
 
 def wait_for(condition: Callable[[], Any], timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -127,3 +132,49 @@ def kinod_cli(*args: str, cwd: Path | None = None, timeout_s: float = 60,
               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "kinod", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=timeout_s, env={**os.environ, **(env or {})})
+
+
+# --- the scripted test plugin (plugin_fixtures/working/scripted) and job outcomes ---------
+
+
+def scripted(**data: Any) -> dict[str, Any]:
+    """A job for the scripted test plugin, which does what ``data`` says."""
+    return {"type": "scripted", "data": data}
+
+
+def executions(daemon: DaemonProcess, job_id: str) -> int:
+    """How many times the scripted plugin's generate() began for this job."""
+    try:
+        lines = (daemon.frames / job_id / "runs.log").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return sum(1 for line in lines if line.startswith("start "))
+
+
+def wait_end(daemon: DaemonProcess, job_id: str, timeout_s: float = DEFAULT_TIMEOUT_S
+             ) -> dict[str, Any]:
+    return daemon.wait_state(job_id, *TERMINAL, timeout_s=timeout_s)
+
+
+def when(text: str | None) -> datetime:
+    """A sidecar time, which must be UTC."""
+    assert text is not None
+    moment = datetime.fromisoformat(text)
+    assert moment.utcoffset() == timedelta(0), f"{text} is not UTC"
+    return moment
+
+
+def spool_files(daemon: DaemonProcess, *parts: str) -> list[str]:
+    """The names in inbox/.kinod/<parts...>/."""
+    folder = daemon.inbox.joinpath(".kinod", *parts)
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def assert_done(daemon: DaemonProcess, job_id: str, expected: list[str]) -> None:
+    """inbox/.kinod/done/<id>/ holds exactly ``expected`` (the file moves there just after
+    the final sidecar is written, so give it a moment)."""
+    try:
+        wait_for(lambda: spool_files(daemon, "done", job_id) == expected, 5,
+                 what=f"done/{job_id}/ to hold {expected}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; it holds {spool_files(daemon, 'done', job_id)}") from None

@@ -11,82 +11,27 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
-from tests.helpers import DaemonProcess, wait_for, write_config
+from tests.helpers import (
+    TERMINAL,
+    DaemonProcess,
+    assert_done,
+    executions,
+    scripted,
+    wait_end,
+    wait_for,
+    when,
+)
 
-WORKING_PLUGINS = Path(__file__).parent / "plugin_fixtures" / "working"
-TERMINAL = ("succeeded", "failed", "stopped")
 SIDECAR_FIELDS = {"schema", "id", "name", "type", "state", "progress", "message", "created_at",
                   "started_at", "finished_at", "updated_at", "attempt", "node", "pid", "result",
                   "error", "task"}
-
-
-# --- helpers (kept in this file: tests/helpers.py belongs to others) -------------------
-
-
-@pytest.fixture
-def start_daemon(kinod_root: Path) -> Iterator[Callable[..., DaemonProcess]]:
-    """Start ``kinod run`` with these settings (plus the test plugins, stop_grace 2)."""
-    started: list[DaemonProcess] = []
-
-    def start(log_name: str = "daemon.log", **settings: Any) -> DaemonProcess:
-        settings.setdefault("plugin_dirs", [str(WORKING_PLUGINS)])
-        settings.setdefault("stop_grace", 2)
-        proc = DaemonProcess(kinod_root, write_config(kinod_root, **settings))
-        proc.log_path = kinod_root / log_name  # a fresh log: "kinod ready" is looked for in it
-        started.append(proc)
-        return proc.start()
-
-    yield start
-    for proc in started:
-        if proc.proc is not None and proc.proc.poll() is None:
-            proc.kill()
-
-
-def scripted(**data: Any) -> dict[str, Any]:
-    return {"type": "scripted", "data": data}
-
-
-def executions(daemon: DaemonProcess, job_id: str) -> int:
-    """How many times the scripted plugin's generate() began for this job."""
-    try:
-        lines = (daemon.frames / job_id / "runs.log").read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    return sum(1 for line in lines if line.startswith("start "))
-
-
-def wait_end(daemon: DaemonProcess, job_id: str, timeout_s: float = 30) -> dict[str, Any]:
-    return daemon.wait_state(job_id, *TERMINAL, timeout_s=timeout_s)
-
-
-def when(text: str | None) -> datetime:
-    assert text is not None
-    moment = datetime.fromisoformat(text)
-    assert moment.utcoffset() == timedelta(0), f"{text} is not UTC"
-    return moment
-
-
-def done_files(daemon: DaemonProcess, job_id: str) -> list[str]:
-    folder = daemon.inbox / ".kinod" / "done" / job_id
-    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-
-
-def assert_done(daemon: DaemonProcess, job_id: str, expected: list[str]) -> None:
-    """inbox/.kinod/done/<id>/ holds exactly ``expected`` (the file moves there just after
-    the final sidecar is written, so give it a moment)."""
-    try:
-        wait_for(lambda: done_files(daemon, job_id) == expected, 5,
-                 what=f"done/{job_id}/ to hold {expected}")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}; it holds {done_files(daemon, job_id)}") from None
 
 
 def wait_log(daemon: DaemonProcess, job_id: str, *texts: str) -> str:

@@ -10,43 +10,20 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import pytest
-
-from tests.helpers import DaemonProcess, kinod_cli, wait_for, write_config
-
-FIXTURES = Path(__file__).parent / "plugin_fixtures"
-WORKING_PLUGINS = FIXTURES / "working"
-BROKEN_PLUGINS = FIXTURES / "broken"
-TERMINAL = ("succeeded", "failed", "stopped")
-
-
-@pytest.fixture
-def start_daemon(kinod_root: Path) -> Iterator[Callable[..., DaemonProcess]]:
-    """Start ``kinod run`` with these settings (stop_grace 2)."""
-    started: list[DaemonProcess] = []
-
-    def start(**settings: Any) -> DaemonProcess:
-        settings.setdefault("stop_grace", 2)
-        proc = DaemonProcess(kinod_root, write_config(kinod_root, **settings))
-        started.append(proc)
-        return proc.start()
-
-    yield start
-    for proc in started:
-        if proc.proc is not None and proc.proc.poll() is None:
-            proc.kill()
-
-
-def scripted(**data: Any) -> dict[str, Any]:
-    return {"type": "scripted", "data": data}
-
-
-def wait_end(daemon: DaemonProcess, job_id: str, timeout_s: float = 30) -> dict[str, Any]:
-    return daemon.wait_state(job_id, *TERMINAL, timeout_s=timeout_s)
+from tests.helpers import (
+    BROKEN_PLUGINS,
+    PLUGIN_FIXTURES,
+    TERMINAL,
+    WORKING_PLUGINS,
+    DaemonProcess,
+    kinod_cli,
+    scripted,
+    wait_end,
+    wait_for,
+)
 
 
 def spool_done(daemon: DaemonProcess, job_id: str) -> list[str]:
@@ -164,7 +141,7 @@ def test_a_result_json_cannot_hold_still_ends_the_job(
 def test_parameters_named_like_pydantic_attributes_load_and_run(
         start_daemon: Callable[..., DaemonProcess]) -> None:
     # model_config, schema, copy, json: ordinary names for a generator's parameters.
-    daemon = start_daemon(plugin_dirs=[str(FIXTURES / "awkward")])
+    daemon = start_daemon(plugin_dirs=[str(PLUGIN_FIXTURES / "awkward")])
     assert "plugin param_names failed to load" not in daemon.log(), daemon.log()
     daemon.drop("awkward.yaml", {"type": "param_names",
                                  "data": {"model_config": "sdxl.yaml", "copy": True}})

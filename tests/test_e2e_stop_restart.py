@@ -10,78 +10,25 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
-import pytest
+from tests.helpers import (
+    TERMINAL,
+    DaemonProcess,
+    assert_done,
+    executions,
+    scripted,
+    spool_files,
+    wait_end,
+    wait_for,
+    when,
+)
 
-from tests.helpers import DaemonProcess, wait_for, write_config
-
-WORKING_PLUGINS = Path(__file__).parent / "plugin_fixtures" / "working"
-TERMINAL = ("succeeded", "failed", "stopped")
 STOP_GRACE_S = 2
 # The runner waits this long for a plugin's thread after cancelling it (kinod.runner).
 CANCEL_WAIT_S = 2
-
-
-# --- helpers (kept in this file: tests/helpers.py belongs to others) -------------------
-
-
-@pytest.fixture
-def start_daemon(kinod_root: Path) -> Iterator[Callable[..., DaemonProcess]]:
-    """Start ``kinod run`` with these settings (plus the test plugins and a short grace)."""
-    started: list[DaemonProcess] = []
-
-    def start(log_name: str = "daemon.log", **settings: Any) -> DaemonProcess:
-        settings.setdefault("plugin_dirs", [str(WORKING_PLUGINS)])
-        settings.setdefault("stop_grace", STOP_GRACE_S)
-        proc = DaemonProcess(kinod_root, write_config(kinod_root, **settings))
-        proc.log_path = kinod_root / log_name  # a fresh log: "kinod ready" is looked for in it
-        started.append(proc)
-        return proc.start()
-
-    yield start
-    for proc in started:
-        if proc.proc is not None and proc.proc.poll() is None:
-            proc.kill()
-
-
-def scripted(**data: Any) -> dict[str, Any]:
-    return {"type": "scripted", "data": data}
-
-
-def executions(daemon: DaemonProcess, job_id: str) -> int:
-    """How many times the scripted plugin's generate() began for this job."""
-    try:
-        lines = (daemon.frames / job_id / "runs.log").read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    return sum(1 for line in lines if line.startswith("start "))
-
-
-def wait_end(daemon: DaemonProcess, job_id: str, timeout_s: float = 30) -> dict[str, Any]:
-    return daemon.wait_state(job_id, *TERMINAL, timeout_s=timeout_s)
-
-
-def when(text: str) -> datetime:
-    return datetime.fromisoformat(text)
-
-
-def spool_files(daemon: DaemonProcess, *parts: str) -> list[str]:
-    folder = daemon.inbox.joinpath(".kinod", *parts)
-    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-
-
-def assert_done(daemon: DaemonProcess, job_id: str, expected: list[str]) -> None:
-    """inbox/.kinod/done/<id>/ holds exactly ``expected`` (the file moves there just after
-    the final sidecar is written, so give it a moment)."""
-    try:
-        wait_for(lambda: spool_files(daemon, "done", job_id) == expected, 5,
-                 what=f"done/{job_id}/ to hold {expected}")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}; it holds {spool_files(daemon, 'done', job_id)}") from None
 
 
 def job_files_in_inbox(daemon: DaemonProcess) -> list[str]:
