@@ -47,12 +47,17 @@ def move_noreplace(src: Path, dst: Path) -> None:
 
     A hard link then an unlink is atomic about ``dst`` on every POSIX file
     system, NFS included; a crash between the two leaves one file under two
-    names, which the caller can recognise (same inode). Where links are not
+    names, and moving it again finishes the move. Where links are not
     supported (some SMB mounts), a check then a rename, enough for one daemon
     per folder.
     """
     try:
         os.link(src, dst, follow_symlinks=False)
+    except FileExistsError:
+        if not _same_file(src, dst):
+            raise
+        # An earlier move was cut short after its link (or another process is halfway
+        # through this one): finish it.
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
             raise
@@ -86,6 +91,13 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samestat(os.lstat(a), os.lstat(b))
+    except OSError:
+        return False
 
 
 def _unlink_quietly(path: Path) -> None:

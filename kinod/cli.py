@@ -6,16 +6,18 @@ import argparse
 import asyncio
 import os
 import sys
+import threading
 from importlib.resources import files
 from pathlib import Path
 
+from loguru import logger
 from rich.console import Console
 
 from kinod import __version__
 from kinod.atomic_files import rename_noreplace
 from kinod.config import Settings, load_settings
 from kinod.errors import ConfigError, InvalidJob
-from kinod.intake import InboxName, check_job, read_job_bytes
+from kinod.intake import InboxName, check_job, inbox_has_job, read_job_bytes
 from kinod.job_document import parse_document
 from kinod.models import JOB_ID_RULES, Sidecar, is_valid_job_id
 from kinod.plugins.plugin_loader import PluginRegistry
@@ -109,13 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
 # --- settings ---------------------------------------------------------------
 
 
-def _settings(args: argparse.Namespace, required: bool = True) -> Settings:
+def _settings(args: argparse.Namespace, required: bool = True,
+              overrides: dict[str, str] | None = None) -> Settings:
     """The settings file given, else ./config.yaml; commands that only read plugins and
     files (``required`` False) fall back to the defaults when there is none."""
     path = args.config or os.environ.get("KINOD_CONFIG")
     if path is None and not Path("config.yaml").exists() and not required:
-        return load_settings(None)
-    return load_settings(path or "config.yaml")
+        return load_settings(None, overrides=overrides)
+    return load_settings(path or "config.yaml", overrides=overrides)
 
 
 # --- run and init ---------------------------------------------------------
@@ -125,16 +128,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kinod.daemon import Daemon
     from kinod.logs import add_job_log_sink, setup_logging
 
-    settings = _settings(args)
-    overrides = {k: v for k, v in (("log_format", args.log_format),
-                                   ("log_level", args.log_level)) if v}
-    if overrides:
-        settings = Settings.model_validate({**settings.model_dump(), **overrides})
+    options = {"log_format": args.log_format, "log_level": args.log_level}
+    settings = _settings(args, overrides={k: v for k, v in options.items() if v})
     setup_logging(settings.log_format, settings.log_level)
-    settings.outbox.mkdir(parents=True, exist_ok=True)
     add_job_log_sink(settings.outbox)
     asyncio.run(Daemon(settings).run(burst=args.burst))
+    _exit_without_waiting_for_plugin_threads()
     return EXIT_OK
+
+
+def _exit_without_waiting_for_plugin_threads() -> None:
+    """A plugin may leave threads behind (its own, or asyncio.to_thread's, which the
+    interpreter joins at exit even when they are daemon threads); the daemon has handed
+    its jobs back already, so it exits now rather than when they end."""
+    left = [t.name for t in threading.enumerate()
+            if t is not threading.main_thread() and t.is_alive()]
+    if left:
+        logger.warning("exiting without waiting for plugin threads: {}", ", ".join(left))
+        logger.complete()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_OK)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -171,6 +185,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         current = _read_sidecar(settings, job_id) if problem is None else None
         if current is not None and not current.state.is_terminal:
             problem = f"job {job_id} is still {current.state}; not submitted again"
+        if problem is None and inbox_has_job(settings.inbox, job_id):
+            problem = f"{job_id} is already in the inbox, not yet picked up"
         if problem is None:
             try:
                 _drop(raw, settings.inbox / f"{job_id}{path.suffix.lower()}")
@@ -216,8 +232,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
         err.print(f"{job_id!r} is not a valid job id", markup=False)
         return EXIT_USAGE
     current = _read_sidecar(settings, job_id)
-    waiting_in_inbox = any(
-        (settings.inbox / f"{job_id}{suffix}").exists() for suffix in (".yaml", ".yml", ".json"))
+    waiting_in_inbox = inbox_has_job(settings.inbox, job_id)
     if (current is None or current.state.is_terminal) and not waiting_in_inbox:
         state = f"already {current.state}" if current else "unknown"
         err.print(f"job {job_id} is not queued or running ({state})", markup=False)

@@ -31,7 +31,8 @@ class PluginSettings(BaseModel):
 
 
 class Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No infinities or NaN: a stop_grace of .inf would never let a shutdown end.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     inbox: Path = Path("inbox")
     outbox: Path = Path("outbox")
@@ -50,6 +51,11 @@ class Settings(BaseModel):
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"] = "INFO"
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_case_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
     @field_validator("plugin_dirs", mode="before")
     @classmethod
     def _split_path_list(cls, value: Any) -> Any:
@@ -63,8 +69,9 @@ class Settings(BaseModel):
     def _node_name(cls, value: str | None) -> str:
         # The node's name becomes a folder name in the spool.
         value = value or socket.gethostname()
-        if "/" in value or value.startswith("."):
-            raise ValueError("a node name cannot hold '/' or start with '.'")
+        if "/" in value or value.startswith(".") or not value.isprintable():
+            raise ValueError("a node name cannot hold '/' or unprintable characters, "
+                             "nor start with '.'")
         return value
 
     def max_concurrency(self, plugin: str) -> int | None:
@@ -72,8 +79,10 @@ class Settings(BaseModel):
         return entry.max_concurrency if entry else None
 
 
-def load_settings(path: Path | str | None, environ: dict[str, str] | None = None) -> Settings:
-    """Read ``path``, apply ``KINOD_*`` overrides and make paths absolute.
+def load_settings(path: Path | str | None, environ: dict[str, str] | None = None,
+                  overrides: dict[str, Any] | None = None) -> Settings:
+    """Read ``path``, apply ``KINOD_*`` variables, then ``overrides`` (command-line options),
+    and make paths absolute.
 
     With ``path`` None every setting has its default, relative to the current folder.
     Raises ConfigError naming every bad or unknown key.
@@ -81,6 +90,7 @@ def load_settings(path: Path | str | None, environ: dict[str, str] | None = None
     environ = os.environ if environ is None else environ
     raw = _read_yaml(Path(path)) if path is not None else {}
     raw.update(_env_overrides(environ))
+    raw.update(overrides or {})
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:

@@ -17,8 +17,14 @@ from typing import Any
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from loguru import logger
 
-from kinod.errors import DaemonCrashed, JobStopped, KinodError
-from kinod.intake import JOB_SUFFIXES, InboxName, ReadJob, read_job, wait_before_reading_s
+from kinod.errors import ConfigError, DaemonCrashed, JobStopped, KinodError
+from kinod.intake import (
+    InboxName,
+    ReadJob,
+    inbox_has_job,
+    read_job,
+    wait_before_reading_s,
+)
 from kinod.jobqueue import JobQueue
 from kinod.models import (
     JOB_ID_RULES,
@@ -31,6 +37,7 @@ from kinod.models import (
 )
 from kinod.outbox import Outbox
 from kinod.outcome import Outcome, StopReason, Verdict, judge
+from kinod.plugins.base_plugin import BasePlugin
 from kinod.plugins.plugin_loader import LoadedPlugin, PluginRegistry
 from kinod.runner import PluginRun
 from kinod.spool import Spool
@@ -40,6 +47,8 @@ from kinod.watcher import InboxWatcher
 INTAKE_BATCH = 256
 # An invalid file written in place is failed only once quiet this many times settle_s.
 INCOMPLETE_GRACE = 3
+# After the spool or the outbox failed to start a job, wait this long before trying again.
+DISPATCH_RETRY_S = 5.0
 
 
 @dataclass
@@ -84,6 +93,7 @@ class Daemon:
         self._wake = asyncio.Event()
         self._shutdown = asyncio.Event()
         self._signals = 0
+        self._dispatch_held_until = 0.0
         self._scheduler: AsyncIOScheduler | None = None
         self._watcher = InboxWatcher(settings.inbox, self._on_inbox_event)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -94,9 +104,8 @@ class Daemon:
         """Serve until SIGTERM/SIGINT (or, with ``burst``, until there is nothing left to do)."""
         self._loop = asyncio.get_running_loop()
         self._install_signal_handlers()
-        self.spool.ensure_folders()
-        self.outbox.ensure_folder()
-        self.settings.frames.mkdir(parents=True, exist_ok=True)
+        self._prepare_folders()
+        node_lock = self.spool.lock_node()
         self._log_start()
         self._scheduler = AsyncIOScheduler(event_loop=self._loop)
         self._scheduler.add_job(self._rescan, "interval", seconds=self.settings.rescan_interval_s,
@@ -115,6 +124,18 @@ class Daemon:
                     await self._wait_for_work()
         finally:
             await self._stop_everything()
+            os.close(node_lock)
+
+    def _prepare_folders(self) -> None:
+        for key, make in (("inbox", self.spool.ensure_folders),
+                          ("outbox", self.outbox.ensure_folder),
+                          ("frames", lambda: self.settings.frames.mkdir(parents=True,
+                                                                        exist_ok=True))):
+            try:
+                make()
+            except OSError as exc:
+                raise ConfigError(f"{key}: cannot create {exc.filename or ''}: "
+                                  f"{exc.strerror or exc}") from None
 
     def request_shutdown(self) -> None:
         """First call: stop taking jobs and stop running ones within the grace. Second: now."""
@@ -279,6 +300,7 @@ class Daemon:
                 self._look_again_later(path, wait_s)
                 return
         self.outbox.archive_previous_run(job_id)
+        self.spool.forget_counts(job_id)  # a new run starts with no failures or crashes
         try:
             queued = self.spool.accept(path)
         except FileNotFoundError:
@@ -326,8 +348,10 @@ class Daemon:
         self.jobs[job_id] = job
         not_before = read.spec.not_before
         if not_before is not None and not_before > now:
+            # misfire_grace_time=None: released however late the loop gets to it.
             self._scheduler.add_job(self._release, "date", run_date=not_before, args=[job_id],
-                                    id=f"not_before:{job_id}", replace_existing=True)
+                                    id=f"not_before:{job_id}", replace_existing=True,
+                                    misfire_grace_time=None)
             logger.bind(job_id=job_id).info("job {} waits until {}", job_id, not_before)
         else:
             self._enqueue(job)
@@ -364,44 +388,71 @@ class Daemon:
         before its file is accepted), so it is filed away, never run again.
         """
         for path in self.spool.running_files():
-            job_id = InboxName.of(path.name).job_id
-            sidecar = self.outbox.read(job_id)
-            if sidecar is not None and sidecar.state.is_terminal:
-                self.spool.finish(path, job_id)
-                continue
-            crashes = self.spool.count(job_id, "crashes")
-            if sidecar is not None and crashes >= self.settings.max_crash_attempts:
-                self._end(job_id, path, sidecar, JobState.FAILED, error=DaemonCrashed(
-                    f"the daemon died {crashes} times while running this job"))
-                continue
-            self.spool.requeue(path)
-            logger.bind(job_id=job_id).warning(
-                "job {} was running when the daemon stopped; it runs again", job_id)
+            self._guarded(self._recover_running, path)
         seen: set[str] = set()
         for path in sorted(self.spool.queued_files()):
-            job_id = InboxName.of(path.name).job_id
-            if job_id in seen:
-                self._set_aside_duplicate(path, job_id)
-                continue
-            seen.add(job_id)
-            sidecar = self.outbox.read(job_id)
-            if sidecar is not None and sidecar.state.is_terminal:
-                self.spool.finish(path, job_id)
-                continue
-            read = self._read(path)
-            if read is not None:
-                self._admit(path, job_id, read, sidecar)
+            self._guarded(self._recover_queued, path, seen)
+
+    def _guarded(self, action: Callable[..., None], path: Path, *args: Any) -> None:
+        """One file that cannot be recovered is left where it is, and never stops the start."""
+        try:
+            action(path, *args)
+        except Exception:  # noqa: BLE001
+            logger.opt(exception=True).error("{}: could not be recovered; left in place", path)
+
+    def _recover_running(self, path: Path) -> None:
+        job_id = InboxName.of(path.name).job_id
+        sidecar = self.outbox.read(job_id)
+        if sidecar is not None and sidecar.state.is_terminal:
+            self._file_away_ended(path, job_id)
+            return
+        crashes = self.spool.count(job_id, "crashes")
+        if sidecar is not None and crashes >= self.settings.max_crash_attempts:
+            self._end(job_id, path, sidecar, JobState.FAILED, error=DaemonCrashed(
+                f"the daemon died {crashes} times while running this job"))
+            return
+        self.spool.requeue(path)
+        logger.bind(job_id=job_id).warning(
+            "job {} was running when the daemon stopped; it runs again", job_id)
+
+    def _recover_queued(self, path: Path, seen: set[str]) -> None:
+        job_id = InboxName.of(path.name).job_id
+        if job_id in seen:
+            self._set_aside_duplicate(path, job_id)
+            return
+        seen.add(job_id)
+        sidecar = self.outbox.read(job_id)
+        if sidecar is not None and sidecar.state.is_terminal:
+            self._file_away_ended(path, job_id)
+            return
+        read = self._read(path)
+        if read is not None:
+            self._admit(path, job_id, read, sidecar)
+
+    def _file_away_ended(self, path: Path, job_id: str) -> None:
+        """The run had ended; only the move to done/ (and forgetting its counts) was cut short."""
+        self.spool.finish(path, job_id)
+        self.spool.forget_counts(job_id)
 
     # --- running jobs -----------------------------------------------------------
 
     def _dispatch(self) -> None:
-        if self._shutdown.is_set():
+        if self._shutdown.is_set() or self._clock() < self._dispatch_held_until:
             return
         while len(self.running) < self.settings.workers:
             job_id = self.queue.pop(self._has_room)
             if job_id is None:
                 return
-            self._start(self.jobs[job_id])
+            job = self.jobs[job_id]
+            try:
+                self._start(job)
+            except OSError as exc:  # the spool or the outbox fails (a full disk): wait, retry
+                logger.error("job {}: could not start: {}; trying again in {:g} s", job_id, exc,
+                             DISPATCH_RETRY_S)
+                self._enqueue(job)
+                self._dispatch_held_until = self._clock() + DISPATCH_RETRY_S
+                self._loop.call_later(DISPATCH_RETRY_S, self._wake.set)
+                return
 
     def _has_room(self, plugin: str) -> bool:
         limit = self.settings.max_concurrency(plugin)
@@ -417,51 +468,68 @@ class Daemon:
                 "error": SidecarError(code="lost", message=f"its file left {job.path.parent} "
                                       "before it could run")}), job.sidecar)
             return
-        job.path = claimed
-        job.progress = None
         old = job.sidecar
         attempt = old.attempt + 1 if old.started_at is not None else old.attempt
         now = utc_now()
-        job.sidecar = old.model_copy(update={
+        running = old.model_copy(update={
             "state": JobState.RUNNING, "attempt": attempt, "progress": 0.0, "message": None,
             "started_at": now, "finished_at": None, "updated_at": now, "error": None,
             "result": None, "node": self.settings.node, "pid": os.getpid(),
         })
-        self.outbox.publish(job.sidecar, old)
+        try:
+            self.outbox.publish(running, old)
+        except OSError:
+            job.path = self.spool.requeue(claimed)  # as it was: queued
+            raise
+        job.path, job.sidecar, job.progress = claimed, running, None
         self.running[job.id] = job
         self._running_per_plugin[job.plugin.name] += 1
         job.task = asyncio.create_task(self._run(job), name=f"job {job.id}")
 
     async def _run(self, job: Job) -> None:
+        """Run the job, then record how it ended; whatever happens, its slot is freed."""
         try:
-            plugin = job.plugin.cls()
-            plugin.output_dir = self.settings.frames / job.id
-            plugin.output_dir.mkdir(parents=True, exist_ok=True)
-            entry = self.settings.plugins.get(job.plugin.name)
-            plugin.settings = entry.plugin_settings() if entry else {}
-            plugin.models_dir = self.settings.models
-        except Exception as exc:  # noqa: BLE001 - a plugin's constructor may raise anything
-            outcome = Outcome(exception=exc)
-        else:
-            job.run = PluginRun(plugin, job.id, job.data,
-                                on_progress=lambda p, m: self._on_progress(job, p, m),
-                                clock=self._clock)
-            if job.stop_requested:
-                job.run.request_stop(StopReason.USER, self.settings.stop_grace)
-            outcome = await job.run.run(job.spec.timeout, job.spec.stall_timeout,
-                                        self.settings.stop_grace)
-        try:
-            self._after_run(job, judge(outcome))
-        except Exception:  # the next start recovers it from running/ as a crash
-            logger.opt(exception=True).bind(job_id=job.id).error(
-                "job {}: could not record its end", job.id)
-            self._wake.set()
-
-    def _after_run(self, job: Job, verdict: Verdict) -> None:
-        if job.progress_timer is not None:
-            job.progress_timer.cancel()
+            verdict = judge(await self._execute(job))
+        except Exception as exc:  # noqa: BLE001 - e.g. no thread could be started
+            verdict = Verdict(JobState.FAILED, error=KinodError(f"could not run: {exc!r}"))
         del self.running[job.id]
         self._running_per_plugin[job.plugin.name] -= 1
+        if job.progress_timer is not None:
+            job.progress_timer.cancel()
+        try:
+            self._record_end(job, verdict)
+        except Exception as exc:  # noqa: BLE001 - e.g. a result that cannot be written
+            logger.opt(exception=True).bind(job_id=job.id).error(
+                "job {}: could not record its end; recording it as failed", job.id)
+            try:
+                self._end(job.id, job.path, job.sidecar, JobState.FAILED, error=KinodError(
+                    f"its end could not be recorded: {type(exc).__name__}: {exc}"))
+            except Exception:  # noqa: BLE001 - the outbox itself fails: recovery takes it
+                logger.opt(exception=True).error("job {}: left for the next start", job.id)
+        finally:
+            self._wake.set()
+
+    async def _execute(self, job: Job) -> Outcome:
+        output_dir = self.settings.frames / job.id
+        output_dir.mkdir(parents=True, exist_ok=True)
+        entry = self.settings.plugins.get(job.plugin.name)
+
+        def make_plugin() -> BasePlugin:  # runs on the job's own thread
+            plugin = job.plugin.cls()
+            plugin.output_dir = output_dir
+            plugin.settings = entry.plugin_settings() if entry else {}
+            plugin.models_dir = self.settings.models
+            return plugin
+
+        job.run = PluginRun(make_plugin, job.id, job.data,
+                            on_progress=lambda p, m: self._on_progress(job, p, m),
+                            clock=self._clock)
+        if job.stop_requested:
+            job.run.request_stop(StopReason.USER, self.settings.stop_grace)
+        return await job.run.run(job.spec.timeout, job.spec.stall_timeout,
+                                 self.settings.stop_grace)
+
+    def _record_end(self, job: Job, verdict: Verdict) -> None:
         sidecar = job.sidecar.with_progress(job.progress)  # the last report may be unwritten
         if verdict.state is None:  # the daemon is stopping: back to the queue for next time
             job.sidecar = sidecar.model_copy(update={
@@ -481,7 +549,6 @@ class Daemon:
         else:
             self._end(job.id, job.path, sidecar, verdict.state, error=verdict.error,
                       result=verdict.result)
-        self._wake.set()
 
     def _retry_left(self, job: Job) -> bool:
         """Count a retryable failure; True while the job's ``retries`` allow another run."""
@@ -500,7 +567,8 @@ class Daemon:
     def _progress_due(self, job: Job) -> None:
         """Write progress at most once per ``progress_interval_s``; the last report always wins."""
         job.progress_pending = False
-        if job.id not in self.running or job.progress_timer is not None:
+        # `is job`: a plugin thread left behind must not write over a new run of its id.
+        if self.running.get(job.id) is not job or job.progress_timer is not None:
             return
         wait_s = job.last_write_s + self.settings.progress_interval_s - self._clock()
         if wait_s > 0:
@@ -510,7 +578,7 @@ class Daemon:
 
     def _write_progress(self, job: Job) -> None:
         job.progress_timer = None
-        if job.id not in self.running or job.progress is None:
+        if self.running.get(job.id) is not job or job.progress is None:
             return
         old = job.sidecar
         new = old.with_progress(job.progress)
@@ -525,8 +593,7 @@ class Daemon:
     def _on_stop_file(self, path: Path, job_id: str) -> None:
         job = self.jobs.get(job_id)
         if job is None:
-            if any(os.path.lexists(self.settings.inbox / f"{job_id}{suffix}")
-                   for suffix in JOB_SUFFIXES):
+            if inbox_has_job(self.settings.inbox, job_id):
                 return  # its job file is not taken in yet: acted on once it is accepted
             logger.warning("{}: no queued or running job {}; stop request removed", path, job_id)
             _unlink(path)

@@ -44,6 +44,11 @@ class InboxName:
         return cls("other")
 
 
+def inbox_has_job(inbox: Path, job_id: str) -> bool:
+    """A job file for ``job_id`` waits in ``inbox`` (not yet taken in by a daemon)."""
+    return any(os.path.lexists(inbox / f"{job_id}{suffix}") for suffix in JOB_SUFFIXES)
+
+
 def wait_before_reading_s(st: os.stat_result, now_s: float, settle_s: float,
                           arrived_by_rename: bool = False, unchanged_for_s: float = 0.0) -> float:
     """Seconds to wait until a file is surely complete; 0 when it can be read now.

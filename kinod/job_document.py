@@ -67,6 +67,8 @@ def parse_document(raw: bytes, suffix: str) -> dict[str, Any]:
         raise InvalidJob(f"invalid YAML: {_yaml_message(exc)}") from None
     except RecursionError:
         raise InvalidJob(f"nested too deeply (more than {MAX_DEPTH} levels)") from None
+    except (ValueError, OverflowError) as exc:  # a date like 2026-02-30, a 5,000-digit number
+        raise InvalidJob(f"invalid value: {exc}") from None
     if not isinstance(document, dict):
         raise InvalidJob(f"the top level must be a mapping, not {_kind(document)}")
     _check_values(document)
@@ -127,13 +129,23 @@ def _check_values(document: dict[str, Any]) -> None:
             raise InvalidJob(f"nested too deeply (more than {MAX_DEPTH} levels)")
         if isinstance(value, dict):
             for key, item in value.items():
-                if not isinstance(key, str):
+                if not isinstance(key, str) or not _is_utf8(key):
                     raise InvalidJob(f"{where or '(top level)'}: the key {key!r} is not text")
                 stack.append((item, f"{where}.{key}" if where else key, depth + 1))
+        elif isinstance(value, str) and not _is_utf8(value):
+            raise InvalidJob(f"{where}: holds a lone UTF-16 surrogate (\\ud800-\\udfff)")
         elif isinstance(value, list):
             stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value))
         elif not isinstance(value, _PLAIN_TYPES):
             raise InvalidJob(f"{where}: {_kind(value)} cannot be stored as JSON")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _kind(value: Any) -> str:

@@ -15,10 +15,11 @@ JOB_LINE_FORMAT = "{time:YYYY-MM-DDTHH:mm:ss.SSSZ!UTC} {level: <7} {message}"
 def setup_logging(log_format: str = "text", level: str = "INFO") -> None:
     """Send the daemon's log to stderr, as plain text or one JSON object a line."""
     logger.remove()
+    # diagnose=False: tracebacks never print local variables (job data, paths, settings).
     if log_format == "json":
-        logger.add(sys.stderr, level=level, serialize=True)
+        logger.add(sys.stderr, level=level, serialize=True, diagnose=False)
     else:
-        logger.add(sys.stderr, level=level, format=TEXT_FORMAT, colorize=None)
+        logger.add(sys.stderr, level=level, format=TEXT_FORMAT, colorize=None, diagnose=False)
     # Plugins that log with the standard library end up here too.
     logging.basicConfig(handlers=[_InterceptHandler()], level=0, force=True)
     # apscheduler reports every run of the periodic rescan at INFO.

@@ -16,6 +16,15 @@ JOB_ID_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 JOB_ID_RULES = "letters, digits, '.', '_', '-'; at most 128 characters; not starting with '.'"
 
 
+def clean_text(text: str) -> str:
+    """``text`` that can be written as UTF-8 (lone surrogates become U+FFFD)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 def is_valid_job_id(job_id: str) -> bool:
     return JOB_ID_RE.fullmatch(job_id) is not None
 
@@ -54,9 +63,16 @@ class JobSpec(BaseModel):
     @classmethod
     def _assume_utc(cls, value: datetime | None) -> datetime | None:
         # A time without a zone is taken as UTC, the zone of every sidecar time.
-        if value is not None and value.tzinfo is None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
             value = value.replace(tzinfo=UTC)
-        return value
+        try:
+            if value.astimezone(UTC).year < 9999:
+                return value
+        except OverflowError:
+            pass
+        raise ValueError("must be before the year 9999")
 
 
 class SidecarError(BaseModel):

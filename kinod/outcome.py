@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -16,7 +17,7 @@ from kinod.errors import (
     PluginCrashed,
     PluginFailed,
 )
-from kinod.models import JobState
+from kinod.models import JobState, clean_text
 from kinod.plugins.base_plugin import PluginResult
 
 
@@ -58,7 +59,14 @@ def judge(outcome: Outcome) -> Verdict:
             return Verdict(JobState.FAILED, error=PluginCrashed(
                 f"PluginResult.data must be a mapping, not {type(data).__name__}"))
         # Values JSON cannot hold (an image, a tensor, a set) are kept as their text.
-        return Verdict(JobState.SUCCEEDED, result=to_jsonable_python(data, fallback=str))
+        try:
+            jsonable = to_jsonable_python(data, fallback=str)
+            # Lone surrogates and the like fail here, not when the sidecar is written.
+            json.dumps(jsonable, ensure_ascii=False).encode("utf-8")
+        except (ValueError, TypeError) as exc:
+            return Verdict(JobState.FAILED, error=PluginCrashed(
+                f"its result cannot be stored as JSON: {clean_text(str(exc))}"))
+        return Verdict(JobState.SUCCEEDED, result=jsonable)
     reason = outcome.stop_reason
     forced = ""
     if outcome.forced:
@@ -75,12 +83,12 @@ def judge(outcome: Outcome) -> Verdict:
             f"no progress for {outcome.limit_s:g} s (stall_timeout){forced}"))
     if outcome.exception is not None:
         exc = outcome.exception
-        text = str(exc) or "(no message)"
+        text = clean_text(str(exc)) or "(no message)"
         return Verdict(JobState.FAILED,
                        error=PluginCrashed(f"plugin raised {type(exc).__name__}: {text}"))
     if not isinstance(result, PluginResult):
         return Verdict(JobState.FAILED, error=PluginCrashed(
             f"generate() returned {type(result).__name__}, not a PluginResult"))
     return Verdict(JobState.FAILED, error=PluginFailed(
-        str(result.error or "the plugin reported failure without a reason"),
+        clean_text(str(result.error or "the plugin reported failure without a reason")),
         retryable=bool(getattr(result, "retryable", False))))

@@ -17,6 +17,7 @@ from typing import Any
 
 from loguru import logger
 
+from kinod.models import clean_text
 from kinod.outcome import Outcome, StopReason
 from kinod.plugins.base_plugin import BasePlugin
 
@@ -27,9 +28,13 @@ ProgressSink = Callable[[float, "str | None"], None]
 
 
 class PluginRun:
-    def __init__(self, plugin: BasePlugin, job_id: str, data: dict[str, Any],
+    """One run of a plugin. ``make_plugin`` builds the instance on the run's own thread, so a
+    constructor that loads a model for a minute does not hold up the daemon either."""
+
+    def __init__(self, make_plugin: Callable[[], BasePlugin], job_id: str, data: dict[str, Any],
                  on_progress: ProgressSink, clock: Callable[[], float] = time.monotonic) -> None:
-        self.plugin = plugin
+        self._make_plugin = make_plugin
+        self.plugin: BasePlugin | None = None
         self.job_id = job_id
         self.data = data
         self._on_progress = on_progress
@@ -65,7 +70,7 @@ class PluginRun:
                       and now - self._last_progress_at >= stall_timeout_s):
                     self.request_stop(StopReason.STALL, grace_s, limit_s=stall_timeout_s)
             else:
-                self.plugin.should_stop = True  # a blocking plugin may have reset it
+                self._tell_plugin_to_stop()  # again: a blocking plugin may have reset it
                 if cancel_deadline is None and now >= self._stop_deadline:
                     self._outcome.forced = True
                     self._cancel()
@@ -89,12 +94,16 @@ class PluginRun:
         self._outcome.stop_reason = reason
         self._outcome.limit_s = limit_s
         self._stop_deadline = self._clock() + grace_s
-        self.plugin.should_stop = True
+        self._tell_plugin_to_stop()
         if self._job_loop is not None:
             with contextlib.suppress(RuntimeError):  # its loop already closed: it has ended
                 asyncio.run_coroutine_threadsafe(self._call_stop(), self._job_loop)
         if self._wake is not None:
             self._wake.set()
+
+    def _tell_plugin_to_stop(self) -> None:
+        if self.plugin is not None:
+            self.plugin.should_stop = True
 
     def force_stop(self) -> None:
         """Cancel now, without waiting for the rest of the grace period."""
@@ -142,9 +151,14 @@ class PluginRun:
 
     async def _generate(self) -> Any:
         with logger.contextualize(job_id=self.job_id):
+            self.plugin = self._make_plugin()
+            if self._outcome.stop_reason is not None:
+                self.plugin.should_stop = True
             return await self.plugin.generate(self.job_id, self.data, self._progress)
 
     async def _call_stop(self) -> None:
+        if self.plugin is None:
+            return  # still being built: _generate tells it
         try:
             await self.plugin.stop()
         except Exception as exc:  # noqa: BLE001
@@ -157,7 +171,7 @@ class PluginRun:
             percent = max(0.0, min(100.0, float(value)))
         except (TypeError, ValueError):
             return
-        report = (percent, None if message is None else str(message))
+        report = (percent, None if message is None else clean_text(str(message)))
         if report != self._last_report:
             self._last_report = report
             self._last_progress_at = self._clock()

@@ -15,11 +15,13 @@ an atomic rename: a crash leaves each file in exactly one of these places.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 from pathlib import Path
 
 from kinod.atomic_files import atomic_write, fsync_dir, move_noreplace
+from kinod.errors import ConfigError
 
 
 class Spool:
@@ -38,17 +40,29 @@ class Spool:
                        self.counts):
             folder.mkdir(parents=True, exist_ok=True)
 
+    def lock_node(self) -> int:
+        """Hold this node's lock for as long as the returned descriptor stays open.
+
+        Two daemons with one node name on one inbox would each take the other's
+        running jobs for crashed ones and run them again: the second one is refused.
+        """
+        path = self.running.parent / f"{self.running.name}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ConfigError(f"another kinod (pid {holder}) already runs as node "
+                              f"{self.running.name!r} on {self.inbox}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
     def accept(self, src: Path) -> Path:
         """inbox → queued. FileExistsError if a file of that name is already queued."""
         dst = self.queued / src.name
-        try:
-            move_noreplace(src, dst)
-        except FileExistsError:
-            if not _same_file(src, dst):
-                raise
-            # An earlier move was cut short after its link: finish it.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(src)
+        move_noreplace(src, dst)
         return dst
 
     def claim(self, queued: Path) -> Path | None:
@@ -98,7 +112,7 @@ class Spool:
                 return dst
             except FileExistsError:
                 n += 1
-                dst = self.invalid / f"{path.name}.{n}"
+                dst = self.invalid / f"{path.name[:200]}.{n}"  # a name may be 255 bytes already
 
     def count(self, job_id: str, event: str) -> int:
         """Count one more ``event`` ("crashes", "failures") of the current run of ``job_id``;
@@ -144,13 +158,6 @@ def _job_id(path: Path) -> str:
 
 def _suffix(path: Path) -> str:
     return path.suffix.lower() or ".yaml"
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def _files_in(folder: Path) -> list[Path]:

@@ -277,3 +277,29 @@ def test_inbox_and_outbox_cannot_be_one_folder(tmp_path: Path, text: str) -> Non
 def test_inbox_cannot_be_the_config_files_own_folder(tmp_path: Path, text: str) -> None:
     # config.yaml would be taken as job "config" and moved into the spool.
     assert "inbox" in config_error(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ("stop_grace: .inf\n", "stop_grace"),
+    ("rescan_interval_s: .nan\n", "rescan_interval_s"),
+    ('node: "a\\0b"\n', "node"),
+])
+def test_infinite_and_unprintable_values_are_refused(tmp_path: Path, text: str, key: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=key):
+        load_settings(path, environ={})
+
+
+def test_log_level_is_case_insensitive(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("log_level: debug\n")
+    assert load_settings(path, environ={}).log_level == "DEBUG"
+
+
+def test_command_line_overrides_are_checked_like_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("")
+    assert load_settings(path, environ={}, overrides={"log_format": "json"}).log_format == "json"
+    with pytest.raises(ConfigError, match="log_level"):
+        load_settings(path, environ={}, overrides={"log_level": "loud"})

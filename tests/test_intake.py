@@ -659,3 +659,22 @@ def test_a_yaml_job_file_end_to_end(registry: FakeRegistry) -> None:
     assert spec.name == "Shot 010 key art"
     assert plugin.name == "example"
     assert data == {"prompt": "beautiful landscape", "steps": 30}
+
+
+# --- values that parse but cannot be kept (found in review) --------------------------------
+
+
+@pytest.mark.parametrize(("raw", "suffix", "expected"), [
+    (b'{"type": "example", "name": "\\ud800"}', ".json", "name: holds a lone UTF-16 surrogate"),
+    (b"type: example\nnot_before: 2026-02-30T02:00:00Z\n", ".yaml", "invalid value"),
+    (b'{"type": "example", "n": ' + b"9" * 5000 + b"}", ".json", "invalid value"),
+])
+def test_values_that_cannot_be_kept_are_refused(raw: bytes, suffix: str, expected: str) -> None:
+    with pytest.raises(InvalidJob, match=expected):
+        parse_document(raw, suffix)
+
+
+def test_a_not_before_past_the_calendar_is_refused() -> None:
+    document = {"type": "example", "not_before": "9999-12-31T23:59:59-23:59"}
+    with pytest.raises(InvalidJob, match="not_before"):
+        check_job(document, registry=None)

@@ -143,3 +143,19 @@ def test_retryable_failure() -> None:
     assert verdict.retryable is True
     assert verdict.error.retryable is True
 
+
+
+def test_a_result_that_cannot_be_json_fails_instead_of_breaking_the_sidecar() -> None:
+    circular: dict = {}
+    circular["self"] = circular
+    for data in (circular, {"text": "\ud800"}):
+        verdict = judge(Outcome(result=PluginResult(success=True, data=data)))
+        assert verdict.state is JobState.FAILED
+        assert "cannot be stored as JSON" in verdict.error.message
+
+
+def test_values_json_cannot_hold_are_kept_as_text() -> None:
+    verdict = judge(Outcome(result=PluginResult(success=True, data={"s": {1}, "o": object()})))
+    assert verdict.state is JobState.SUCCEEDED
+    assert verdict.result["s"] == [1]
+    assert verdict.result["o"].startswith("<object object")

@@ -254,3 +254,25 @@ def test_counts_survive_a_garbled_file(spool: Spool) -> None:
     assert spool.count("job1", "crashes") == 1
     (spool.counts / "job2.json").write_text("")
     assert spool.count("job2", "crashes") == 1
+
+
+def test_a_move_cut_short_after_its_link_is_finished_not_duplicated(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "inbox", "node1")
+    spool.ensure_folders()
+    running = spool.running / "job1.yaml"
+    running.write_text("the run")
+    os.link(running, spool.queued / "job1.yaml")  # killed between link and unlink
+    assert spool.requeue(running) == spool.queued / "job1.yaml"
+    assert not running.exists()
+    assert (spool.queued / "job1.yaml").read_text() == "the run"
+    assert list(spool.duplicates.iterdir()) == []
+
+
+def test_invalid_names_at_the_length_limit_are_set_aside_twice(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "inbox", "node1")
+    spool.ensure_folders()
+    name = "x" * 250 + ".yaml"
+    for content in ("first", "second"):
+        (spool.inbox / name).write_text(content)
+        spool.set_aside_invalid(spool.inbox / name)
+    assert sorted(p.read_text() for p in spool.invalid.iterdir()) == ["first", "second"]
