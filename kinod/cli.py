@@ -80,31 +80,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("init", cmd_init, "create the folders and a default config.yaml",
                 "Create inbox/, outbox/, data/frames/, models_storage/ and a commented "
                 "config.yaml in DIR. Existing files are left as they are.")
-    p.add_argument("dir", nargs="?", type=Path, default=Path("."), metavar="DIR")
+    p.add_argument("dir", nargs="?", type=Path, default=Path("."), metavar="DIR",
+                   help="the folder to set up (default: the current folder)")
 
     p = command("submit", cmd_submit, "drop job files into the inbox",
                 "Copy each FILE into the inbox atomically; the job's id is the file's stem.")
-    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE",
+                   help="job files (<id>.yaml, .yml or .json)")
     p.add_argument("--wait", action="store_true",
                    help="follow the jobs until they end; exit 1 unless all succeeded")
 
     p = command("status", cmd_status, "show jobs, or one job",
                 "Show every job in the outbox, or one job's sidecar.")
-    p.add_argument("id", nargs="?", metavar="ID")
+    p.add_argument("id", nargs="?", metavar="ID", help="one job's id (default: every job)")
     p.add_argument("--json", action="store_true", help="print sidecars as JSON")
     p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C (or the job ends)")
 
     p = command("stop", cmd_stop, "ask a queued or running job to stop",
                 "Drop <inbox>/<ID>.stop: a queued job never starts, a running one is stopped.")
-    p.add_argument("id", metavar="ID")
-    p.add_argument("--wait", action="store_true", help="wait until the job has ended")
+    p.add_argument("id", metavar="ID", help="the job's id")
+    p.add_argument("--wait", action="store_true",
+                   help="wait until the job has ended; exit 1 unless it ended stopped")
 
     p = command("plugins", cmd_plugins, "list plugins and their load errors")
     p.add_argument("--json", action="store_true", help="print as JSON")
 
     p = command("validate", cmd_validate, "check job files without submitting them",
                 "Check each FILE as the daemon would: name, syntax, keys and plugin parameters.")
-    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE",
+                   help="job files (<id>.yaml, .yml or .json)")
     return parser
 
 

@@ -41,6 +41,10 @@ def show_jobs(settings: Settings, as_json: bool, watch: bool, read: ReadSidecar)
     if as_json:
         print(json.dumps([s.model_dump(mode="json", by_alias=True) for s in sidecars()], indent=2))
         return 0
+    if not watch and not out.is_terminal:  # piped: tab-separated, for cut, awk and grep
+        for row in [list(JOB_COLUMNS), *(_job_row(s, styled=False) for s in sidecars())]:
+            print("\t".join(row))
+        return 0
     if not watch:
         out.print(_jobs_table(sidecars()))
         return 0
@@ -133,15 +137,26 @@ def _summary(s: Sidecar) -> str:
     return line
 
 
+JOB_COLUMNS = ("ID", "STATE", "PROGRESS", "ATTEMPT", "TYPE", "NODE", "UPDATED", "MESSAGE")
+
+
 def _jobs_table(sidecars: list[Sidecar]) -> Table:
-    table = Table("ID", "STATE", "PROGRESS", "ATTEMPT", "TYPE", "NODE", "UPDATED", "MESSAGE",
-                  box=None)
+    table = Table(*JOB_COLUMNS, box=None)
     for s in sidecars:
-        style = _STATE_STYLE.get(s.state.value, "")
-        note = s.error.message if s.error else (s.message or "")
-        table.add_row(s.id, f"[{style}]{s.state}[/{style}]", f"{s.progress:.0f}%",
-                      str(s.attempt), s.type or "", s.node or "", _ago(s.updated_at), note)
+        table.add_row(*_job_row(s, styled=True))
     return table
+
+
+def _job_row(s: Sidecar, styled: bool) -> list[str]:
+    state = s.state.value
+    if styled:
+        style = _STATE_STYLE.get(state, "")
+        state = f"[{style}]{state}[/{style}]"
+    note = s.error.message if s.error else (s.message or "")
+    if not styled:
+        note = " ".join(note.split())  # one line per job
+    return [s.id, state, f"{s.progress:.0f}%", str(s.attempt), s.type or "", s.node or "",
+            _ago(s.updated_at), note]
 
 
 def _job_details(s: Sidecar) -> Group:

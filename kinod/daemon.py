@@ -342,8 +342,9 @@ class Daemon:
                       published=not fresh)
             return
         if fresh or sidecar.state is not JobState.QUEUED:
+            previous = None if fresh else sidecar
             sidecar = sidecar.model_copy(update={"state": JobState.QUEUED, "updated_at": now})
-            self.outbox.publish(sidecar)
+            self.outbox.publish(sidecar, previous)
         job = Job(job_id, queued, read.spec, read.plugin, read.data, sidecar, read.mtime_ns)
         self.jobs[job_id] = job
         not_before = read.spec.not_before

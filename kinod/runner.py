@@ -21,8 +21,9 @@ from kinod.models import clean_text
 from kinod.outcome import Outcome, StopReason
 from kinod.plugins.base_plugin import BasePlugin
 
-# After a forced cancel, how long to wait for the plugin's thread to let go.
-CANCEL_WAIT_S = 2.0
+# After a forced cancel, how long to wait for the plugin's thread to let go (an async
+# plugin does in milliseconds; a thread stuck in blocking code never does).
+CANCEL_WAIT_S = 1.0
 
 ProgressSink = Callable[[float, "str | None"], None]
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from kinod.runner import CANCEL_WAIT_S
 from tests.helpers import (
     TERMINAL,
     DaemonProcess,
@@ -28,7 +29,6 @@ from tests.helpers import (
 
 STOP_GRACE_S = 2
 # The runner waits this long for a plugin's thread after cancelling it (kinod.runner).
-CANCEL_WAIT_S = 2
 
 
 def job_files_in_inbox(daemon: DaemonProcess) -> list[str]:
