@@ -17,7 +17,7 @@ from typing import Any
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from loguru import logger
 
-from kinod.errors import ConfigError, DaemonCrashed, JobStopped, KinodError
+from kinod.errors import ConfigError, DaemonCrashed, JobLost, JobStopped, KinodError
 from kinod.intake import (
     InboxName,
     ReadJob,
@@ -300,7 +300,6 @@ class Daemon:
                 self._look_again_later(path, wait_s)
                 return
         self.outbox.archive_previous_run(job_id)
-        self.spool.forget_counts(job_id)  # a new run starts with no failures or crashes
         try:
             queued = self.spool.accept(path)
         except FileNotFoundError:
@@ -431,9 +430,9 @@ class Daemon:
             self._admit(path, job_id, read, sidecar)
 
     def _file_away_ended(self, path: Path, job_id: str) -> None:
-        """The run had ended; only the move to done/ (and forgetting its counts) was cut short."""
-        self.spool.finish(path, job_id)
+        """The run had ended; only forgetting its counts and the move to done/ were cut short."""
         self.spool.forget_counts(job_id)
+        self.spool.finish(path, job_id)
 
     # --- running jobs -----------------------------------------------------------
 
@@ -462,12 +461,8 @@ class Daemon:
     def _start(self, job: Job) -> None:
         claimed = self.spool.claim(job.path)
         if claimed is None:
-            del self.jobs[job.id]
-            now = utc_now()
-            self.outbox.publish(job.sidecar.model_copy(update={
-                "state": JobState.FAILED, "finished_at": now, "updated_at": now,
-                "error": SidecarError(code="lost", message=f"its file left {job.path.parent} "
-                                      "before it could run")}), job.sidecar)
+            self._end(job.id, None, job.sidecar, JobState.FAILED, error=JobLost(
+                f"its file left {job.path.parent} before it could run"))
             return
         old = job.sidecar
         attempt = old.attempt + 1 if old.started_at is not None else old.attempt
@@ -613,10 +608,15 @@ class Daemon:
 
     # --- ending jobs ------------------------------------------------------------
 
-    def _end(self, job_id: str, path: Path, sidecar: Sidecar, state: JobState,
+    def _end(self, job_id: str, path: Path | None, sidecar: Sidecar, state: JobState,
              error: KinodError | None = None, result: dict | None = None,
              published: bool = True) -> None:
-        """The one way a job ends: final sidecar on disk, then its file filed away for good."""
+        """The one way a job ends: final sidecar on disk, then its file (``path``, None when
+        it is gone) filed away for good.
+
+        Its counts go before its file: a crash in between leaves the file beside a
+        terminal sidecar, which recovery files away (and forgets the counts) again.
+        """
         now = utc_now()
         final = sidecar.model_copy(update={
             "state": state, "finished_at": now, "updated_at": now,
@@ -625,9 +625,10 @@ class Daemon:
             "error": SidecarError(code=error.code, message=error.message) if error else None,
         })
         self.outbox.publish(final, sidecar if published else None)
-        self.spool.finish(path, job_id)
-        self.jobs.pop(job_id, None)
         self.spool.forget_counts(job_id)
+        if path is not None:
+            self.spool.finish(path, job_id)
+        self.jobs.pop(job_id, None)
         _unlink(self.settings.inbox / f"{job_id}.stop")
 
 

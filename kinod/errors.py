@@ -42,6 +42,12 @@ class JobStopped(KinodError):
     code = "stopped"
 
 
+class JobLost(KinodError):
+    """The job's file left the spool before it could run (someone moved it away)."""
+
+    code = "lost"
+
+
 class DaemonCrashed(KinodError):
     """The daemon died while running the job too many times in a row."""
 
