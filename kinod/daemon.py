@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,8 @@ from kinod.watcher import InboxWatcher
 INTAKE_BATCH = 256
 # An invalid file written in place is failed only once quiet this many times settle_s.
 INCOMPLETE_GRACE = 3
-# After the spool or the outbox failed to start a job, wait this long before trying again.
-DISPATCH_RETRY_S = 5.0
+# After the disk refused a write (full, read-only, gone), try again after this long.
+RETRY_S = 5.0
 
 
 @dataclass
@@ -93,7 +94,13 @@ class Daemon:
         self._wake = asyncio.Event()
         self._shutdown = asyncio.Event()
         self._signals = 0
-        self._dispatch_held_until = 0.0
+        # Disk faults: ends not yet recorded, and one timer to try everything again.
+        self._unrecorded: dict[str, tuple[Job, Verdict, bool]] = {}  # bool: run it again
+        self._unfiled: dict[str, Path] = {}  # ended jobs whose file is not in done/ yet
+        self._dispatch_held = False
+        self._retry_timer: asyncio.TimerHandle | None = None
+        self._inbox_identity: tuple[int, int] | None = None  # to notice it replaced
+        self._node_lock: int | None = None
         self._scheduler: AsyncIOScheduler | None = None
         self._watcher = InboxWatcher(settings.inbox, self._on_inbox_event)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -105,9 +112,11 @@ class Daemon:
         self._loop = asyncio.get_running_loop()
         self._install_signal_handlers()
         self._prepare_folders()
-        node_lock = self.spool.lock_node()
+        self._inbox_identity = _identity(self.settings.inbox)
+        self._node_lock = self.spool.lock_node()
         self._log_start()
-        self._scheduler = AsyncIOScheduler(event_loop=self._loop)
+        # UTC, like every time kinod keeps: nothing depends on the host's time zone files.
+        self._scheduler = AsyncIOScheduler(event_loop=self._loop, timezone=UTC)
         self._scheduler.add_job(self._rescan, "interval", seconds=self.settings.rescan_interval_s,
                                 id="rescan", coalesce=True, max_instances=1)
         self._recover()  # may schedule not_before releases: the scheduler exists by now
@@ -124,7 +133,7 @@ class Daemon:
                     await self._wait_for_work()
         finally:
             await self._stop_everything()
-            os.close(node_lock)
+            os.close(self._node_lock)
 
     def _prepare_folders(self) -> None:
         for key, make in (("inbox", self.spool.ensure_folders),
@@ -168,6 +177,10 @@ class Daemon:
             del self._pending[path]
             try:
                 self._look_at(path, renamed)
+            except OSError as exc:  # a full or read-only disk: the file stays where it is
+                logger.error("{}: cannot take it in: {}; trying again in {:g} s", path, exc,
+                             RETRY_S)
+                self._retry_soon()
             except Exception:  # the daemon never dies on input; the next rescan tries again
                 logger.opt(exception=True).error("{}: unexpected error; will look again", path)
         self._dispatch()
@@ -181,14 +194,16 @@ class Daemon:
         self._watcher.stop()
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
-        for handle in self._settling.values():
-            handle.cancel()
+        for handle in [*self._settling.values(), self._retry_timer]:
+            if handle is not None:
+                handle.cancel()
         for job in list(self.running.values()):
             if job.run is not None:
                 job.run.request_stop(StopReason.SHUTDOWN, self.settings.stop_grace)
         tasks = [job.task for job in self.running.values() if job.task is not None]
         if tasks:
             await asyncio.wait(tasks)
+        self._record_unrecorded()  # a last try; what still fails runs again after a restart
         logger.info("kinod stopped")
 
     def _log_start(self) -> None:
@@ -202,6 +217,9 @@ class Daemon:
     # --- finding files --------------------------------------------------------
 
     def _on_inbox_event(self, path: Path, renamed: bool) -> None:
+        if path in (self.settings.inbox, self.spool.root):  # deleted: is the inbox still there?
+            self._rescan_now()
+            return
         if path.parent != self.settings.inbox:
             return
         self._pending[path] = self._pending.get(path, False) or renamed
@@ -211,7 +229,10 @@ class Daemon:
         self._rescan_now()
 
     def _rescan_now(self) -> None:
-        """Look at every name in the inbox: catches whatever the watcher missed."""
+        """Look at every name in the inbox: catches whatever the watcher missed. Also take
+        up queued files no job stands for (their acceptance was cut short by a disk fault)."""
+        if not self._inbox_is_served():
+            return
         try:
             with os.scandir(self.settings.inbox) as entries:
                 for entry in entries:
@@ -221,7 +242,45 @@ class Daemon:
         except OSError as exc:
             logger.error("cannot list the inbox {}: {}", self.settings.inbox, exc)
             return
+        for path in self.spool.queued_files():
+            if not self._is_active(InboxName.of(path.name).job_id):
+                self._guarded(self._recover_queued, path, set())
         self._wake.set()
+
+    def _inbox_is_served(self) -> bool:
+        """False while the inbox is gone. When a new one stands in its place, make the
+        spool in it again and watch it (the watcher of the old one sees nothing more)."""
+        identity = _identity(self.settings.inbox)
+        if identity is None:
+            if self._inbox_identity is not None:
+                logger.error("the inbox {} is gone; waiting for it to come back",
+                             self.settings.inbox)
+                self._inbox_identity = None
+            self._retry_soon()
+            return False
+        if identity != self._inbox_identity:
+            logger.warning("the inbox {} was made again; serving the new one",
+                           self.settings.inbox)
+            self.spool.ensure_folders()
+            os.close(self._node_lock)
+            self._node_lock = self.spool.lock_node()
+            self._watcher.stop()
+            self._watcher.start(self._loop)
+            self._inbox_identity = identity
+        return True
+
+    def _retry_soon(self) -> None:
+        """Try again what the disk refused, in RETRY_S (one timer for everything)."""
+        if self._retry_timer is None and not self._shutdown.is_set():
+            self._retry_timer = self._loop.call_later(RETRY_S, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry_timer = None
+        self._dispatch_held = False
+        self._record_unrecorded()
+        for job_id, path in list(self._unfiled.items()):
+            self._file_away_ended(path, job_id)
+        self._rescan_now()
 
     def _look_at(self, path: Path, renamed: bool) -> None:
         name = InboxName.of(path.name)
@@ -286,7 +345,7 @@ class Daemon:
 
     def _intake(self, path: Path, job_id: str, renamed: bool) -> None:
         """inbox/<id>.<ext> -> queued/, with its first sidecar (queued, or failed if invalid)."""
-        if job_id in self.jobs:
+        if self._is_active(job_id):
             self._set_aside_duplicate(path, job_id)
             return
         read = self._read(path)
@@ -300,6 +359,7 @@ class Daemon:
                 self._look_again_later(path, wait_s)
                 return
         self.outbox.archive_previous_run(job_id)
+        self.spool.forget_counts(job_id)  # a new run starts with none, whatever a crash left
         try:
             queued = self.spool.accept(path)
         except FileNotFoundError:
@@ -308,6 +368,10 @@ class Daemon:
             self._set_aside_duplicate(path, job_id)
             return
         self._admit(queued, job_id, read, None)
+
+    def _is_active(self, job_id: str) -> bool:
+        """Queued, waiting, running, or ended with its file not yet filed away."""
+        return job_id in self.jobs or job_id in self._unfiled
 
     def _read(self, path: Path) -> ReadJob | None:
         """Read and check a job file; None if it is gone, changed while read, or unreadable now."""
@@ -373,7 +437,8 @@ class Daemon:
             moved = self.spool.set_aside_duplicate(path, job_id)
         except FileNotFoundError:
             return
-        state = "running" if job_id in self.running else "queued"
+        state = ("running" if job_id in self.running
+                 else "ending" if job_id in self._unfiled else "queued")
         logger.bind(job_id=job_id).warning(
             "{}: job {} is still {}; this resubmission was set aside as {}", path, job_id, state,
             moved)
@@ -430,14 +495,29 @@ class Daemon:
             self._admit(path, job_id, read, sidecar)
 
     def _file_away_ended(self, path: Path, job_id: str) -> None:
-        """The run had ended; only forgetting its counts and the move to done/ were cut short."""
-        self.spool.forget_counts(job_id)
-        self.spool.finish(path, job_id)
+        """The run has ended: forget its counts, then move its file to done/ for good.
+
+        Counts go first: a crash in between leaves the file beside a terminal
+        sidecar, which recovery files away (and forgets the counts) again. What the
+        disk refuses now is tried again in RETRY_S.
+        """
+        self._unfiled.pop(job_id, None)
+        try:
+            self.spool.forget_counts(job_id)
+            self.spool.finish(path, job_id)
+        except FileNotFoundError:
+            logger.bind(job_id=job_id).warning(
+                "job {}: its file {} was removed while the job was active", job_id, path)
+        except OSError as exc:
+            logger.bind(job_id=job_id).error("job {}: cannot file away {}: {}; trying again "
+                                             "in {:g} s", job_id, path, exc, RETRY_S)
+            self._unfiled[job_id] = path
+            self._retry_soon()
 
     # --- running jobs -----------------------------------------------------------
 
     def _dispatch(self) -> None:
-        if self._shutdown.is_set() or self._clock() < self._dispatch_held_until:
+        if self._shutdown.is_set() or self._dispatch_held:
             return
         while len(self.running) < self.settings.workers:
             job_id = self.queue.pop(self._has_room)
@@ -448,10 +528,10 @@ class Daemon:
                 self._start(job)
             except OSError as exc:  # the spool or the outbox fails (a full disk): wait, retry
                 logger.error("job {}: could not start: {}; trying again in {:g} s", job_id, exc,
-                             DISPATCH_RETRY_S)
+                             RETRY_S)
                 self._enqueue(job)
-                self._dispatch_held_until = self._clock() + DISPATCH_RETRY_S
-                self._loop.call_later(DISPATCH_RETRY_S, self._wake.set)
+                self._dispatch_held = True
+                self._retry_soon()
                 return
 
     def _has_room(self, plugin: str) -> bool:
@@ -492,18 +572,38 @@ class Daemon:
         self._running_per_plugin[job.plugin.name] -= 1
         if job.progress_timer is not None:
             job.progress_timer.cancel()
-        try:
-            self._record_end(job, verdict)
-        except Exception as exc:  # noqa: BLE001 - e.g. a result that cannot be written
-            logger.opt(exception=True).bind(job_id=job.id).error(
-                "job {}: could not record its end; recording it as failed", job.id)
+        again = False
+        if verdict.retryable:  # decided (and counted) once, however often recording fails
             try:
-                self._end(job.id, job.path, job.sidecar, JobState.FAILED, error=KinodError(
-                    f"its end could not be recorded: {type(exc).__name__}: {exc}"))
-            except Exception:  # noqa: BLE001 - the outbox itself fails: recovery takes it
-                logger.opt(exception=True).error("job {}: left for the next start", job.id)
-        finally:
-            self._wake.set()
+                again = self._retry_left(job)
+            except OSError as exc:
+                logger.bind(job_id=job.id).error("job {}: cannot count its failures: {}; "
+                                                 "it runs again", job.id, exc)
+                again = True
+        self._unrecorded[job.id] = (job, verdict, again)
+        self._record_unrecorded()
+        self._wake.set()
+
+    def _record_unrecorded(self) -> None:
+        """Record the ends of jobs in ``_unrecorded``; an end the disk refuses stays there
+        (its job file where it is) and is tried again in RETRY_S."""
+        for job_id, (job, verdict, again) in list(self._unrecorded.items()):
+            try:
+                self._record_end(job, verdict, again)
+            except OSError as exc:
+                logger.bind(job_id=job_id).error(
+                    "job {}: cannot record its end: {}; trying again in {:g} s", job_id, exc,
+                    RETRY_S)
+                self._retry_soon()
+                continue
+            except Exception as exc:  # noqa: BLE001 - e.g. a result that cannot be written
+                logger.opt(exception=True).bind(job_id=job_id).error(
+                    "job {}: could not record its end; recording it as failed", job_id)
+                self._unrecorded[job_id] = (job, Verdict(JobState.FAILED, error=KinodError(
+                    f"its end could not be recorded: {type(exc).__name__}: {exc}")), False)
+                self._retry_soon()
+                continue
+            del self._unrecorded[job_id]
 
     async def _execute(self, job: Job) -> Outcome:
         output_dir = self.settings.frames / job.id
@@ -525,7 +625,7 @@ class Daemon:
         return await job.run.run(job.spec.timeout, job.spec.stall_timeout,
                                  self.settings.stop_grace)
 
-    def _record_end(self, job: Job, verdict: Verdict) -> None:
+    def _record_end(self, job: Job, verdict: Verdict, again: bool) -> None:
         sidecar = job.sidecar.with_progress(job.progress)  # the last report may be unwritten
         if verdict.state is None:  # the daemon is stopping: back to the queue for next time
             job.sidecar = sidecar.model_copy(update={
@@ -534,7 +634,7 @@ class Daemon:
             self.outbox.publish(job.sidecar, sidecar)
             self.spool.requeue(job.path)
             del self.jobs[job.id]
-        elif verdict.retryable and self._retry_left(job):
+        elif again:
             job.sidecar = sidecar.model_copy(update={
                 "state": JobState.QUEUED, "updated_at": utc_now(),
                 "message": f"attempt {sidecar.attempt} failed ({verdict.error.message}); "
@@ -580,8 +680,13 @@ class Daemon:
         new = old.with_progress(job.progress)
         if new == old:
             return
-        job.sidecar = new.model_copy(update={"updated_at": utc_now()})
-        self.outbox.publish(job.sidecar, old)
+        new = new.model_copy(update={"updated_at": utc_now()})
+        try:
+            self.outbox.publish(new, old)
+        except OSError as exc:  # the next report tries again; the final state is retried
+            logger.bind(job_id=job.id).warning("job {}: cannot write progress: {}", job.id, exc)
+            return
+        job.sidecar = new
         job.last_write_s = self._clock()
 
     # --- stopping jobs ----------------------------------------------------------
@@ -596,15 +701,16 @@ class Daemon:
             return
         if job.stop_requested:
             return
-        job.stop_requested = True
         if job_id in self.running:
+            job.stop_requested = True
             logger.bind(job_id=job_id).info("job {}: stop requested", job_id)
             if job.run is not None:
                 job.run.request_stop(StopReason.USER, self.settings.stop_grace)
             return  # the .stop file goes once the job has ended
-        self.queue.discard(job_id)
+        # Ended first: if the disk refuses, the job is as it was and the .stop is seen again.
         self._end(job_id, job.path, job.sidecar, JobState.STOPPED,
                   error=JobStopped("stopped on request before it started"))
+        self.queue.discard(job_id)
 
     # --- ending jobs ------------------------------------------------------------
 
@@ -614,8 +720,7 @@ class Daemon:
         """The one way a job ends: final sidecar on disk, then its file (``path``, None when
         it is gone) filed away for good.
 
-        Its counts go before its file: a crash in between leaves the file beside a
-        terminal sidecar, which recovery files away (and forgets the counts) again.
+        OSError when the final sidecar cannot be written: then nothing has changed.
         """
         now = utc_now()
         final = sidecar.model_copy(update={
@@ -625,11 +730,18 @@ class Daemon:
             "error": SidecarError(code=error.code, message=error.message) if error else None,
         })
         self.outbox.publish(final, sidecar if published else None)
-        self.spool.forget_counts(job_id)
-        if path is not None:
-            self.spool.finish(path, job_id)
         self.jobs.pop(job_id, None)
         _unlink(self.settings.inbox / f"{job_id}.stop")
+        if path is not None:
+            self._file_away_ended(path, job_id)
+
+
+def _identity(folder: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(folder)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _unlink(path: Path) -> None:

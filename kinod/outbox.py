@@ -13,7 +13,7 @@ from pathlib import Path
 from loguru import logger
 from pydantic import ValidationError
 
-from kinod.atomic_files import atomic_write
+from kinod.atomic_files import atomic_write, fsync_dir
 from kinod.models import Sidecar
 
 
@@ -43,14 +43,29 @@ class Outbox:
             return None
 
     def publish(self, sidecar: Sidecar, previous: Sidecar | None = None) -> None:
-        """Write the sidecar; a terminal state is flushed to disk before this returns."""
-        atomic_write(self.sidecar_path(sidecar.id), sidecar.to_json(),
-                     durable=sidecar.state.is_terminal)
+        """Write the sidecar; a terminal state is flushed to disk before this returns.
+
+        An outbox deleted under the daemon is made again. A full or read-only disk
+        raises OSError, and the sidecar on disk stays the previous, complete one.
+        """
+        path, data = self.sidecar_path(sidecar.id), sidecar.to_json()
+        try:
+            atomic_write(path, data, durable=sidecar.state.is_terminal)
+        except FileNotFoundError:
+            if self.folder.is_dir():
+                raise
+            logger.warning("the outbox {} is gone; making it again", self.folder)
+            self.ensure_folder()
+            atomic_write(path, data, durable=sidecar.state.is_terminal)
         if previous is None or previous.state != sidecar.state:
             _log_transition(sidecar, previous)
 
     def archive_previous_run(self, job_id: str) -> None:
-        """Before a new run: move the last run's sidecar and log to ``archive/<id>/<n>.*``."""
+        """Before a new run: move the last run's sidecar and log to ``archive/<id>/<n>.*``.
+
+        Flushed to disk: were a power cut to undo this but not the acceptance
+        of the new run, the old terminal sidecar would pass the new run off as ended.
+        """
         sidecar, log = self.sidecar_path(job_id), self.log_path(job_id)
         if not sidecar.exists() and not log.exists():
             return
@@ -62,6 +77,8 @@ class Outbox:
         for src, dst in ((sidecar, folder / f"{n}.json"), (log, folder / f"{n}.log")):
             with contextlib.suppress(FileNotFoundError):
                 os.rename(src, dst)
+        fsync_dir(folder)
+        fsync_dir(self.folder)
 
 
 def _log_transition(sidecar: Sidecar, previous: Sidecar | None) -> None:

@@ -20,7 +20,7 @@ import json
 import os
 from pathlib import Path
 
-from kinod.atomic_files import atomic_write, fsync_dir, move_noreplace
+from kinod.atomic_files import atomic_write, move_noreplace
 from kinod.errors import ConfigError
 
 
@@ -56,7 +56,7 @@ class Spool:
             raise ConfigError(f"another kinod (pid {holder}) already runs as node "
                               f"{self.running.name!r} on {self.inbox}") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.write(fd, f"{os.getpid()}\n".encode())  # at offset 0: the file was just opened
         return fd
 
     def accept(self, src: Path) -> Path:
@@ -70,7 +70,9 @@ class Spool:
 
         A plain rename: the source vanishing is what makes a claim exclusive.
         Only this daemon writes running/<node>/; a file of the same name left
-        there (it cannot be running) is set aside, never replaced.
+        there (it cannot be running) is set aside, never replaced. Not flushed to
+        disk: a claim a power cut undoes puts the job back in queued/, and it runs
+        again, as after any crash.
         """
         dst = self.running / queued.name
         if os.path.lexists(dst):
@@ -79,7 +81,6 @@ class Spool:
             os.rename(queued, dst)
         except FileNotFoundError:
             return None
-        fsync_dir(self.running)
         return dst
 
     def requeue(self, running: Path) -> Path:
@@ -138,8 +139,12 @@ class Spool:
         return _files_in(self.running)
 
     def _file_away(self, path: Path, folder: Path) -> Path:
-        """Move to ``folder/<n><suffix>``, n one more than any run number there."""
-        folder.mkdir(parents=True, exist_ok=True)
+        """Move to ``folder/<n><suffix>``, n one more than any run number there.
+
+        FileNotFoundError if ``path`` is gone, or the spool with it (the inbox was
+        deleted): the inbox itself is never re-created behind its owner's back.
+        """
+        folder.mkdir(exist_ok=True)
         numbers = [int(stem) for stem, _, _ in (name.partition(".") for name in os.listdir(folder))
                    if stem.isdigit()]
         n = max(numbers, default=0) + 1

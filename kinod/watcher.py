@@ -9,7 +9,9 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-# Called on the daemon's loop with the path and whether it arrived by a rename.
+# Called on the daemon's loop with the path and whether it arrived by a rename. A folder
+# deleted in the watched one, or the watched one itself, is passed on too: the daemon
+# checks whether its inbox is still there.
 PathCallback = Callable[[Path, bool], None]
 
 
@@ -19,17 +21,26 @@ class _Forwarder(FileSystemEventHandler):
         self._callback = callback
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.is_directory or event.event_type in ("deleted", "opened", "closed_no_write"):
+        if event.is_directory:
+            if event.event_type == "deleted":
+                self._forward(_path(event.src_path), False)
+            return
+        if event.event_type in ("deleted", "opened", "closed_no_write"):
             return
         if event.event_type == "moved":
-            path, renamed = event.dest_path, True
+            self._forward(_path(event.dest_path), True)
         else:
-            path, renamed = event.src_path, False
-        path = path.decode() if isinstance(path, bytes) else path
+            self._forward(_path(event.src_path), False)
+
+    def _forward(self, path: Path, renamed: bool) -> None:
         try:
-            self._loop.call_soon_threadsafe(self._callback, Path(path), renamed)
+            self._loop.call_soon_threadsafe(self._callback, path, renamed)
         except RuntimeError:
             pass  # the loop closed while the observer was stopping
+
+
+def _path(raw: str | bytes) -> Path:
+    return Path(raw.decode() if isinstance(raw, bytes) else raw)
 
 
 class InboxWatcher:

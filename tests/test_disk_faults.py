@@ -1,0 +1,195 @@
+"""Faults of the machine's disks: a full outbox, a read-only outbox, an outbox that vanishes.
+
+The daemon runs in this process on a pyfakefs file system, which can be made full or
+read-only at will. The watcher is left out (inotify cannot see a fake file system): the
+daemon's own rescan finds new files, as it does on file systems without events.
+Each test checks that the daemon says so in its log, keeps the job file, tries again,
+and ends the job normally once the disk is writable again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pyfakefs.fake_filesystem import FakeFilesystem
+from pyfakefs.fake_filesystem_unittest import Patcher
+
+import kinod.daemon as daemon_module
+from kinod.config import Settings
+from kinod.daemon import Daemon
+from kinod.plugins.plugin_loader import PluginRegistry
+from tests.helpers import WORKING_PLUGINS, scripted, wait_for
+
+ROOT = Path("/farm")
+OUTBOX_DISK_ROOT = Path("/disk2")  # the outbox lives on a disk of its own
+OUTBOX_DISK = 64 * 1024  # bytes: room for a few sidecars and logs
+
+
+class _NoWatcher:
+    def __init__(self, *_: Any) -> None:
+        pass
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+class Farm:
+    """A daemon serving /farm on a fake file system, its outbox on a disk of its own."""
+
+    def __init__(self, fs: FakeFilesystem, registry: PluginRegistry,
+                 log: list[str]) -> None:
+        self.fs = fs
+        self.inbox, self.outbox = ROOT / "inbox", OUTBOX_DISK_ROOT / "outbox"
+        fs.add_mount_point(str(OUTBOX_DISK_ROOT), total_size=OUTBOX_DISK)
+        for folder in (self.inbox, self.outbox, ROOT / "frames", ROOT / "models"):
+            fs.create_dir(folder)
+        settings = Settings(inbox=self.inbox, outbox=self.outbox, frames=ROOT / "frames",
+                            models=ROOT / "models", node="n1", settle_s=0, stop_grace=1,
+                            rescan_interval_s=0.1, progress_interval_s=0)
+        self.daemon = Daemon(settings, registry)
+        self.log = log
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._serve, name="farm-daemon")
+        self._failure: BaseException | None = None
+
+    def _serve(self) -> None:
+        async def serve() -> None:
+            self._loop = asyncio.get_running_loop()
+            await self.daemon.run()
+
+        try:
+            asyncio.run(serve())
+        except BaseException as exc:  # noqa: BLE001 - reported by stop()
+            self._failure = exc
+
+    def start(self) -> None:
+        self._thread.start()
+        wait_for(lambda: any("kinod ready" in line for line in self.log), 10,
+                 what="the daemon to start")
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.daemon.request_shutdown)
+        self._thread.join(15)
+        assert not self._thread.is_alive(), "the daemon did not stop"
+        assert self._failure is None, f"the daemon died: {self._failure!r}"
+
+    def drop(self, job_id: str, body: dict[str, Any]) -> None:
+        tmp = self.inbox / f".{job_id}.tmp"
+        tmp.write_text(json.dumps(body))
+        tmp.rename(self.inbox / f"{job_id}.json")
+
+    def sidecar(self, job_id: str) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.outbox / f"{job_id}.json").read_text())
+        except FileNotFoundError:
+            return None
+
+    def state(self, job_id: str) -> str | None:
+        sidecar = self.sidecar(job_id)
+        return sidecar["state"] if sidecar else None
+
+    def wait_state(self, job_id: str, state: str, timeout_s: float = 15) -> dict[str, Any]:
+        wait_for(lambda: self.state(job_id) == state, timeout_s,
+                 what=f"{job_id} to be {state} (it is {self.state(job_id)})")
+        return self.sidecar(job_id)
+
+    def fill_outbox(self) -> None:
+        disk = str(OUTBOX_DISK_ROOT)
+        self.fs.set_disk_usage(self.fs.get_disk_usage(disk).used, path=disk)
+
+    def free_outbox(self) -> None:
+        self.fs.set_disk_usage(OUTBOX_DISK * 16, path=str(OUTBOX_DISK_ROOT))
+
+    def spool(self, *parts: str) -> list[str]:
+        folder = self.inbox.joinpath(".kinod", *parts)
+        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+    def logged(self, text: str) -> bool:
+        return any(text in line for line in self.log)
+
+
+@pytest.fixture
+def farm(monkeypatch: pytest.MonkeyPatch) -> Iterator[Farm]:
+    registry = PluginRegistry([WORKING_PLUGINS])  # loaded from the real disk, before faking
+    monkeypatch.setattr(daemon_module, "InboxWatcher", _NoWatcher)
+    monkeypatch.setattr(daemon_module, "RETRY_S", 0.2)
+    log: list[str] = []
+    sink = daemon_module.logger.add(lambda m: log.append(str(m)), level="DEBUG",
+                                    format="{level} {message}")
+    try:
+        with Patcher(allow_root_user=False) as patcher:  # permissions apply, even to root
+            farm = Farm(patcher.fs, registry, log)
+            farm.start()
+            try:
+                yield farm
+            finally:
+                farm.stop()
+    finally:
+        daemon_module.logger.remove(sink)
+
+
+def assert_filed_away(farm: Farm, job_id: str) -> None:
+    wait_for(lambda: farm.spool("done", job_id) == ["1.json"], 5,
+             what=f"{job_id}'s file in done/")
+    assert farm.spool("queued") == [] and farm.spool("running", "n1") == []
+
+
+def test_a_job_dropped_on_a_full_outbox_waits_and_runs_when_space_is_back(farm: Farm) -> None:
+    farm.fill_outbox()
+    farm.drop("full", scripted(steps=1, step_s=0))
+    wait_for(lambda: farm.logged("No space left on device"), what="the full disk logged")
+    assert farm.sidecar("full") is None
+    # Kept: still in the inbox or accepted into queued/, never dropped.
+    assert ["full.json"] in ([p.name for p in farm.inbox.glob("*.json")], farm.spool("queued"))
+    farm.free_outbox()
+    assert farm.wait_state("full", "succeeded")["attempt"] == 1
+    assert_filed_away(farm, "full")
+
+
+def test_a_job_ending_on_a_full_outbox_is_recorded_when_space_is_back(farm: Farm) -> None:
+    gate = ROOT / "gate"
+    farm.drop("ending", scripted(gate=str(gate), step_s=0))
+    farm.wait_state("ending", "running")
+    farm.fill_outbox()
+    gate.touch()
+    wait_for(lambda: farm.logged("cannot record its end"), what="the failed end logged")
+    assert farm.state("ending") == "running"  # the last complete sidecar, still readable
+    assert farm.spool("running", "n1") == ["ending.json"]  # the job file stays put
+    farm.drop("meanwhile", scripted(steps=1, step_s=0))  # waits for space too
+    farm.free_outbox()
+    sidecar = farm.wait_state("ending", "succeeded")
+    assert sidecar["result"]["executions"] == 1  # recorded, not run again
+    farm.wait_state("meanwhile", "succeeded")
+    assert_filed_away(farm, "ending")
+
+
+def test_a_read_only_outbox_holds_jobs_back_until_it_is_writable(farm: Farm) -> None:
+    farm.outbox.chmod(0o555)
+    farm.drop("readonly", scripted(steps=1, step_s=0))
+    wait_for(lambda: farm.logged("Permission denied"), what="the read-only outbox logged")
+    assert farm.sidecar("readonly") is None
+    farm.outbox.chmod(0o755)
+    farm.wait_state("readonly", "succeeded")
+    assert_filed_away(farm, "readonly")
+
+
+def test_an_outbox_that_vanishes_is_made_again(farm: Farm) -> None:
+    gate = ROOT / "gate"
+    farm.drop("orphan", scripted(gate=str(gate), step_s=0))
+    farm.wait_state("orphan", "running")
+    farm.fs.remove_object(str(farm.outbox))
+    gate.touch()
+    sidecar = farm.wait_state("orphan", "succeeded")
+    assert sidecar["attempt"] == 1
+    assert farm.logged("is gone; making it again")
+    assert_filed_away(farm, "orphan")
