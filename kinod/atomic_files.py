@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
+import stat
 from pathlib import Path
 
 _AT_FDCWD = -100
@@ -83,6 +85,29 @@ def rename_noreplace(src: Path, dst: Path) -> None:
         if code not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
             raise OSError(code, os.strerror(code), str(src), None, str(dst))
     move_noreplace(src, dst)
+
+
+def flush_tree(folder: Path) -> int:
+    """Flush every regular file under ``folder``, and every folder's entries, to disk;
+    returns how many files. Links are not followed; what vanishes meanwhile is skipped."""
+    files = 0
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(parent, name)
+            try:
+                if not stat.S_ISREG(os.lstat(path).st_mode):
+                    continue
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            files += 1
+        with contextlib.suppress(FileNotFoundError):
+            fsync_dir(Path(parent))
+    return files
 
 
 def fsync_dir(folder: Path) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from loguru import logger
 
+from kinod.atomic_files import flush_tree
 from kinod.errors import ConfigError, DaemonCrashed, JobLost, JobStopped, KinodError
 from kinod.intake import (
     InboxName,
@@ -565,7 +566,7 @@ class Daemon:
     async def _run(self, job: Job) -> None:
         """Run the job, then record how it ended; whatever happens, its slot is freed."""
         try:
-            verdict = judge(await self._execute(job))
+            verdict = await self._flush_output(job, judge(await self._execute(job)))
         except Exception as exc:  # noqa: BLE001 - e.g. no thread could be started
             verdict = Verdict(JobState.FAILED, error=KinodError(f"could not run: {exc!r}"))
         del self.running[job.id]
@@ -583,6 +584,18 @@ class Daemon:
         self._unrecorded[job.id] = (job, verdict, again)
         self._record_unrecorded()
         self._wake.set()
+
+    async def _flush_output(self, job: Job, verdict: Verdict) -> Verdict:
+        """A success is recorded only once the job's output is on disk: after a power cut,
+        no sidecar may say "succeeded" beside frames that were never written."""
+        if verdict.state is not JobState.SUCCEEDED:
+            return verdict
+        try:
+            await asyncio.to_thread(flush_tree, self.settings.frames / job.id)
+        except OSError as exc:
+            return Verdict(JobState.FAILED, error=KinodError(
+                f"its output could not be flushed to disk: {exc}"))
+        return verdict
 
     def _record_unrecorded(self) -> None:
         """Record the ends of jobs in ``_unrecorded``; an end the disk refuses stays there

@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 from kinod import atomic_files
-from kinod.atomic_files import atomic_write, fsync_dir, move_noreplace, rename_noreplace
+from kinod.atomic_files import (
+    atomic_write,
+    flush_tree,
+    fsync_dir,
+    move_noreplace,
+    rename_noreplace,
+)
 
 
 def _names(folder: Path) -> list[str]:
@@ -142,6 +148,26 @@ def test_plain_write_does_not_flush(tmp_path: Path, fsyncs: list[str]) -> None:
 def test_fsync_dir_flushes_a_folder(tmp_path: Path, fsyncs: list[str]) -> None:
     fsync_dir(tmp_path)
     assert fsyncs == ["dir"]
+
+
+def test_flush_tree_flushes_every_file_and_folder_but_follows_nothing(
+        tmp_path: Path, fsyncs: list[str]) -> None:
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"not ours")
+    job = tmp_path / "job1"
+    (job / "sub").mkdir(parents=True)
+    (job / "frame1.png").write_bytes(b"1")
+    (job / "sub" / "frame2.png").write_bytes(b"2")
+    os.symlink(outside, job / "link.bin")
+    os.mkfifo(job / "pipe")
+    assert flush_tree(job) == 2
+    assert sorted(fsyncs) == ["dir", "dir", "file", "file"]
+
+
+def test_flush_tree_of_a_missing_folder_flushes_nothing(tmp_path: Path,
+                                                        fsyncs: list[str]) -> None:
+    assert flush_tree(tmp_path / "never_made") == 0
+    assert fsyncs == []
 
 
 # --- move_noreplace ------------------------------------------------------------------------

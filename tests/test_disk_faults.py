@@ -10,6 +10,7 @@ and ends the job normally once the disk is writable again.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import threading
 from collections.abc import Iterator
@@ -139,9 +140,9 @@ def farm(monkeypatch: pytest.MonkeyPatch) -> Iterator[Farm]:
 
 
 def assert_filed_away(farm: Farm, job_id: str) -> None:
-    wait_for(lambda: farm.spool("done", job_id) == ["1.json"], 5,
-             what=f"{job_id}'s file in done/")
-    assert farm.spool("queued") == [] and farm.spool("running", "n1") == []
+    """The job's file is in done/ (it moves just after the final sidecar), no other waits."""
+    wait_for(lambda: farm.spool("done", job_id) == ["1.json"] and farm.spool("queued") == []
+             and farm.spool("running", "n1") == [], 5, what=f"{job_id}'s file in done/")
 
 
 def test_a_job_dropped_on_a_full_outbox_waits_and_runs_when_space_is_back(farm: Farm) -> None:
@@ -193,3 +194,30 @@ def test_an_outbox_that_vanishes_is_made_again(farm: Farm) -> None:
     assert sidecar["attempt"] == 1
     assert farm.logged("is gone; making it again")
     assert_filed_away(farm, "orphan")
+
+
+def test_a_success_is_recorded_only_once_its_output_is_on_disk(
+        farm: Farm, monkeypatch: pytest.MonkeyPatch) -> None:
+    flushed: list[tuple[Path, str | None]] = []
+
+    def recording_flush(folder: Path) -> int:
+        flushed.append((folder, farm.state("flushed")))
+        return 0
+
+    monkeypatch.setattr(daemon_module, "flush_tree", recording_flush)
+    farm.drop("flushed", scripted(steps=1, step_s=0))
+    farm.wait_state("flushed", "succeeded")
+    assert flushed == [(ROOT / "frames" / "flushed", "running")]
+
+
+def test_output_that_cannot_be_flushed_fails_the_job(
+        farm: Farm, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing_flush(folder: Path) -> int:
+        raise OSError(errno.EIO, "Input/output error", str(folder))
+
+    monkeypatch.setattr(daemon_module, "flush_tree", failing_flush)
+    farm.drop("unflushed", scripted(steps=1, step_s=0))
+    sidecar = farm.wait_state("unflushed", "failed")
+    assert "its output could not be flushed to disk" in sidecar["error"]["message"]
+    assert "Input/output error" in sidecar["error"]["message"]
+    assert_filed_away(farm, "unflushed")
