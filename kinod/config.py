@@ -25,6 +25,9 @@ class PluginSettings(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     max_concurrency: int | None = Field(default=None, ge=1)
+    # process: each job in a child process of its own (kinod.isolation), which a plugin
+    # that exits, crashes or ignores cancellation cannot take the daemon down with.
+    isolation: Literal["thread", "process"] = "thread"
 
     def plugin_settings(self) -> dict[str, Any]:
         return dict(self.model_extra or {})

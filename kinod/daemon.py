@@ -27,6 +27,7 @@ from kinod.intake import (
     read_job,
     wait_before_reading_s,
 )
+from kinod.isolation import ProcessRun
 from kinod.jobqueue import JobQueue
 from kinod.models import (
     JOB_ID_RULES,
@@ -41,7 +42,7 @@ from kinod.outbox import Outbox
 from kinod.outcome import Outcome, StopReason, Verdict, judge
 from kinod.plugins.base_plugin import BasePlugin
 from kinod.plugins.plugin_loader import LoadedPlugin, PluginRegistry
-from kinod.runner import PluginRun
+from kinod.runner import PluginRun, SupervisedRun, new_plugin
 from kinod.spool import Spool
 from kinod.watcher import InboxWatcher
 
@@ -64,7 +65,7 @@ class Job:
     data: dict[str, Any]
     sidecar: Sidecar
     submitted_ns: int
-    run: PluginRun | None = None
+    run: SupervisedRun | None = None
     task: asyncio.Task | None = None
     progress: tuple[float, str | None] | None = None  # latest report, not yet written
     progress_pending: bool = False
@@ -622,17 +623,23 @@ class Daemon:
         output_dir = self.settings.frames / job.id
         output_dir.mkdir(parents=True, exist_ok=True)
         entry = self.settings.plugins.get(job.plugin.name)
+        plugin_settings = entry.plugin_settings() if entry else {}
 
-        def make_plugin() -> BasePlugin:  # runs on the job's own thread
-            plugin = job.plugin.cls()
-            plugin.output_dir = output_dir
-            plugin.settings = entry.plugin_settings() if entry else {}
-            plugin.models_dir = self.settings.models
-            return plugin
+        def on_progress(percent: float, message: str | None) -> None:
+            self._on_progress(job, percent, message)
 
-        job.run = PluginRun(make_plugin, job.id, job.data,
-                            on_progress=lambda p, m: self._on_progress(job, p, m),
-                            clock=self._clock)
+        if entry is not None and entry.isolation == "process":
+            job.run = ProcessRun(job.plugin.name, job.plugin.source, job.id, job.data,
+                                 on_progress, output_dir=output_dir, settings=plugin_settings,
+                                 models_dir=self.settings.models, outbox=self.settings.outbox,
+                                 log_format=self.settings.log_format,
+                                 log_level=self.settings.log_level, clock=self._clock)
+        else:
+            def make_plugin() -> BasePlugin:  # runs on the job's own thread
+                return new_plugin(job.plugin.cls, output_dir, plugin_settings,
+                                  self.settings.models)
+
+            job.run = PluginRun(make_plugin, job.id, job.data, on_progress, clock=self._clock)
         if job.stop_requested:
             job.run.request_stop(StopReason.USER, self.settings.stop_grace)
         return await job.run.run(job.spec.timeout, job.spec.stall_timeout,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -37,6 +38,7 @@ class Outcome:
     stop_reason: StopReason | None = None   # why kinod asked it to stop, if it did
     forced: bool = False                    # it did not stop within the grace and was cancelled
     limit_s: float | None = None            # the timeout or stall limit that was passed
+    exit_code: int | None = None            # its process died without a result; -N: signal N
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,9 @@ def judge(outcome: Outcome) -> Verdict:
     if reason is StopReason.STALL:
         return Verdict(JobState.FAILED, error=JobStalled(
             f"no progress for {outcome.limit_s:g} s (stall_timeout){forced}"))
+    if outcome.exit_code is not None:
+        return Verdict(JobState.FAILED, error=PluginCrashed(
+            f"the plugin's process {_process_end(outcome.exit_code)}"))
     if outcome.exception is not None:
         exc = outcome.exception
         text = clean_text(str(exc)) or "(no message)"
@@ -92,3 +97,13 @@ def judge(outcome: Outcome) -> Verdict:
     return Verdict(JobState.FAILED, error=PluginFailed(
         clean_text(str(result.error or "the plugin reported failure without a reason")),
         retryable=bool(getattr(result, "retryable", False))))
+
+
+def _process_end(exit_code: int) -> str:
+    if exit_code >= 0:
+        return f"exited with code {exit_code}"
+    try:
+        name = signal.Signals(-exit_code).name
+    except ValueError:
+        name = str(-exit_code)
+    return f"was killed by signal {name}"

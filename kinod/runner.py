@@ -1,9 +1,11 @@
-"""Runs one job on one plugin instance, in a thread with its own event loop.
+"""Runs one job on one plugin instance, under the job's timeout, stall timeout and stop grace.
 
-The thread keeps a plugin that blocks (``time.sleep``, CPU-bound work, sync
-I/O inside ``generate``) from freezing the daemon: the daemon's loop goes on
-taking jobs, writing progress and acting on stop requests. The supervisor
-enforces the job's timeout, stall timeout and the stop grace period.
+``SupervisedRun`` holds the supervision every way of running a plugin shares;
+``PluginRun`` runs the plugin in a thread with its own event loop. The thread
+keeps a plugin that blocks (``time.sleep``, CPU-bound work, sync I/O inside
+``generate``) from freezing the daemon: the daemon's loop goes on taking jobs,
+writing progress and acting on stop requests. (``kinod.isolation.ProcessRun``
+runs it in a child process instead.)
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import asyncio
 import contextlib
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from loguru import logger
@@ -21,31 +25,44 @@ from kinod.models import clean_text
 from kinod.outcome import Outcome, StopReason
 from kinod.plugins.base_plugin import BasePlugin
 
-# After a forced cancel, how long to wait for the plugin's thread to let go (an async
-# plugin does in milliseconds; a thread stuck in blocking code never does).
+# After a forced cancel, how long to wait for the plugin to let go (an async plugin
+# does in milliseconds; one stuck in blocking code never does).
 CANCEL_WAIT_S = 1.0
 
 ProgressSink = Callable[[float, "str | None"], None]
 
 
-class PluginRun:
-    """One run of a plugin. ``make_plugin`` builds the instance on the run's own thread, so a
-    constructor that loads a model for a minute does not hold up the daemon either."""
+def new_plugin(cls: type[BasePlugin], output_dir: Path, settings: dict[str, Any],
+               models_dir: Path) -> BasePlugin:
+    """One instance for one job, with what kinod sets before ``generate()``."""
+    plugin = cls()
+    plugin.output_dir = output_dir
+    plugin.settings = dict(settings)
+    plugin.models_dir = models_dir
+    return plugin
 
-    def __init__(self, make_plugin: Callable[[], BasePlugin], job_id: str, data: dict[str, Any],
-                 on_progress: ProgressSink, clock: Callable[[], float] = time.monotonic) -> None:
-        self._make_plugin = make_plugin
-        self.plugin: BasePlugin | None = None
+
+class SupervisedRun(ABC):
+    """One run of a plugin, as the daemon drives it: ``run()``, ``request_stop()`` and
+    ``force_stop()`` on the daemon's loop.
+
+    A subclass starts the plugin (``_start``), asks it to stop (``_ask_to_stop``),
+    cancels it once the grace has passed (``_cancel``) and says what to do when
+    even that is ignored (``_give_up``). It passes each progress report to
+    ``_progress`` and calls ``_end()`` once the plugin has ended, from any thread.
+    """
+
+    cancel_wait_s = CANCEL_WAIT_S  # after _cancel(), how long before _give_up()
+
+    def __init__(self, job_id: str, on_progress: ProgressSink,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.job_id = job_id
-        self.data = data
         self._on_progress = on_progress
         self._clock = clock
         self._outcome = Outcome()
         self._finished = threading.Event()
         self._wake: asyncio.Event | None = None
         self._main_loop: asyncio.AbstractEventLoop | None = None
-        self._job_loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task | None = None
         self._last_report: tuple[float, str | None] | None = None
         self._last_progress_at = clock()
         self._stop_deadline: float | None = None
@@ -58,10 +75,8 @@ class PluginRun:
         self._main_loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         started = self._clock()
-        thread = threading.Thread(target=self._thread_main, name=f"job-{self.job_id}",
-                                  daemon=True)
-        thread.start()
-        cancel_deadline: float | None = None
+        self._start()
+        cancel_deadline: float | None = None  # once cancelled: when to give up waiting
         while not self._finished.is_set():
             now = self._clock()
             if self._outcome.stop_reason is None:
@@ -72,15 +87,16 @@ class PluginRun:
                     self.request_stop(StopReason.STALL, grace_s, limit_s=stall_timeout_s)
             else:
                 self._tell_plugin_to_stop()  # again: a blocking plugin may have reset it
-                if cancel_deadline is None and now >= self._stop_deadline:
-                    self._outcome.forced = True
-                    self._cancel()
-                    cancel_deadline = now + CANCEL_WAIT_S
+                if not self._outcome.forced:
+                    if now >= self._stop_deadline:
+                        self._outcome.forced = True
+                        self._cancel()
+                        cancel_deadline = now + self.cancel_wait_s
                 elif cancel_deadline is not None and now >= cancel_deadline:
-                    logger.bind(job_id=self.job_id).error(
-                        "job {}: the plugin ignores cancellation; its thread is left behind",
-                        self.job_id)
-                    break
+                    more_s = self._give_up()
+                    if more_s is None:
+                        break
+                    cancel_deadline = now + more_s
             wait_s = self._next_check_s(started, timeout_s, stall_timeout_s, cancel_deadline)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -95,16 +111,9 @@ class PluginRun:
         self._outcome.stop_reason = reason
         self._outcome.limit_s = limit_s
         self._stop_deadline = self._clock() + grace_s
-        self._tell_plugin_to_stop()
-        if self._job_loop is not None:
-            with contextlib.suppress(RuntimeError):  # its loop already closed: it has ended
-                asyncio.run_coroutine_threadsafe(self._call_stop(), self._job_loop)
+        self._ask_to_stop()
         if self._wake is not None:
             self._wake.set()
-
-    def _tell_plugin_to_stop(self) -> None:
-        if self.plugin is not None:
-            self.plugin.should_stop = True
 
     def force_stop(self) -> None:
         """Cancel now, without waiting for the rest of the grace period."""
@@ -116,20 +125,100 @@ class PluginRun:
     def _next_check_s(self, started: float, timeout_s: float | None,
                       stall_timeout_s: float | None, cancel_deadline: float | None) -> float:
         now = self._clock()
-        moments = [cancel_deadline, self._stop_deadline]
+        moments = [cancel_deadline]
         if self._outcome.stop_reason is None:
             if timeout_s is not None:
                 moments.append(started + timeout_s)
             if stall_timeout_s is not None:
                 moments.append(self._last_progress_at + stall_timeout_s)
+        elif not self._outcome.forced:
+            moments.append(self._stop_deadline)
         upcoming = [m - now for m in moments if m is not None]
         # Re-check at least every second: stall deadlines move with each report.
         return max(0.0, min([1.0, *upcoming]))
+
+    @abstractmethod
+    def _start(self) -> None:
+        """Start the plugin's run; return at once."""
+
+    @abstractmethod
+    def _ask_to_stop(self) -> None:
+        """Pass a stop request on to the plugin (once per run)."""
+
+    @abstractmethod
+    def _tell_plugin_to_stop(self) -> None:
+        """Called at every check while the plugin is being stopped."""
+
+    @abstractmethod
+    def _cancel(self) -> None:
+        """End the plugin's ``generate()`` by force: the grace has passed."""
+
+    @abstractmethod
+    def _give_up(self) -> float | None:
+        """The plugin ignores cancellation: act, and return how much longer to wait for its
+        end (None: not at all, ``run()`` returns now)."""
+
+    # --- called from any thread ----------------------------------------------
+
+    def _progress(self, value: Any, message: Any = None) -> None:
+        """The callback given to ``generate()``; may be called thousands of times a second."""
+        try:
+            percent = max(0.0, min(100.0, float(value)))
+        except (TypeError, ValueError):
+            return
+        report = (percent, None if message is None else clean_text(str(message)))
+        if report != self._last_report:
+            self._last_report = report
+            self._last_progress_at = self._clock()
+            self._on_progress(*report)
+
+    def _end(self) -> None:
+        """The plugin's run has ended: wake ``run()``."""
+        self._finished.set()
+        if self._main_loop is not None and self._wake is not None:
+            with contextlib.suppress(RuntimeError):  # the daemon's loop is gone
+                self._main_loop.call_soon_threadsafe(self._wake.set)
+
+
+class PluginRun(SupervisedRun):
+    """One run of a plugin in a thread of its own. ``make_plugin`` builds the instance on that
+    thread, so a constructor that loads a model for a minute does not hold up the daemon
+    either."""
+
+    def __init__(self, make_plugin: Callable[[], BasePlugin], job_id: str, data: dict[str, Any],
+                 on_progress: ProgressSink, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(job_id, on_progress, clock)
+        self._make_plugin = make_plugin
+        self.plugin: BasePlugin | None = None
+        self.data = data
+        self._job_loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+
+    # --- called on the daemon's loop --------------------------------------
+
+    def _start(self) -> None:
+        threading.Thread(target=self._thread_main, name=f"job-{self.job_id}",
+                         daemon=True).start()
+
+    def _ask_to_stop(self) -> None:
+        self._tell_plugin_to_stop()
+        if self._job_loop is not None:
+            with contextlib.suppress(RuntimeError):  # its loop already closed: it has ended
+                asyncio.run_coroutine_threadsafe(self._call_stop(), self._job_loop)
+
+    def _tell_plugin_to_stop(self) -> None:
+        if self.plugin is not None:
+            self.plugin.should_stop = True
 
     def _cancel(self) -> None:
         if self._job_loop is not None and self._task is not None:
             with contextlib.suppress(RuntimeError):
                 self._job_loop.call_soon_threadsafe(self._task.cancel)
+
+    def _give_up(self) -> None:
+        logger.bind(job_id=self.job_id).error(
+            "job {}: the plugin ignores cancellation; its thread is left behind", self.job_id)
+        return None
 
     # --- called on the plugin's thread -------------------------------------
 
@@ -147,8 +236,7 @@ class PluginRun:
             with contextlib.suppress(BaseException):
                 _cancel_leftovers(loop)
             loop.close()
-            self._finished.set()
-            self._wake_main()
+            self._end()
 
     async def _generate(self) -> Any:
         with logger.contextualize(job_id=self.job_id):
@@ -165,23 +253,6 @@ class PluginRun:
         except Exception as exc:  # noqa: BLE001
             logger.bind(job_id=self.job_id).warning("job {}: plugin stop() raised {!r}",
                                                     self.job_id, exc)
-
-    def _progress(self, value: Any, message: Any = None) -> None:
-        """The callback given to ``generate()``; may be called thousands of times a second."""
-        try:
-            percent = max(0.0, min(100.0, float(value)))
-        except (TypeError, ValueError):
-            return
-        report = (percent, None if message is None else clean_text(str(message)))
-        if report != self._last_report:
-            self._last_report = report
-            self._last_progress_at = self._clock()
-            self._on_progress(*report)
-
-    def _wake_main(self) -> None:
-        if self._main_loop is not None and self._wake is not None:
-            with contextlib.suppress(RuntimeError):  # the daemon's loop is gone
-                self._main_loop.call_soon_threadsafe(self._wake.set)
 
 
 def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:

@@ -109,6 +109,7 @@ def test_unknown_key_is_an_error_that_names_it(tmp_path: Path) -> None:
     ("plugin_dirs: 5\n", "plugin_dirs"),
     ("plugins: [sdxl]\n", "plugins"),
     ("plugins: {sdxl: {max_concurrency: 0}}\n", "plugins.sdxl.max_concurrency"),
+    ("plugins: {sdxl: {isolation: fork}}\n", "plugins.sdxl.isolation"),
     ("inbox: [a, b]\n", "inbox"),
 ])
 def test_bad_value_names_the_key(tmp_path: Path, text: str, key: str) -> None:
@@ -212,9 +213,12 @@ def test_the_os_environment_is_used_by_default(tmp_path: Path,
 
 def test_per_plugin_settings(tmp_path: Path) -> None:
     settings = load(write(tmp_path, "plugins:\n  sdxl:\n    max_concurrency: 1\n"
+                                    "    isolation: process\n"
                                     "    comfyui_urls: [http://gpu1:8188, http://gpu2:8188]\n"
                                     "  example: {}\n"))
     assert settings.max_concurrency("sdxl") == 1
+    assert settings.plugins["sdxl"].isolation == "process"
+    assert settings.plugins["example"].isolation == "thread"
     assert settings.max_concurrency("example") is None
     assert settings.max_concurrency("unknown") is None
     assert settings.plugins["sdxl"].plugin_settings() == {

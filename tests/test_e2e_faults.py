@@ -89,3 +89,40 @@ def test_sigterm_under_load_exits_in_the_grace_and_a_restart_runs_every_job_once
     assert spool_files(daemon, "done") == sorted(held + queued)
     assert all(spool_files(daemon, "done", job_id) == ["1.yaml"] for job_id in held + queued)
     assert daemon.stop() == 0
+
+
+def test_isolated_plugins_that_end_or_hang_their_process_fail_only_their_job(
+        start_daemon: Callable[..., DaemonProcess]) -> None:
+    daemon = start_daemon(workers=8, stop_grace=1,
+                          plugins={"crashy": {"isolation": "process", "colour": "red"}})
+    expected = {
+        # job id: (job, error code, text the message must hold)
+        "os_exit": ({"action": "os_exit", "code": 7}, "plugin_error", "exited with code 7"),
+        "killed": ({"action": "kill_self"}, "plugin_error", "killed by signal SIGKILL"),
+        "sys_exit": ({"action": "sys_exit", "code": 3}, "plugin_error", "SystemExit"),
+        "raises": ({"action": "raise"}, "plugin_error", "RuntimeError: crashy explosion"),
+        "hangs": ({"action": "hang"}, "timeout", "did not stop within the grace"),
+    }
+    for job_id, (data, _, _) in expected.items():
+        timeout = {"timeout": 1} if job_id == "hangs" else {}
+        daemon.drop(f"{job_id}.yaml", {"type": "crashy", "data": data, **timeout})
+    daemon.drop("fine.yaml", {"type": "crashy", "data": {}})
+    daemon.drop("threaded.yaml", scripted(steps=1))  # a thread-mode plugin beside them
+    for job_id, (_, code, text) in expected.items():
+        sidecar = wait_end(daemon, job_id)
+        assert sidecar["state"] == "failed", sidecar
+        assert sidecar["error"]["code"] == code, sidecar
+        assert text in sidecar["error"]["message"], sidecar
+    fine = wait_end(daemon, "fine")
+    assert fine["state"] == "succeeded", fine
+    assert fine["result"]["pid"] != daemon.proc.pid  # it ran in a process of its own
+    assert fine["result"]["settings"] == {"colour": "red"}
+    assert fine["progress"] == 100.0
+    assert "crashy fine: done" in (daemon.outbox / "fine.log").read_text()
+    assert wait_end(daemon, "threaded")["state"] == "succeeded"
+    # The hung plugin's process was killed, not left behind.
+    hung_pid = int((daemon.outbox / "hangs.log").read_text().split("hang in process ")[1]
+                   .split()[0])
+    assert not Path(f"/proc/{hung_pid}").exists()
+    assert daemon.proc.poll() is None
+    assert daemon.stop() == 0

@@ -27,6 +27,8 @@ from kinod.plugins.base_plugin import BasePlugin
 
 BUILTIN_DIR = Path(__file__).resolve().parent
 ENTRY_POINT_GROUP = "kinod.plugins"
+# How LoadedPlugin.source names an entry point; any other source is a plugin folder.
+ENTRY_POINT_SOURCE = "entry point "
 
 # A plugin written from the seed's README does ``from base_plugin import
 # BasePlugin``. That must be this very module, or issubclass() would reject it.
@@ -90,7 +92,7 @@ class PluginRegistry:
 
     def _scan_entry_points(self) -> None:
         for ep in entry_points(group=ENTRY_POINT_GROUP):
-            self._load(ep.name, f"entry point {ep.value}", ep.load)
+            self._load(ep.name, f"{ENTRY_POINT_SOURCE}{ep.value}", ep.load)
 
     def _load(self, name: str, source: str, importer) -> None:
         if name in self.plugins:
@@ -117,6 +119,18 @@ class PluginRegistry:
             self.errors[name] = _describe(exc)
             return
         self.plugins[name] = LoadedPlugin(name, cls, info, params_model, source)
+
+
+def load_plugin_class(name: str, source: str) -> type[BasePlugin]:
+    """Import just the plugin ``name`` from its ``LoadedPlugin.source``, e.g. in a child
+    process that runs one of its jobs; raises whatever the import raises."""
+    if source.startswith(ENTRY_POINT_SOURCE):
+        # The registry took the first entry point of this name; so does this.
+        found = entry_points(group=ENTRY_POINT_GROUP, name=name)
+        if not found:
+            raise ImportError(f"no entry point {name!r} in group {ENTRY_POINT_GROUP}")
+        return _find_plugin_class(next(iter(found)).load())
+    return _find_plugin_class(_import_folder(Path(source)))
 
 
 def _import_folder(folder: Path) -> ModuleType:
