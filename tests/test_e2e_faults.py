@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
+
 from tests.helpers import (
     DaemonProcess,
     assert_done,
@@ -125,4 +127,26 @@ def test_isolated_plugins_that_end_or_hang_their_process_fail_only_their_job(
                    .split()[0])
     assert not Path(f"/proc/{hung_pid}").exists()
     assert daemon.proc.poll() is None
+    assert daemon.stop() == 0
+
+
+def test_in_a_thread_a_plugin_calling_os_exit_ends_the_daemon_until_the_job_fails(
+        kinod_root: Path, start_daemon: Callable[..., DaemonProcess]) -> None:
+    """What isolation: process is for. Without it, each start dies with the plugin (as a
+    systemd unit would, then be restarted) until max_crash_attempts fails the job."""
+    settings = {"max_crash_attempts": 2}
+    gate = kinod_root / "gate"
+    job = {"type": "crashy", "data": {"action": "os_exit", "code": 9, "gate": str(gate)}}
+    (kinod_root / "inbox" / "exits.yaml").write_text(yaml.safe_dump(job))
+    for n in (1, 2):
+        gate.unlink(missing_ok=True)
+        daemon = start_daemon(f"daemon{n}.log", **settings)
+        daemon.wait_state("exits", "running")
+        gate.touch()
+        assert daemon.proc.wait(20) == 9  # the plugin's exit status is the daemon's
+    daemon = start_daemon("daemon3.log", **settings)
+    sidecar = wait_end(daemon, "exits", timeout_s=10)
+    assert (sidecar["state"], sidecar["error"]["code"]) == ("failed", "crashed"), sidecar
+    assert "died 2 times" in sidecar["error"]["message"]
+    assert_done(daemon, "exits", ["1.yaml"])
     assert daemon.stop() == 0
