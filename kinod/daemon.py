@@ -23,6 +23,7 @@ from kinod.errors import ConfigError, DaemonCrashed, JobLost, JobStopped, KinodE
 from kinod.intake import (
     InboxName,
     ReadJob,
+    holds_bytes,
     inbox_has_job,
     read_job,
     wait_before_reading_s,
@@ -368,6 +369,11 @@ class Daemon:
             return  # taken away meanwhile
         except FileExistsError:
             self._set_aside_duplicate(path, job_id)
+            return
+        if read.raw is not None and not holds_bytes(queued, read.raw):
+            # Renamed over after it was read: the newer file was moved, and it is what runs.
+            logger.info("{}: replaced while it was read; reading the new version", path)
+            self._guarded(self._recover_queued, queued, set())
             return
         self._admit(queued, job_id, read, None)
 

@@ -45,8 +45,15 @@ class InboxName:
 
 
 def inbox_has_job(inbox: Path, job_id: str) -> bool:
-    """A job file for ``job_id`` waits in ``inbox`` (not yet taken in by a daemon)."""
-    return any(os.path.lexists(inbox / f"{job_id}{suffix}") for suffix in JOB_SUFFIXES)
+    """A job file for ``job_id`` waits in ``inbox`` (not yet taken in by a daemon); a folder
+    of that name is no job file."""
+    for suffix in JOB_SUFFIXES:
+        try:
+            if not stat.S_ISDIR(os.lstat(inbox / f"{job_id}{suffix}").st_mode):
+                return True
+        except FileNotFoundError:
+            continue
+    return False
 
 
 def wait_before_reading_s(st: os.stat_result, now_s: float, settle_s: float,
@@ -114,6 +121,7 @@ class ReadJob:
     finished_writing: bool = False  # renamed, or touched after its last write (ctime > mtime)
     age_s: float = 0.0  # since its last write
     changed: bool = False  # rewritten while it was being read: read it again later
+    raw: bytes | None = None  # what was read, to check that the file moved is the same
 
 
 def read_job(path: Path, max_bytes: int, registry: PluginRegistry, now_s: float) -> ReadJob:
@@ -122,6 +130,7 @@ def read_job(path: Path, max_bytes: int, registry: PluginRegistry, now_s: float)
     read = ReadJob()
     try:
         raw, st = read_job_bytes(path, max_bytes)
+        read.raw = raw
         read.mtime_ns = st.st_mtime_ns
         read.finished_writing = st.st_ctime_ns > st.st_mtime_ns
         read.age_s = now_s - st.st_mtime
@@ -133,6 +142,16 @@ def read_job(path: Path, max_bytes: int, registry: PluginRegistry, now_s: float)
             read.finished_writing = True
     read.changed = bool(read.mtime_ns) and os.lstat(path).st_mtime_ns != read.mtime_ns
     return read
+
+
+def holds_bytes(path: Path, raw: bytes) -> bool:
+    """``path`` (a file kinod just moved) holds exactly ``raw``. Comparing the bytes, not the
+    inode: a writer renaming versions over a job file frees inodes that the next version
+    may get again."""
+    try:
+        return read_job_bytes(path, len(raw))[0] == raw
+    except (InvalidJob, OSError):
+        return False
 
 
 def check_job(document: dict[str, Any], registry: PluginRegistry | None

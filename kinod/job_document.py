@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 from typing import Any
 
 import yaml
@@ -136,6 +137,8 @@ def _check_values(document: dict[str, Any]) -> None:
             raise InvalidJob(f"{where}: holds a lone UTF-16 surrogate (\\ud800-\\udfff)")
         elif isinstance(value, list):
             stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise InvalidJob(f"{where}: {value} cannot be stored as JSON")
         elif not isinstance(value, _PLAIN_TYPES):
             raise InvalidJob(f"{where}: {_kind(value)} cannot be stored as JSON")
 
@@ -150,7 +153,8 @@ def _is_utf8(text: str) -> bool:
 
 def _kind(value: Any) -> str:
     kinds = {list: "a list", str: "text", int: "a number", float: "a number", bool: "a boolean",
-             bytes: "a binary value", set: "a set", tuple: "a list"}
+             bytes: "a binary value", set: "a set", tuple: "a list",
+             type(None): "null (the file holds no values)"}
     return kinds.get(type(value), type(value).__name__)
 
 

@@ -8,13 +8,19 @@ from pathlib import Path
 
 from loguru import logger
 
+# A newline in a file name or a job's key would let input forge log lines, an escape
+# sequence would repaint an operator's terminal: messages show control characters escaped.
+_ESCAPED = {code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7F, 0xA0)]}
+_ESCAPED.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+
 TEXT_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {message}"
-JOB_LINE_FORMAT = "{time:YYYY-MM-DDTHH:mm:ss.SSSZ!UTC} {level: <7} {message}"
+JOB_LINE_FORMAT = "{time:YYYY-MM-DDTHH:mm:ss.SSS[Z]!UTC} {level: <7} {message}"
 
 
 def setup_logging(log_format: str = "text", level: str = "INFO") -> None:
     """Send the daemon's log to stderr, as plain text or one JSON object a line."""
     logger.remove()
+    logger.configure(patcher=escape_controls)
     # diagnose=False: tracebacks never print local variables (job data, paths, settings).
     if log_format == "json":
         logger.add(sys.stderr, level=level, serialize=True, diagnose=False)
@@ -24,6 +30,16 @@ def setup_logging(log_format: str = "text", level: str = "INFO") -> None:
     logging.basicConfig(handlers=[_InterceptHandler()], level=0, force=True)
     # apscheduler reports every run of the periodic rescan at INFO.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def escape_controls(record) -> None:
+    """One message, one line of printable text (undecodable bytes of a file name too)."""
+    message = record["message"].translate(_ESCAPED)
+    try:
+        message.encode("utf-8")
+    except UnicodeEncodeError:
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    record["message"] = message
 
 
 def add_job_log_sink(outbox: Path) -> int:

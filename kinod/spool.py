@@ -20,7 +20,7 @@ import json
 import os
 from pathlib import Path
 
-from kinod.atomic_files import atomic_write, move_noreplace
+from kinod.atomic_files import atomic_write, rename_noreplace
 from kinod.errors import ConfigError
 
 
@@ -62,7 +62,7 @@ class Spool:
     def accept(self, src: Path) -> Path:
         """inbox → queued. FileExistsError if a file of that name is already queued."""
         dst = self.queued / src.name
-        move_noreplace(src, dst)
+        rename_noreplace(src, dst)
         return dst
 
     def claim(self, queued: Path) -> Path | None:
@@ -92,7 +92,7 @@ class Spool:
         dst = self.queued / running.name
         while True:
             try:
-                move_noreplace(running, dst)
+                rename_noreplace(running, dst)
                 return dst
             except FileExistsError:
                 self.set_aside_duplicate(dst, _job_id(dst))
@@ -109,7 +109,7 @@ class Spool:
         n = 1
         while True:
             try:
-                move_noreplace(path, dst)
+                rename_noreplace(path, dst)
                 return dst
             except FileExistsError:
                 n += 1
@@ -151,7 +151,7 @@ class Spool:
         while True:
             dst = folder / f"{n}{_suffix(path)}"
             try:
-                move_noreplace(path, dst)
+                rename_noreplace(path, dst)
                 return dst
             except FileExistsError:
                 n += 1

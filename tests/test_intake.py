@@ -18,7 +18,14 @@ from pydantic import BaseModel, field_validator
 
 from kinod import intake
 from kinod.errors import InvalidJob
-from kinod.intake import InboxName, check_job, read_job_bytes, wait_before_reading_s
+from kinod.intake import (
+    InboxName,
+    check_job,
+    holds_bytes,
+    inbox_has_job,
+    read_job_bytes,
+    wait_before_reading_s,
+)
 from kinod.job_document import parse_document
 from kinod.models import JobState, Sidecar, utc_now
 from kinod.params import build_params_model
@@ -290,7 +297,7 @@ def test_top_level_must_be_a_mapping(raw: bytes, suffix: str, kind: str) -> None
 
 @pytest.mark.parametrize("raw", [b"null\n", b"~\n"])
 def test_top_level_null_is_refused(raw: bytes) -> None:
-    with pytest.raises(InvalidJob, match="top level must be a mapping"):
+    with pytest.raises(InvalidJob, match="top level must be a mapping, not null"):
         parse_document(raw, ".yaml")
 
 
@@ -678,3 +685,36 @@ def test_a_not_before_past_the_calendar_is_refused() -> None:
     document = {"type": "example", "not_before": "9999-12-31T23:59:59-23:59"}
     with pytest.raises(InvalidJob, match="not_before"):
         check_job(document, registry=None)
+
+
+@pytest.mark.parametrize(("raw", "suffix"), [
+    (b'{"type": "x", "data": {"a": NaN}}', ".json"),
+    (b'{"type": "x", "data": {"a": [Infinity]}}', ".json"),
+    (b"type: x\ndata: {a: .inf}\n", ".yaml"),
+    (b"type: x\ndata: {a: -.inf}\n", ".yaml"),
+    (b"type: x\ndata: {a: .nan}\n", ".yaml"),
+])
+def test_nan_and_infinity_are_refused_naming_the_field(raw: bytes, suffix: str) -> None:
+    with pytest.raises(InvalidJob, match=r"data\.a(\[0\])?: -?(nan|inf) cannot be stored as JSON"):
+        parse_document(raw, suffix)
+
+
+def test_a_folder_named_like_a_job_is_no_job_waiting(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").mkdir()
+    assert not inbox_has_job(tmp_path, "a")
+    (tmp_path / "a.json").write_text("{}")
+    assert inbox_has_job(tmp_path, "a")
+    os.symlink(tmp_path / "nowhere", tmp_path / "b.yml")
+    assert inbox_has_job(tmp_path, "b")  # a link is a job file (that will fail as one)
+    assert not inbox_has_job(tmp_path, "c")
+
+
+def test_holds_bytes_compares_content_not_the_inode(tmp_path: Path) -> None:
+    path = tmp_path / "a.json"
+    path.write_bytes(b'{"v": 1}')
+    assert holds_bytes(path, b'{"v": 1}')
+    path.write_bytes(b'{"v": 2}')  # same inode, other content
+    assert not holds_bytes(path, b'{"v": 1}')
+    path.write_bytes(b'{"v": 1} and more')
+    assert not holds_bytes(path, b'{"v": 1}')
+    assert not holds_bytes(tmp_path / "gone.json", b"")
