@@ -9,6 +9,18 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+try:
+    from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
+except ImportError:  # not Linux
+    InotifyMoveEventGrouper = None
+
+# watchdog holds a file moved out of the inbox (into kinod's spool, which it does not
+# watch) for 0.5 s, hoping to pair it with a move in, and every later event waits behind
+# it: a pickup would take half a second. A rename's two halves arrive together; 10 ms is
+# ample to pair a writer's rename into the inbox.
+if InotifyMoveEventGrouper is not None:
+    InotifyMoveEventGrouper.delay = 0.01
+
 # Called on the daemon's loop with the path and whether it arrived by a rename. A folder
 # deleted in the watched one, or the watched one itself, is passed on too: the daemon
 # checks whether its inbox is still there.
@@ -63,3 +75,4 @@ class InboxWatcher:
             self._observer.stop()
             self._observer.join(timeout=5)
             self._observer = None
+
