@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint clean
+.PHONY: run test test-poll lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check kinod tests
 	$(BIN)/pytest
+
+## test-poll: the end-to-end suite again, every daemon in poll mode (as on NFS)
+test-poll: $(STAMP)
+	KINOD_WATCH=poll KINOD_POLL_INTERVAL_S=0.2 $(BIN)/pytest tests/test_e2e_*.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check kinod tests

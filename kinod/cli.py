@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print sidecars as JSON")
     p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C (or the job ends)")
 
+    p = command("nodes", cmd_nodes, "show the daemons serving this inbox",
+                "Show each node's last heartbeat, its running and queued jobs and what it "
+                "serves (from <inbox>/.kinod/nodes/).")
+    p.add_argument("--json", action="store_true", help="print the heartbeats as JSON")
+
     p = command("stop", cmd_stop, "ask a queued or running job to stop",
                 "Drop <inbox>/<ID>.stop: a queued job never starts, a running one is stopped.")
     p.add_argument("id", metavar="ID", help="the job's id")
@@ -282,6 +287,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         err.print(f"no job {args.id} in {settings.outbox}", markup=False)
         return EXIT_NOT_FOUND
     return show_job(settings, args.id, args.json, args.watch, _read_sidecar)
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    from kinod.cli_views import show_nodes
+
+    return show_nodes(_settings(args), args.json)
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:

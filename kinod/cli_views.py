@@ -14,6 +14,7 @@ from rich.table import Table
 
 from kinod.config import Settings
 from kinod.models import Sidecar
+from kinod.nodes import Heartbeat, read_heartbeats
 from kinod.plugins.plugin_loader import PluginRegistry
 
 ReadSidecar = Callable[[Settings, str], "Sidecar | None"]
@@ -46,6 +47,9 @@ def show_jobs(settings: Settings, as_json: bool, watch: bool, read: ReadSidecar)
             print("\t".join(row))
         return 0
     if not watch:
+        nodes = read_heartbeats(settings.inbox / ".kinod" / "nodes")
+        if len(nodes) > 1:  # several daemons share this inbox: show who is there
+            out.print(_nodes_table(nodes))
         out.print(_jobs_table(sidecars()))
         return 0
     with Live(_jobs_table(sidecars()), console=out, auto_refresh=False) as live:
@@ -82,6 +86,18 @@ def show_job(settings: Settings, job_id: str, as_json: bool, watch: bool,
 
 def _print_json_line(sidecar: Sidecar) -> None:
     print(sidecar.model_dump_json(by_alias=True), flush=True)
+
+
+def show_nodes(settings: Settings, as_json: bool) -> int:
+    nodes = read_heartbeats(settings.inbox / ".kinod" / "nodes")
+    if as_json:
+        print(json.dumps([h.model_dump(mode="json") for h in nodes], indent=2))
+    elif not out.is_terminal:  # piped: tab-separated, one node a line
+        for row in [list(NODE_COLUMNS), *(_node_row(h) for h in nodes)]:
+            print("\t".join(row))
+    else:
+        out.print(_nodes_table(nodes))
+    return 0
 
 
 def show_plugins(registry: PluginRegistry, as_json: bool) -> None:
@@ -157,6 +173,25 @@ def _job_row(s: Sidecar, styled: bool) -> list[str]:
         note = " ".join(note.split())  # one line per job
     return [s.id, state, f"{s.progress:.0f}%", str(s.attempt), s.type or "", s.node or "",
             _ago(s.updated_at), note]
+
+
+NODE_COLUMNS = ("NODE", "STATE", "HEARTBEAT", "RUNNING", "QUEUED", "WORKERS", "HOST", "PID",
+                "SERVES")
+
+
+def _nodes_table(nodes: list[Heartbeat]) -> Table:
+    table = Table(*NODE_COLUMNS, box=None)
+    for heartbeat in nodes:
+        table.add_row(*_node_row(heartbeat))
+    return table
+
+
+def _node_row(h: Heartbeat) -> list[str]:
+    # By this machine's clock: a hint for people; daemons never judge liveness by it.
+    silent_s = (datetime.now(UTC) - h.heartbeat_at).total_seconds()
+    state = "stopped" if h.stopped else "silent" if silent_s > h.lease else "up"
+    return [h.node, state, _ago(h.heartbeat_at), str(h.running), str(h.queued), str(h.workers),
+            h.host, str(h.pid), ",".join(h.serves)]
 
 
 def _job_details(s: Sidecar) -> Group:

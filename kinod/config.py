@@ -51,6 +51,10 @@ class Settings(BaseModel):
     progress_interval_s: float = Field(default=0.5, ge=0)
     max_job_bytes: int = Field(default=1024 * 1024, ge=1)
     max_crash_attempts: int = Field(default=3, ge=1)
+    serves: list[str] | None = None  # None: every plugin this node loads
+    lease: float = Field(default=60.0, gt=0)
+    watch: Literal["auto", "inotify", "poll"] = "auto"
+    poll_interval_s: float = Field(default=2.0, gt=0)
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"] = "INFO"
 
@@ -59,10 +63,10 @@ class Settings(BaseModel):
     def _upper_case_level(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("plugin_dirs", mode="before")
+    @field_validator("plugin_dirs", "serves", mode="before")
     @classmethod
-    def _split_path_list(cls, value: Any) -> Any:
-        # KINOD_PLUGIN_DIRS=/a:/b, like PATH.
+    def _split_list(cls, value: Any) -> Any:
+        # KINOD_PLUGIN_DIRS=/a:/b, like PATH; KINOD_SERVES=sdxl:example alike.
         if isinstance(value, str):
             return [part for part in value.split(os.pathsep) if part]
         return value
@@ -142,7 +146,7 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
         key = name[len(ENV_PREFIX):].lower()
         if key not in Settings.model_fields:
             raise ConfigError(f"environment: {name} is not a setting")
-        if key in ("node", "inbox", "outbox", "frames", "models", "plugin_dirs"):
+        if key in ("node", "inbox", "outbox", "frames", "models", "plugin_dirs", "serves"):
             overrides[key] = value  # text as given, never YAML-typed
             continue
         try:

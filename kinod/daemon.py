@@ -19,7 +19,14 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from loguru import logger
 
 from kinod.atomic_files import flush_tree
-from kinod.errors import ConfigError, DaemonCrashed, JobLost, JobStopped, KinodError
+from kinod.errors import (
+    ConfigError,
+    DaemonCrashed,
+    InvalidJob,
+    JobLost,
+    JobStopped,
+    KinodError,
+)
 from kinod.intake import (
     InboxName,
     ReadJob,
@@ -39,13 +46,14 @@ from kinod.models import (
     is_valid_job_id,
     utc_now,
 )
+from kinod.nodes import NodeBoard
 from kinod.outbox import Outbox
 from kinod.outcome import Outcome, StopReason, Verdict, judge
 from kinod.plugins.base_plugin import BasePlugin
 from kinod.plugins.plugin_loader import LoadedPlugin, PluginRegistry
 from kinod.runner import PluginRun, SupervisedRun, new_plugin
 from kinod.spool import Spool
-from kinod.watcher import InboxWatcher
+from kinod.watcher import InboxWatcher, choose_watch_mode
 
 # Inbox paths looked at per turn of the loop, so a flood of files never starves the rest.
 INTAKE_BATCH = 256
@@ -73,6 +81,7 @@ class Job:
     progress_timer: asyncio.TimerHandle | None = None
     last_write_s: float = 0.0
     stop_requested: bool = False
+    fenced: bool = False  # another node took it over: its end here is never recorded
 
 
 class Daemon:
@@ -100,12 +109,16 @@ class Daemon:
         # Disk faults: ends not yet recorded, and one timer to try everything again.
         self._unrecorded: dict[str, tuple[Job, Verdict, bool]] = {}  # bool: run it again
         self._unfiled: dict[str, Path] = {}  # ended jobs whose file is not in done/ yet
+        self._not_adopted: dict[Path, int | None] = {}  # queued files for other nodes: mtime
         self._dispatch_held = False
         self._retry_timer: asyncio.TimerHandle | None = None
         self._inbox_identity: tuple[int, int] | None = None  # to notice it replaced
         self._node_lock: int | None = None
         self._scheduler: AsyncIOScheduler | None = None
-        self._watcher = InboxWatcher(settings.inbox, self._on_inbox_event)
+        # The inbox, and queued/ for jobs other nodes on this machine take in.
+        self._watch_mode = choose_watch_mode(settings.watch, settings.inbox)
+        self._watcher = InboxWatcher([settings.inbox, self.spool.queued], self._on_inbox_event)
+        self._board = NodeBoard(self.spool.nodes, settings.node, settings.lease, clock)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- lifecycle ----------------------------------------------------------
@@ -120,13 +133,21 @@ class Daemon:
         self._log_start()
         # UTC, like every time kinod keeps: nothing depends on the host's time zone files.
         self._scheduler = AsyncIOScheduler(event_loop=self._loop, timezone=UTC)
-        self._scheduler.add_job(self._rescan, "interval", seconds=self.settings.rescan_interval_s,
-                                id="rescan", coalesce=True, max_instances=1)
+        polling = self._watch_mode == "poll"
+        self._scheduler.add_job(
+            self._rescan, "interval", id="rescan", coalesce=True, max_instances=1,
+            seconds=self.settings.poll_interval_s if polling else self.settings.rescan_interval_s)
+        # Four beats a lease: a node is given up on only after several missed ones.
+        self._scheduler.add_job(self._heartbeat, "interval", seconds=self.settings.lease / 4,
+                                id="heartbeat", coalesce=True, max_instances=1)
+        self._beat()
         self._recover()  # may schedule not_before releases: the scheduler exists by now
-        self._watcher.start(self._loop)
+        if not polling:
+            self._watcher.start(self._loop)
         self._scheduler.start()
         self._rescan_now()
-        logger.info("kinod ready on node {}: {} queued", self.settings.node, len(self.jobs))
+        logger.info("kinod ready on node {}: {} queued, watching by {}", self.settings.node,
+                    len(self.jobs), self._watch_mode)
         try:
             while not self._shutdown.is_set():
                 await self._turn()
@@ -207,6 +228,7 @@ class Daemon:
         if tasks:
             await asyncio.wait(tasks)
         self._record_unrecorded()  # a last try; what still fails runs again after a restart
+        self._beat(stopped=True)
         logger.info("kinod stopped")
 
     def _log_start(self) -> None:
@@ -217,11 +239,74 @@ class Daemon:
         for name, error in self.registry.errors.items():
             logger.error("plugin {} failed to load: {}", name, error)
 
+    # --- other nodes -----------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        self._beat()
+        for job in list(self.running.values()):
+            if self._taken_over(job):
+                self._fence(job)
+        self._take_over_expired()
+
+    def _beat(self, stopped: bool = False) -> None:
+        serves = sorted(self.registry.plugins if self.settings.serves is None
+                        else self.settings.serves)
+        try:
+            held_up_s = self._board.beat(serves, self.settings.workers, len(self.running),
+                                         len(self.queue), stopped)
+        except OSError as exc:
+            logger.error("cannot write this node's heartbeat: {}", exc)
+            return
+        if held_up_s is not None and held_up_s > self.settings.lease:
+            logger.warning("this node was held up {:.0f} s, past its lease of {:g} s: other "
+                           "nodes may have taken its jobs over", held_up_s, self.settings.lease)
+
+    def _take_over_expired(self) -> None:
+        """Take back the running jobs of nodes whose lease ran out, as their next attempt."""
+        for node in self.spool.other_nodes():
+            if not self._board.expired(node):
+                continue
+            for path in self.spool.running_files_of(node):
+                taken = self.spool.take_over(path)
+                if taken is not None:
+                    logger.warning("node {} lost its lease (no heartbeat for {:g} s); its job "
+                                   "{} is taken back", node, self.settings.lease,
+                                   InboxName.of(path.name).job_id)
+                    self._guarded(self._recover_running, taken)
+
+    def _taken_over(self, job: Job) -> bool:
+        """This node no longer holds the job's file, and another node has it (or ran it)."""
+        if os.path.lexists(job.path):
+            return False
+        if self.spool.holds(job.id):
+            return True
+        sidecar = self.outbox.read(job.id)
+        return sidecar is not None and (sidecar.node, sidecar.attempt) != (
+            self.settings.node, job.sidecar.attempt)
+
+    def _fence(self, job: Job) -> None:
+        """Another node took this job over while this one was held up: stop it here and
+        never write its sidecar again; the other node's run is the job's."""
+        if job.fenced:
+            return
+        job.fenced = True
+        logger.bind(job_id=job.id).warning(
+            "job {}: another node took it over while this node was held up; stopping it "
+            "here, its end is not recorded", job.id)
+        if job.run is not None:
+            job.run.force_stop()
+
     # --- finding files --------------------------------------------------------
 
     def _on_inbox_event(self, path: Path, renamed: bool) -> None:
         if path in (self.settings.inbox, self.spool.root):  # deleted: is the inbox still there?
             self._rescan_now()
+            return
+        if path.parent == self.spool.queued:  # another node took a job in
+            job_id = InboxName.of(path.name).job_id
+            if job_id not in self.jobs and os.path.lexists(path):
+                self._guarded(self._adopt, path, job_id)
+                self._wake.set()
             return
         if path.parent != self.settings.inbox:
             return
@@ -245,10 +330,18 @@ class Daemon:
         except OSError as exc:
             logger.error("cannot list the inbox {}: {}", self.settings.inbox, exc)
             return
-        for path in self.spool.queued_files():
-            if not self._is_active(InboxName.of(path.name).job_id):
-                self._guarded(self._recover_queued, path, set())
+        self._adopt_queued()
+        self._recover_orphans()
         self._wake.set()
+
+    def _recover_orphans(self) -> None:
+        """Files in this node's running/ that no job here stands for: their taking in or
+        requeueing was cut short by a disk fault. Done again."""
+        for path in self.spool.running_files():
+            job_id = InboxName.of(path.name).job_id
+            if (job_id not in self.running and job_id not in self._unrecorded
+                    and job_id not in self._unfiled):
+                self._guarded(self._recover_running, path)
 
     def _inbox_is_served(self) -> bool:
         """False while the inbox is gone. When a new one stands in its place, make the
@@ -267,8 +360,9 @@ class Daemon:
             self.spool.ensure_folders()
             os.close(self._node_lock)
             self._node_lock = self.spool.lock_node()
-            self._watcher.stop()
-            self._watcher.start(self._loop)
+            if self._watch_mode != "poll":
+                self._watcher.stop()
+                self._watcher.start(self._loop)
             self._inbox_identity = identity
         return True
 
@@ -347,7 +441,8 @@ class Daemon:
     # --- accepting jobs -----------------------------------------------------------
 
     def _intake(self, path: Path, job_id: str, renamed: bool) -> None:
-        """inbox/<id>.<ext> -> queued/, with its first sidecar (queued, or failed if invalid)."""
+        """inbox/<id>.<ext> -> running/<node>/ (this daemon alone takes it in), its first
+        sidecar (queued, or failed if invalid), then queued/ for any daemon to claim."""
         if self._is_active(job_id):
             self._set_aside_duplicate(path, job_id)
             return
@@ -361,25 +456,33 @@ class Daemon:
             if wait_s > 0:
                 self._look_again_later(path, wait_s)
                 return
+        if read.error is not None and self._served_elsewhere(read):
+            return  # a plugin this node lacks: a node that has it takes the file in
         self.outbox.archive_previous_run(job_id)
         self.spool.forget_counts(job_id)  # a new run starts with none, whatever a crash left
         try:
-            queued = self.spool.accept(path)
+            held = self.spool.accept(path)
         except FileNotFoundError:
-            return  # taken away meanwhile
-        except FileExistsError:
-            self._set_aside_duplicate(path, job_id)
-            return
-        if read.raw is not None and not holds_bytes(queued, read.raw):
+            return  # taken away meanwhile, by a writer or another node
+        if read.raw is not None and not holds_bytes(held, read.raw):
             # Renamed over after it was read: the newer file was moved, and it is what runs.
             logger.info("{}: replaced while it was read; reading the new version", path)
-            self._guarded(self._recover_queued, queued, set())
-            return
-        self._admit(queued, job_id, read, None)
+            read = self._read_held(held)
+        self._take_in(held, job_id, read)
 
     def _is_active(self, job_id: str) -> bool:
-        """Queued, waiting, running, or ended with its file not yet filed away."""
-        return job_id in self.jobs or job_id in self._unfiled
+        """Queued, waiting, running (here or on another node), or ended with its file not
+        yet filed away."""
+        return job_id in self.jobs or job_id in self._unfiled or self.spool.holds(job_id)
+
+    def _served_elsewhere(self, read: ReadJob) -> bool:
+        """The job names a plugin this node has not loaded, but a live node serves."""
+        plugin = (read.document or {}).get("type")
+        if not isinstance(plugin, str) or self.registry.get(plugin) is not None:
+            return False
+        return any(plugin in heartbeat.serves
+                   for node, heartbeat in self._board.alive().items()
+                   if node != self.settings.node)
 
     def _read(self, path: Path) -> ReadJob | None:
         """Read and check a job file; None if it is gone, changed while read, or unreadable now."""
@@ -395,31 +498,49 @@ class Daemon:
             return None
         return read
 
-    def _admit(self, queued: Path, job_id: str, read: ReadJob, sidecar: Sidecar | None) -> None:
-        """Take a job file that is in queued/ into the queue, or fail it if it cannot run."""
+    def _read_held(self, path: Path) -> ReadJob:
+        """Read a job file this node holds: it can only fail as invalid."""
+        try:
+            return read_job(path, self.settings.max_job_bytes, self.registry, self._wall_clock())
+        except OSError as exc:
+            return ReadJob(error=InvalidJob(f"cannot be read: {exc.strerror or exc}"))
+
+    def _take_in(self, held: Path, job_id: str, read: ReadJob) -> None:
+        """A new job file this node holds in running/<node>/: write its first sidecar, then
+        queue it (or fail it, if it cannot run)."""
         now = utc_now()
-        fresh = sidecar is None
-        if fresh:
-            sidecar = Sidecar(id=job_id, state=JobState.QUEUED, created_at=now, updated_at=now)
+        sidecar = self._with_task(Sidecar(id=job_id, state=JobState.QUEUED, created_at=now,
+                                          updated_at=now), read)
+        if read.error is not None:
+            self._end(job_id, held, sidecar, JobState.FAILED, error=read.error, published=False)
+            return
+        self.outbox.publish(sidecar)
+        try:
+            queued = self.spool.release(held)
+        except FileExistsError:  # the same id was queued on another node a moment ago
+            self._set_aside_duplicate(held, job_id)
+            return
+        self._admit(queued, job_id, read, sidecar)
+
+    def _with_task(self, sidecar: Sidecar, read: ReadJob) -> Sidecar:
         document = read.document or {}
-        sidecar = sidecar.model_copy(update={
+        return sidecar.model_copy(update={
             "task": read.document, "node": self.settings.node, "pid": os.getpid(),
             # Taken from the file even when it is invalid, where they are text.
             **{key: value for key in ("name", "type")
                if isinstance(value := document.get(key), str)},
         })
-        if read.error is not None:
-            self._end(job_id, queued, sidecar, JobState.FAILED, error=read.error,
-                      published=not fresh)
-            return
-        if fresh or sidecar.state is not JobState.QUEUED:
-            previous = None if fresh else sidecar
-            sidecar = sidecar.model_copy(update={"state": JobState.QUEUED, "updated_at": now})
-            self.outbox.publish(sidecar, previous)
+
+    def _admit(self, queued: Path, job_id: str, read: ReadJob, sidecar: Sidecar) -> None:
+        """Keep a runnable job whose file is in queued/, and queue it if this node serves its
+        plugin. Its sidecar is not written: the daemon that claims it writes the next."""
         job = Job(job_id, queued, read.spec, read.plugin, read.data, sidecar, read.mtime_ns)
         self.jobs[job_id] = job
+        now = utc_now()
         not_before = read.spec.not_before
-        if not_before is not None and not_before > now:
+        if not self._serves(job.plugin.name):
+            pass  # known, so its .stop and duplicates are handled; never claimed here
+        elif not_before is not None and not_before > now:
             # misfire_grace_time=None: released however late the loop gets to it.
             self._scheduler.add_job(self._release, "date", run_date=not_before, args=[job_id],
                                     id=f"not_before:{job_id}", replace_existing=True,
@@ -430,6 +551,9 @@ class Daemon:
         stop_file = self.settings.inbox / f"{job_id}.stop"
         if stop_file.exists():
             self._on_stop_file(stop_file, job_id)
+
+    def _serves(self, plugin: str) -> bool:
+        return self.settings.serves is None or plugin in self.settings.serves
 
     def _enqueue(self, job: Job) -> None:
         self.queue.push(job.id, job.plugin.name, job.spec.priority, job.submitted_ns)
@@ -454,53 +578,77 @@ class Daemon:
     # --- recovery -------------------------------------------------------------------
 
     def _recover(self) -> None:
-        """Pick up where the last daemon on this node left off.
-
-        A terminal sidecar beside a spooled file means that run ended and only
-        the move to done/ was cut short (a new run's old sidecar is archived
-        before its file is accepted), so it is filed away, never run again.
-        """
+        """Pick up where the last daemon on this node left off, and take in what is queued."""
         for path in self.spool.running_files():
             self._guarded(self._recover_running, path)
-        seen: set[str] = set()
-        for path in sorted(self.spool.queued_files()):
-            self._guarded(self._recover_queued, path, seen)
+        self._adopt_queued()
 
     def _guarded(self, action: Callable[..., None], path: Path, *args: Any) -> None:
         """One file that cannot be recovered is left where it is, and never stops the start."""
         try:
             action(path, *args)
+        except FileNotFoundError:
+            logger.debug("{}: taken by another node meanwhile", path)
+        except OSError as exc:  # a disk fault: the sweeps try again
+            logger.error("{}: cannot be taken up now: {}; trying again in {:g} s", path, exc,
+                         RETRY_S)
+            self._retry_soon()
         except Exception:  # noqa: BLE001
             logger.opt(exception=True).error("{}: could not be recovered; left in place", path)
 
     def _recover_running(self, path: Path) -> None:
+        """A file in this node's running/ whose daemon died (this node's last one, or another
+        node whose lease ran out): file it away if its run had ended, else queue it again.
+
+        A terminal sidecar beside it means the run ended and only the move to done/
+        was cut short, so it is filed away, never run again.
+        """
         job_id = InboxName.of(path.name).job_id
         sidecar = self.outbox.read(job_id)
         if sidecar is not None and sidecar.state.is_terminal:
             self._file_away_ended(path, job_id)
             return
+        if sidecar is None or sidecar.started_at is None:  # being taken in; it never ran
+            read = self._read_held(path)
+            self._take_in(path, job_id, read)
+            return
         crashes = self.spool.count(job_id, "crashes")
-        if sidecar is not None and crashes >= self.settings.max_crash_attempts:
+        if crashes >= self.settings.max_crash_attempts:
             self._end(job_id, path, sidecar, JobState.FAILED, error=DaemonCrashed(
                 f"the daemon died {crashes} times while running this job"))
             return
+        was = sidecar.node or "?"
+        queued = sidecar.model_copy(update={
+            "state": JobState.QUEUED, "updated_at": utc_now(),
+            "message": f"back in the queue: the daemon on {was} died while running it"})
+        self.outbox.publish(queued, sidecar)  # while this node still holds it
         self.spool.requeue(path)
         logger.bind(job_id=job_id).warning(
-            "job {} was running when the daemon stopped; it runs again", job_id)
+            "job {} was running when the daemon on {} died; it runs again", job_id, was)
 
-    def _recover_queued(self, path: Path, seen: set[str]) -> None:
-        job_id = InboxName.of(path.name).job_id
-        if job_id in seen:
-            self._set_aside_duplicate(path, job_id)
-            return
-        seen.add(job_id)
-        sidecar = self.outbox.read(job_id)
-        if sidecar is not None and sidecar.state.is_terminal:
-            self._file_away_ended(path, job_id)
-            return
+    def _adopt_queued(self) -> None:
+        """Keep every queued job no job here stands for: taken in by another node, or by
+        this one before a disk fault or a restart."""
+        queued = sorted(self.spool.queued_files())
+        self._not_adopted = {p: m for p, m in self._not_adopted.items() if p in set(queued)}
+        for path in queued:
+            job_id = InboxName.of(path.name).job_id
+            if job_id not in self.jobs and self._not_adopted.get(path, 0) != _mtime_ns(path):
+                self._guarded(self._adopt, path, job_id)
+
+    def _adopt(self, path: Path, job_id: str) -> None:
         read = self._read(path)
-        if read is not None:
-            self._admit(path, job_id, read, sidecar)
+        if read is None:
+            return  # claimed by another node meanwhile
+        sidecar = self.outbox.read(job_id)
+        if read.error is not None or read.plugin is None or not self._serves(read.plugin.name):
+            self._not_adopted[path] = read.mtime_ns  # not for this node: look again if changed
+            return
+        if sidecar is None:  # its first sidecar is being written, or a power cut lost it
+            now = utc_now()
+            sidecar = self._with_task(Sidecar(id=job_id, state=JobState.QUEUED,
+                                              created_at=now, updated_at=now), read)
+        self._admit(path, job_id, read, sidecar)
 
     def _file_away_ended(self, path: Path, job_id: str) -> None:
         """The run has ended: forget its counts, then move its file to done/ for good.
@@ -549,10 +697,14 @@ class Daemon:
     def _start(self, job: Job) -> None:
         claimed = self.spool.claim(job.path)
         if claimed is None:
-            self._end(job.id, None, job.sidecar, JobState.FAILED, error=JobLost(
-                f"its file left {job.path.parent} before it could run"))
+            self._claimed_elsewhere(job)
             return
-        old = job.sidecar
+        # The sidecar on disk is the truth: another node may have run and requeued it.
+        old = self.outbox.read(job.id) or job.sidecar
+        if old.state.is_terminal:
+            self.jobs.pop(job.id, None)
+            self._file_away_ended(claimed, job.id)
+            return
         attempt = old.attempt + 1 if old.started_at is not None else old.attempt
         now = utc_now()
         running = old.model_copy(update={
@@ -569,6 +721,20 @@ class Daemon:
         self.running[job.id] = job
         self._running_per_plugin[job.plugin.name] += 1
         job.task = asyncio.create_task(self._run(job), name=f"job {job.id}")
+
+    def _claimed_elsewhere(self, job: Job) -> None:
+        """Its file left queued/ before this node could claim it: another node's now, or
+        removed by someone (then it fails as lost)."""
+        self.jobs.pop(job.id, None)
+        if self.spool.holds(job.id) or self._is_ended(job.id):
+            logger.bind(job_id=job.id).debug("job {}: claimed by another node", job.id)
+            return
+        self._end(job.id, None, job.sidecar, JobState.FAILED, error=JobLost(
+            f"its file left {job.path.parent} before it could run"))
+
+    def _is_ended(self, job_id: str) -> bool:
+        sidecar = self.outbox.read(job_id)
+        return sidecar is not None and sidecar.state.is_terminal
 
     async def _run(self, job: Job) -> None:
         """Run the job, then record how it ended; whatever happens, its slot is freed."""
@@ -652,6 +818,11 @@ class Daemon:
                                  self.settings.stop_grace)
 
     def _record_end(self, job: Job, verdict: Verdict, again: bool) -> None:
+        if job.fenced or self._taken_over(job):
+            self._fence(job)
+            if self.jobs.get(job.id) is job:
+                del self.jobs[job.id]
+            return
         sidecar = job.sidecar.with_progress(job.progress)  # the last report may be unwritten
         if verdict.state is None:  # the daemon is stopping: back to the queue for next time
             job.sidecar = sidecar.model_copy(update={
@@ -700,7 +871,10 @@ class Daemon:
 
     def _write_progress(self, job: Job) -> None:
         job.progress_timer = None
-        if self.running.get(job.id) is not job or job.progress is None:
+        if self.running.get(job.id) is not job or job.progress is None or job.fenced:
+            return
+        if self._taken_over(job):
+            self._fence(job)
             return
         old = job.sidecar
         new = old.with_progress(job.progress)
@@ -720,8 +894,8 @@ class Daemon:
     def _on_stop_file(self, path: Path, job_id: str) -> None:
         job = self.jobs.get(job_id)
         if job is None:
-            if inbox_has_job(self.settings.inbox, job_id):
-                return  # its job file is not taken in yet: acted on once it is accepted
+            if inbox_has_job(self.settings.inbox, job_id) or self.spool.holds(job_id):
+                return  # not taken in yet, or another node's: acted on where it runs
             logger.warning("{}: no queued or running job {}; stop request removed", path, job_id)
             _unlink(path)
             return
@@ -733,10 +907,14 @@ class Daemon:
             if job.run is not None:
                 job.run.request_stop(StopReason.USER, self.settings.stop_grace)
             return  # the .stop file goes once the job has ended
-        # Ended first: if the disk refuses, the job is as it was and the .stop is seen again.
-        self._end(job_id, job.path, job.sidecar, JobState.STOPPED,
-                  error=JobStopped("stopped on request before it started"))
+        claimed = self.spool.claim(job.path)  # so that no other node starts it meanwhile
+        if claimed is None:
+            self._claimed_elsewhere(job)  # its node acts on the .stop
+            return
+        job.path = claimed
         self.queue.discard(job_id)
+        self._end(job_id, claimed, self.outbox.read(job_id) or job.sidecar, JobState.STOPPED,
+                  error=JobStopped("stopped on request before it started"))
 
     # --- ending jobs ------------------------------------------------------------
 
@@ -760,6 +938,13 @@ class Daemon:
         _unlink(self.settings.inbox / f"{job_id}.stop")
         if path is not None:
             self._file_away_ended(path, job_id)
+
+
+def _mtime_ns(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except FileNotFoundError:
+        return None
 
 
 def _identity(folder: Path) -> tuple[int, int] | None:

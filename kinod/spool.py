@@ -2,14 +2,18 @@
 
     inbox/<id>.yaml                      dropped, not yet accepted
     inbox/.kinod/queued/<id>.yaml        accepted, waiting to run
-    inbox/.kinod/running/<node>/<id>.yaml  claimed by daemon <node>
+    inbox/.kinod/running/<node>/<id>.yaml  held by daemon <node>: being taken in, or running
     inbox/.kinod/done/<id>/<n>.yaml      ended: the n-th run of <id>
     inbox/.kinod/duplicates/<id>/<n>.yaml  resubmitted while <id> was queued or running
     inbox/.kinod/invalid/<name>          a name that is not a valid job id
     inbox/.kinod/counts/<id>.json        how often <id> crashed a daemon or failed retryably
+    inbox/.kinod/nodes/<node>.json       the heartbeat of daemon <node> (kinod.nodes)
 
 Everything lives inside the inbox, on the same file system, so every move is
 an atomic rename: a crash leaves each file in exactly one of these places.
+Several daemons may share the inbox: the rename that takes a file into
+running/<node>/ succeeds for one of them only, and only the daemon holding a
+job's file there writes the job's sidecar.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 
 from kinod.atomic_files import atomic_write, rename_noreplace
 from kinod.errors import ConfigError
+from kinod.intake import JOB_SUFFIXES
 
 
 class Spool:
@@ -29,15 +34,17 @@ class Spool:
         self.inbox = inbox
         self.root = inbox / ".kinod"
         self.queued = self.root / "queued"
-        self.running = self.root / "running" / node
+        self.running_root = self.root / "running"
+        self.running = self.running_root / node
         self.done = self.root / "done"
         self.duplicates = self.root / "duplicates"
         self.invalid = self.root / "invalid"
         self.counts = self.root / "counts"
+        self.nodes = self.root / "nodes"
 
     def ensure_folders(self) -> None:
         for folder in (self.queued, self.running, self.done, self.duplicates, self.invalid,
-                       self.counts):
+                       self.counts, self.nodes):
             folder.mkdir(parents=True, exist_ok=True)
 
     def lock_node(self) -> int:
@@ -60,10 +67,50 @@ class Spool:
         return fd
 
     def accept(self, src: Path) -> Path:
-        """inbox → queued. FileExistsError if a file of that name is already queued."""
-        dst = self.queued / src.name
+        """inbox → running/<node>: this daemon alone takes the file in (FileNotFoundError if
+        another was first). It then writes the first sidecar, and ``release``s the job."""
+        dst = self.running / src.name
+        if os.path.lexists(dst):
+            self.set_aside_duplicate(dst, _job_id(dst))
         rename_noreplace(src, dst)
         return dst
+
+    def release(self, running: Path) -> Path:
+        """running/<node> → queued, for any daemon to claim. FileExistsError (and nothing
+        moved) if a file of that name is queued already: an active job of that id."""
+        dst = self.queued / running.name
+        rename_noreplace(running, dst)
+        return dst
+
+    def take_over(self, path: Path) -> Path | None:
+        """Another node's running/ → this node's: its lease ran out. None if another live
+        node took it first."""
+        dst = self.running / path.name
+        try:
+            rename_noreplace(path, dst)
+        except (FileNotFoundError, FileExistsError):
+            return None
+        return dst
+
+    def holds(self, job_id: str) -> bool:
+        """A file of ``job_id`` is queued or running on some node: the job is active."""
+        folders = [self.queued, *self._running_folders()]
+        return any(os.path.lexists(folder / f"{job_id}{suffix}")
+                   for folder in folders for suffix in JOB_SUFFIXES)
+
+    def other_nodes(self) -> list[str]:
+        """Nodes other than this one with a running/ folder."""
+        return [f.name for f in self._running_folders() if f.name != self.running.name]
+
+    def running_files_of(self, node: str) -> list[Path]:
+        return _files_in(self.running_root / node)
+
+    def _running_folders(self) -> list[Path]:
+        try:
+            with os.scandir(self.running_root) as entries:
+                return [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            return []
 
     def claim(self, queued: Path) -> Path | None:
         """queued → running/<node>; None if the file is gone (someone else took it).
@@ -155,6 +202,10 @@ class Spool:
                 return dst
             except FileExistsError:
                 n += 1
+            except FileNotFoundError:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # made for nothing: another node took the file (if empty)
+                raise
 
 
 def _job_id(path: Path) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,17 +57,18 @@ def _path(raw: str | bytes) -> Path:
 
 
 class InboxWatcher:
-    """Watches one folder (not its sub-folders) with the platform's native observer."""
+    """Watches folders (not their sub-folders) with the platform's native observer."""
 
-    def __init__(self, folder: Path, callback: PathCallback) -> None:
-        self.folder = folder
+    def __init__(self, folders: list[Path], callback: PathCallback) -> None:
+        self.folders = folders
         self._callback = callback
         self._observer: Observer | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._observer = Observer()
-        self._observer.schedule(_Forwarder(loop, self._callback), str(self.folder),
-                                recursive=False)
+        for folder in self.folders:
+            self._observer.schedule(_Forwarder(loop, self._callback), str(folder),
+                                    recursive=False)
         self._observer.daemon = True
         self._observer.start()
 
@@ -76,3 +78,41 @@ class InboxWatcher:
             self._observer.join(timeout=5)
             self._observer = None
 
+
+# File systems whose changes made on other machines inotify never reports.
+NETWORK_FILE_SYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "lustre", "gpfs", "beegfs",
+    "9p", "afs", "ocfs2", "gfs2", "virtiofs",
+})
+
+
+def choose_watch_mode(setting: str, folder: Path) -> str:
+    """``inotify`` or ``poll``: ``auto`` polls a folder on a network file system."""
+    if setting != "auto":
+        return setting
+    fs_type = file_system_type(folder)
+    if fs_type is None:
+        return "inotify"
+    return "poll" if fs_type in NETWORK_FILE_SYSTEMS or fs_type.startswith("fuse") else "inotify"
+
+
+def file_system_type(folder: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> str | None:
+    """The type of the file system ``folder`` is on (``ext4``, ``nfs4``, ``fuse.sshfs``),
+    from the kernel's mount table; None where there is none to read."""
+    try:
+        lines = mountinfo.read_text().splitlines()
+    except OSError:
+        return None
+    target = os.path.realpath(folder)
+    best, best_type = "", None
+    for line in lines:
+        # "36 35 98:0 /mnt1 /mnt/parent rw,noatime master:1 - ext3 /dev/root rw,errors=continue"
+        fields, _, rest = line.partition(" - ")
+        parts, after = fields.split(), rest.split()
+        if len(parts) < 5 or not after:
+            continue
+        mount_point = parts[4].replace("\\040", " ")
+        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) >= len(best):
+            best, best_type = mount_point, after[0]
+    return best_type

@@ -150,8 +150,9 @@ def test_a_job_dropped_on_a_full_outbox_waits_and_runs_when_space_is_back(farm: 
     farm.drop("full", scripted(steps=1, step_s=0))
     wait_for(lambda: farm.logged("No space left on device"), what="the full disk logged")
     assert farm.sidecar("full") is None
-    # Kept: still in the inbox or accepted into queued/, never dropped.
-    assert ["full.json"] in ([p.name for p in farm.inbox.glob("*.json")], farm.spool("queued"))
+    # Kept: still in the inbox, or held by the daemon taking it in; never dropped.
+    assert ["full.json"] in ([p.name for p in farm.inbox.glob("*.json")], farm.spool("queued"),
+                             farm.spool("running", "n1"))
     farm.free_outbox()
     assert farm.wait_state("full", "succeeded")["attempt"] == 1
     assert_filed_away(farm, "full")

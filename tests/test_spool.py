@@ -49,32 +49,71 @@ def test_ensure_folders_twice_is_harmless(spool: Spool) -> None:
     assert (spool.queued / "a.yaml").read_text() == "x"
 
 
-def test_accept_moves_from_inbox_to_queued(spool: Spool) -> None:
+def test_accept_takes_the_file_into_this_nodes_running_folder(spool: Spool) -> None:
     src = drop("job1.yaml", "body")
-    queued = spool.accept(src)
-    assert queued == spool.queued / "job1.yaml"
-    assert queued.read_text() == "body"
+    held = spool.accept(src)
+    assert held == spool.running / "job1.yaml"
+    assert held.read_text() == "body"
     assert not src.exists()
-    assert paths(spool.queued_files()) == [os.fspath(queued)]
+    assert paths(spool.running_files()) == [os.fspath(held)]
 
 
-def test_accept_of_a_name_already_queued_raises_and_moves_nothing(spool: Spool) -> None:
-    (spool.queued / "job1.yaml").write_text("first")
-    src = drop("job1.yaml", "second")
-    with pytest.raises(FileExistsError):
-        spool.accept(src)
-    assert src.read_text() == "second"
-    assert (spool.queued / "job1.yaml").read_text() == "first"
+def test_accept_on_two_nodes_only_one_wins(spool: Spool) -> None:
+    other = Spool(INBOX, "node2")
+    other.ensure_folders()
+    src = drop("job1.yaml", "body")
+    assert spool.accept(src) == spool.running / "job1.yaml"
+    with pytest.raises(FileNotFoundError):
+        other.accept(src)
+    assert other.running_files() == []
 
 
 def test_accept_completes_a_half_done_move(spool: Spool) -> None:
     src = drop("job1.yaml", "body")
-    os.link(src, spool.queued / "job1.yaml")  # a crash right after the link
-    assert os.path.samefile(src, spool.queued / "job1.yaml")
-    queued = spool.accept(src)
+    os.link(src, spool.running / "job1.yaml")  # a fallback move cut short after its link
+    held = spool.accept(src)
+    assert held == spool.running / "job1.yaml"
+    assert held.read_text() == "body"
+    assert not src.exists()
+
+
+def test_release_queues_a_held_file(spool: Spool) -> None:
+    queued = spool.release(spool.accept(drop("job1.yaml", "body")))
     assert queued == spool.queued / "job1.yaml"
     assert queued.read_text() == "body"
-    assert not src.exists()
+    assert spool.running_files() == []
+
+
+def test_release_of_a_name_already_queued_raises_and_moves_nothing(spool: Spool) -> None:
+    (spool.queued / "job1.yaml").write_text("first")
+    held = spool.accept(drop("job1.yaml", "second"))
+    with pytest.raises(FileExistsError):
+        spool.release(held)
+    assert held.read_text() == "second"
+    assert (spool.queued / "job1.yaml").read_text() == "first"
+
+
+def test_holds_sees_queued_and_every_nodes_running_files(spool: Spool) -> None:
+    other = Spool(INBOX, "node2")
+    other.ensure_folders()
+    assert not spool.holds("a")
+    spool.release(spool.accept(drop("a.yaml")))
+    other.accept(drop("b.json"))
+    assert spool.holds("a") and spool.holds("b") and not spool.holds("c")
+    assert spool.other_nodes() == ["node2"]
+    assert paths(spool.running_files_of("node2")) == [os.fspath(other.running / "b.json")]
+
+
+def test_take_over_moves_another_nodes_file_once(spool: Spool) -> None:
+    dead = Spool(INBOX, "dead")
+    dead.ensure_folders()
+    third = Spool(INBOX, "node3")
+    third.ensure_folders()
+    held = dead.accept(drop("job1.yaml", "body"))
+    taken = spool.take_over(held)
+    assert taken == spool.running / "job1.yaml"
+    assert third.take_over(held) is None
+    assert taken.read_text() == "body"
 
 
 def test_accept_of_a_vanished_file_raises_file_not_found(spool: Spool) -> None:
@@ -84,7 +123,7 @@ def test_accept_of_a_vanished_file_raises_file_not_found(spool: Spool) -> None:
 
 
 def test_claim_moves_to_this_nodes_running_folder(spool: Spool) -> None:
-    queued = spool.accept(drop("job1.yaml", "body"))
+    queued = spool.release(spool.accept(drop("job1.yaml", "body")))
     running = spool.claim(queued)
     assert running == INBOX / ".kinod" / "running" / "node1" / "job1.yaml"
     assert running.read_text() == "body"
@@ -98,7 +137,7 @@ def test_claim_of_a_vanished_file_returns_none(spool: Spool) -> None:
 
 
 def test_claim_twice_the_second_loses(spool: Spool) -> None:
-    queued = spool.accept(drop("job1.yaml"))
+    queued = spool.release(spool.accept(drop("job1.yaml")))
     other_node = Spool(INBOX, "node2")
     other_node.ensure_folders()
     assert spool.claim(queued) is not None
@@ -107,7 +146,7 @@ def test_claim_twice_the_second_loses(spool: Spool) -> None:
 
 
 def test_requeue_moves_back_to_queued(spool: Spool) -> None:
-    running = spool.claim(spool.accept(drop("job1.yaml", "body")))
+    running = spool.accept(drop("job1.yaml", "body"))
     queued = spool.requeue(running)
     assert queued == spool.queued / "job1.yaml"
     assert queued.read_text() == "body"
@@ -146,7 +185,7 @@ def test_finish_numbers_runs_and_keeps_each_suffix(spool: Spool) -> None:
 
 
 def test_finish_from_running(spool: Spool) -> None:
-    running = spool.claim(spool.accept(drop("job1.yaml", "body")))
+    running = spool.accept(drop("job1.yaml", "body"))
     done = spool.finish(running, "job1")
     assert done == spool.done / "job1" / "1.yaml"
     assert done.read_text() == "body"
@@ -232,7 +271,7 @@ def test_nodes_have_separate_running_folders(fs) -> None:
     a, b = Spool(INBOX, "a"), Spool(INBOX, "b")
     a.ensure_folders()
     b.ensure_folders()
-    running = a.claim(a.accept(drop("job1.yaml")))
+    running = a.accept(drop("job1.yaml"))
     assert paths(a.running_files()) == [os.fspath(running)]
     assert b.running_files() == []
     assert a.queued == b.queued

@@ -1,0 +1,182 @@
+"""End to end: several daemons, each its own node, on one shared folder.
+
+Every job must run exactly once (counted by the plugin's own runs, not only by
+sidecars), spread over the nodes; a node killed mid-run has its jobs finished by
+the others once its lease runs out; a node paused past its lease and resumed
+clobbers nothing.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import (
+    TERMINAL,
+    WORKING_PLUGINS,
+    DaemonProcess,
+    drop_job,
+    executions,
+    kinod_cli,
+    scripted,
+    spool_files,
+    wait_end,
+    wait_for,
+    when,
+    write_config,
+)
+
+
+@pytest.fixture
+def nodes(kinod_root: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    """Start a daemon as node ``name`` on the shared folder, with its own settings file."""
+    started: list[DaemonProcess] = []
+
+    def start(name: str, **settings: Any) -> DaemonProcess:
+        settings.setdefault("plugin_dirs", [str(WORKING_PLUGINS)])
+        settings.setdefault("stop_grace", 2)
+        folder = kinod_root / f"node-{name}"
+        folder.mkdir(exist_ok=True)
+        config = write_config(folder, node=name, inbox="../inbox", outbox="../outbox",
+                              frames="../data/frames", models="../models_storage", **settings)
+        daemon = DaemonProcess(kinod_root, config)
+        daemon.log_path = folder / f"daemon{len(started)}.log"
+        started.append(daemon)
+        return daemon.start()
+
+    yield start
+    for daemon in started:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.proc.send_signal(signal.SIGCONT)
+            daemon.kill()
+
+
+def run_starts(daemon: DaemonProcess, job_id: str) -> list[float]:
+    """When each run of the scripted plugin began for this job."""
+    try:
+        lines = (daemon.frames / job_id / "runs.log").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [float(line.split()[2]) for line in lines if line.startswith("start ")]
+
+
+def assert_ended_once(daemon: DaemonProcess, job_id: str) -> dict[str, Any]:
+    """One terminal sidecar, one file in done/, and no run began after the job ended."""
+    sidecar = daemon.sidecar(job_id)
+    assert sidecar is not None and sidecar["state"] in TERMINAL, sidecar
+    assert spool_files(daemon, "done", job_id) == ["1.yaml"], job_id
+    began = run_starts(daemon, job_id)
+    assert began and max(began) < when(sidecar["finished_at"]).timestamp(), (job_id, began)
+    return sidecar
+
+
+def test_three_nodes_run_a_thousand_jobs_each_exactly_once(
+        kinod_root: Path, nodes: Callable[..., DaemonProcess]) -> None:
+    inbox = kinod_root / "inbox"
+    ids = [f"j{i:04d}" for i in range(1000)]
+    for job_id in ids[:400]:  # waiting before any node starts: all three race for them
+        drop_job(inbox, f"{job_id}.yaml", scripted(steps=0))
+    daemons = [nodes(name, workers=4) for name in ("a", "b", "c")]
+    for job_id in ids[400:]:
+        drop_job(inbox, f"{job_id}.yaml", scripted(steps=0))
+    first = daemons[0]
+    for job_id in ids:
+        wait_end(first, job_id, timeout_s=120)
+    ran_on: Counter[str] = Counter()
+    for job_id in ids:
+        sidecar = assert_ended_once(first, job_id)
+        assert sidecar["state"] == "succeeded", sidecar
+        assert executions(first, job_id) == 1, job_id
+        assert sidecar["result"]["executions"] == 1
+        ran_on[sidecar["node"]] += 1
+    assert set(ran_on) == {"a", "b", "c"}, ran_on
+    assert min(ran_on.values()) >= 50, ran_on  # spread, not one node doing it all
+    assert spool_files(first, "queued") == []
+    assert spool_files(first, "duplicates") == []
+    # Every node says who it is.
+    listing = kinod_cli("nodes", "--config", str(first.config))
+    assert listing.returncode == 0, listing.stderr
+    rows = [line.split("\t") for line in listing.stdout.splitlines()[1:]]
+    assert sorted((row[0], row[1]) for row in rows) == [("a", "up"), ("b", "up"), ("c", "up")]
+    for daemon in daemons:
+        assert daemon.stop() == 0
+
+
+def test_a_killed_nodes_jobs_finish_on_the_others_after_its_lease(
+        kinod_root: Path, nodes: Callable[..., DaemonProcess]) -> None:
+    lease = 2
+    gate = kinod_root / "gate"
+    doomed = nodes("doomed", workers=3, lease=lease)
+    for i in range(3):  # held on the doomed node until it is killed
+        drop_job(kinod_root / "inbox", f"held{i}.yaml", scripted(steps=0, gate=str(gate)))
+    for i in range(3):
+        wait_for(lambda i=i: executions(doomed, f"held{i}") == 1, 15, what=f"held{i} to start")
+    survivors = [nodes(name, workers=3, lease=lease) for name in ("b", "c")]
+    for i in range(60):
+        drop_job(kinod_root / "inbox", f"more{i:02d}.yaml", scripted(steps=1, step_s=0.02))
+    doomed.kill()
+    gate.touch()
+    for i in range(3):
+        sidecar = wait_end(survivors[0], f"held{i}", timeout_s=30)
+        assert sidecar["state"] == "succeeded", sidecar
+        assert sidecar["node"] in ("b", "c") and sidecar["attempt"] == 2, sidecar
+        assert executions(doomed, f"held{i}") == 2  # the run killed with its node, and one
+        assert_ended_once(doomed, f"held{i}")
+    for i in range(60):
+        sidecar = wait_end(survivors[0], f"more{i:02d}", timeout_s=30)
+        assert sidecar["state"] == "succeeded", sidecar
+        assert_ended_once(doomed, f"more{i:02d}")
+    assert spool_files(doomed, "running", "doomed") == []
+    log = survivors[0].log() + survivors[1].log()
+    assert "node doomed lost its lease" in log
+    for daemon in survivors:
+        assert daemon.stop() == 0
+
+
+def test_a_node_paused_past_its_lease_clobbers_nothing_when_it_resumes(
+        kinod_root: Path, nodes: Callable[..., DaemonProcess]) -> None:
+    lease = 2
+    gate = kinod_root / "gate"
+    sleeper = nodes("sleeper", workers=1, lease=lease)
+    drop_job(kinod_root / "inbox", "napped.yaml", scripted(steps=0, gate=str(gate)))
+    wait_for(lambda: executions(sleeper, "napped") == 1, 15, what="napped to start")
+    taker = nodes("taker", workers=1, lease=lease)
+    sleeper.signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: (taker.sidecar("napped") or {}).get("node") == "taker"
+                 and executions(taker, "napped") == 2, 20, what="the taker to run it")
+        gate.touch()
+        sidecar = wait_end(taker, "napped")
+    finally:
+        sleeper.signal(signal.SIGCONT)
+    assert (sidecar["state"], sidecar["node"], sidecar["attempt"]) == ("succeeded", "taker", 2)
+    # The sleeper wakes, finds its job taken over, and stops it without a word to disk.
+    wait_for(lambda: "another node took it over" in sleeper.log(), 15,
+             what="the sleeper to see it lost the job")
+    assert taker.sidecar("napped") == sidecar
+    assert_ended_once(taker, "napped")
+    drop_job(kinod_root / "inbox", "after.yaml", scripted(steps=0))  # both still serve
+    assert wait_end(taker, "after")["state"] == "succeeded"
+    assert taker.sidecar("napped") == sidecar
+    for daemon in (sleeper, taker):
+        assert daemon.stop() == 0
+
+
+def test_a_node_only_claims_jobs_of_the_plugins_it_serves(
+        kinod_root: Path, nodes: Callable[..., DaemonProcess]) -> None:
+    cpu = nodes("cpu", serves=["example"])
+    gpu = nodes("gpu", serves=["scripted"])
+    for i in range(10):
+        drop_job(kinod_root / "inbox", f"s{i}.yaml", scripted(steps=0))
+        drop_job(kinod_root / "inbox", f"e{i}.yaml",
+                 {"type": "example", "data": {"prompt": "p", "steps": 1}})
+    for i in range(10):
+        assert wait_end(cpu, f"s{i}")["node"] == "gpu"
+        assert wait_end(cpu, f"e{i}")["node"] == "cpu"
+    for daemon in (cpu, gpu):
+        assert daemon.stop() == 0
