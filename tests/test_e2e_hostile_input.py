@@ -977,6 +977,9 @@ def test_path_like_parameters_write_nothing_outside_the_jobs_folders(
     assert daemon.stop() == 0
 
 
+@pytest.mark.skipif(os.environ.get("KINOD_WATCH") == "poll", reason=(
+    "measures file events; polling takes a file in within poll_interval_s (plus settle_s "
+    "when its rename left no trace in its times)"))
 def test_jobs_dropped_one_after_another_are_each_taken_in_at_once(
         start_daemon: Callable[..., DaemonProcess]) -> None:
     # A daemon of its own: a backlog of file events from other tests would blur the measure.
