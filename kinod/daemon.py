@@ -55,8 +55,10 @@ from kinod.runner import PluginRun, SupervisedRun, new_plugin
 from kinod.spool import Spool
 from kinod.watcher import InboxWatcher, choose_watch_mode
 
-# Inbox paths looked at per turn of the loop, so a flood of files never starves the rest.
+# Inbox paths looked at per turn of the loop, and for how long at most, so a flood of
+# files never starves the rest (heartbeats, progress, stop requests).
 INTAKE_BATCH = 256
+TURN_BUDGET_S = 0.05
 # An invalid file written in place is failed only once quiet this many times settle_s.
 INCOMPLETE_GRACE = 3
 # After the disk refused a write (full, read-only, gone), try again after this long.
@@ -197,7 +199,10 @@ class Daemon:
 
     async def _turn(self) -> None:
         batch = list(itertools.islice(self._pending.items(), INTAKE_BATCH))
+        started = self._clock()
         for path, renamed in batch:
+            if self._clock() - started > TURN_BUDGET_S:
+                break  # the rest next turn: heartbeats, progress and stops go first
             del self._pending[path]
             try:
                 self._look_at(path, renamed)
