@@ -138,10 +138,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kinod.logs import add_job_log_sink, setup_logging
 
     options = {"log_format": args.log_format, "log_level": args.log_level}
-    settings = _settings(args, overrides={k: v for k, v in options.items() if v})
+    overrides = {k: v for k, v in options.items() if v}
+    settings = _settings(args, overrides=overrides)
     setup_logging(settings.log_format, settings.log_level)
     add_job_log_sink(settings.outbox)
-    asyncio.run(Daemon(settings).run(burst=args.burst))
+    asyncio.run(Daemon(settings, reload_settings=lambda: _settings(args, overrides=overrides))
+                .run(burst=args.burst))
     _exit_without_waiting_for_plugin_threads()
     return EXIT_OK
 

@@ -19,6 +19,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from loguru import logger
 
 from kinod.atomic_files import flush_tree
+from kinod.config import Settings
 from kinod.errors import (
     ConfigError,
     DaemonCrashed,
@@ -37,6 +38,7 @@ from kinod.intake import (
 )
 from kinod.isolation import ProcessRun
 from kinod.jobqueue import JobQueue
+from kinod.logs import add_job_log_sink, setup_logging
 from kinod.models import (
     JOB_ID_RULES,
     JobSpec,
@@ -53,7 +55,13 @@ from kinod.plugins.base_plugin import BasePlugin
 from kinod.plugins.plugin_loader import LoadedPlugin, PluginRegistry
 from kinod.runner import PluginRun, SupervisedRun, new_plugin
 from kinod.spool import Spool
+from kinod.systemd import Notifier
 from kinod.watcher import InboxWatcher, choose_watch_mode
+
+# How often systemd hears the running and queued counts (when they changed).
+STATUS_INTERVAL_S = 1.0
+# Settings a reload cannot change: the folders and the name kinod serves under.
+RESTART_ONLY = ("inbox", "outbox", "frames", "models", "node", "watch")
 
 # Inbox paths looked at per turn of the loop, and for how long at most, so a flood of
 # files never starves the rest (heartbeats, progress, stop requests).
@@ -89,8 +97,14 @@ class Job:
 class Daemon:
     def __init__(self, settings, registry: PluginRegistry | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time,
+                 reload_settings: Callable[[], Settings] | None = None,
+                 notifier: Notifier | None = None) -> None:
         self.settings = settings
+        # SIGHUP: read the settings again (None: there is nothing to reload from).
+        self._reload_settings = reload_settings
+        self._notifier = notifier if notifier is not None else Notifier()
+        self._last_status = ""
         self.registry = registry if registry is not None else PluginRegistry(settings.plugin_dirs)
         self.spool = Spool(settings.inbox, settings.node)
         self.outbox = Outbox(settings.outbox)
@@ -146,10 +160,17 @@ class Daemon:
         self._recover()  # may schedule not_before releases: the scheduler exists by now
         if not polling:
             self._watcher.start(self._loop)
+        self._scheduler.add_job(self._tell_status, "interval", seconds=STATUS_INTERVAL_S,
+                                id="status", coalesce=True, max_instances=1)
+        if self._notifier.watchdog_s:
+            # From the loop itself: a loop that hangs stops the pings, and systemd restarts it.
+            self._scheduler.add_job(self._notifier.watchdog, "interval", id="watchdog",
+                                    seconds=self._notifier.watchdog_s / 2, coalesce=True)
         self._scheduler.start()
         self._rescan_now()
         logger.info("kinod ready on node {}: {} queued, watching by {}", self.settings.node,
                     len(self.jobs), self._watch_mode)
+        self._notifier.ready(self._status())
         try:
             while not self._shutdown.is_set():
                 await self._turn()
@@ -176,6 +197,7 @@ class Daemon:
         """First call: stop taking jobs and stop running ones within the grace. Second: now."""
         self._signals += 1
         if self._signals == 1:
+            self._notifier.stopping()
             logger.info("stopping: {} running jobs get {:g} s to stop", len(self.running),
                         self.settings.stop_grace)
         else:
@@ -187,11 +209,59 @@ class Daemon:
         self._wake.set()
 
     def _install_signal_handlers(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        handlers = {signal.SIGTERM: self.request_shutdown, signal.SIGINT: self.request_shutdown,
+                    signal.SIGHUP: self.reload}
+        for sig, handler in handlers.items():
             try:
-                self._loop.add_signal_handler(sig, self.request_shutdown)
+                self._loop.add_signal_handler(sig, handler)
             except (RuntimeError, ValueError):  # not the main thread (tests run it in one)
                 return
+
+    # --- reload and status ---------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: read the settings again and rescan the plugin folders. Running and queued
+        jobs go on with the plugin they were taken in with; new jobs get the new ones. A
+        settings file that does not load is refused, and the settings in force stay."""
+        if self._reload_settings is None or self._shutdown.is_set():
+            return
+        self._notifier.reloading()
+        logger.info("reloading the settings and plugins")
+        try:
+            new = self._reload_settings()
+            for key in RESTART_ONLY:
+                if getattr(new, key) != getattr(self.settings, key):
+                    raise ConfigError(f"{key} cannot change while kinod runs; restart it")
+        except ConfigError as exc:
+            logger.error("reload refused; the settings in force stay: {}", exc.message)
+            self._notifier.ready(f"reload refused: {exc.message}; {self._status()}")
+            return
+        registry = PluginRegistry(new.plugin_dirs)
+        for name, error in registry.errors.items():
+            logger.error("plugin {} failed to load: {}", name, error)
+        old, self.settings, self.registry = self.settings, new, registry
+        self._board.lease = new.lease
+        if (new.log_format, new.log_level) != (old.log_format, old.log_level):
+            setup_logging(new.log_format, new.log_level)
+            add_job_log_sink(new.outbox)
+        if (new.rescan_interval_s, new.poll_interval_s, new.lease) != (
+                old.rescan_interval_s, old.poll_interval_s, old.lease):
+            self._scheduler.reschedule_job("rescan", trigger="interval", seconds=(
+                new.poll_interval_s if self._watch_mode == "poll" else new.rescan_interval_s))
+            self._scheduler.reschedule_job("heartbeat", trigger="interval",
+                                           seconds=new.lease / 4)
+        logger.info("reloaded; plugins: {}", ", ".join(sorted(registry.plugins)) or "none")
+        self._rescan_now()
+        self._notifier.ready(self._status())
+
+    def _status(self) -> str:
+        return f"{len(self.running)} running, {len(self.queue)} queued"
+
+    async def _tell_status(self) -> None:
+        status = self._status()
+        if status != self._last_status:
+            self._last_status = status
+            self._notifier.status(status)
 
     async def _wait_for_work(self) -> None:
         await self._wake.wait()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -17,19 +18,45 @@ TEXT_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {message}"
 JOB_LINE_FORMAT = "{time:YYYY-MM-DDTHH:mm:ss.SSS[Z]!UTC} {level: <7} {message}"
 
 
+# syslog priorities, as journald reads them from a "<N>" at the start of a line.
+JOURNAL_PRIORITY = {"TRACE": 7, "DEBUG": 7, "INFO": 6, "SUCCESS": 5, "WARNING": 4,
+                    "ERROR": 3, "CRITICAL": 2}
+
+
 def setup_logging(log_format: str = "text", level: str = "INFO") -> None:
-    """Send the daemon's log to stderr, as plain text or one JSON object a line."""
+    """Send the daemon's log to stderr, as plain text or one JSON object a line. When stderr
+    is the journal, text lines carry a syslog priority instead of a time (the journal keeps
+    its own) and no colours."""
     logger.remove()
     logger.configure(patcher=escape_controls)
     # diagnose=False: tracebacks never print local variables (job data, paths, settings).
     if log_format == "json":
         logger.add(sys.stderr, level=level, serialize=True, diagnose=False)
+    elif stderr_is_journal():
+        logger.add(sys.stderr, level=level, format=_journal_format, colorize=False,
+                   diagnose=False)
     else:
         logger.add(sys.stderr, level=level, format=TEXT_FORMAT, colorize=None, diagnose=False)
     # Plugins that log with the standard library end up here too.
     logging.basicConfig(handlers=[_InterceptHandler()], level=0, force=True)
     # apscheduler reports every run of the periodic rescan at INFO.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def stderr_is_journal(environ: dict[str, str] | None = None) -> bool:
+    """systemd says so in JOURNAL_STREAM ("device:inode" of the stream it connected)."""
+    stream = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    device, _, inode = stream.partition(":")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+        return (st.st_dev, st.st_ino) == (int(device), int(inode))
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
+def _journal_format(record) -> str:
+    # "\<": loguru would take "<6>" for a colour tag.
+    return f"\\<{JOURNAL_PRIORITY.get(record['level'].name, 6)}>{{message}}\n{{exception}}"
 
 
 def escape_controls(record) -> None:
