@@ -180,7 +180,8 @@ class Daemon:
                     await self._wait_for_work()
         finally:
             await self._stop_everything()
-            os.close(self._node_lock)
+            if self._node_lock is not None:
+                os.close(self._node_lock)
 
     def _prepare_folders(self) -> None:
         for key, make in (("inbox", self.spool.ensure_folders),
@@ -227,15 +228,22 @@ class Daemon:
             return
         self._notifier.reloading()
         logger.info("reloading the settings and plugins")
+        outcome = ""
         try:
-            new = self._reload_settings()
-            for key in RESTART_ONLY:
-                if getattr(new, key) != getattr(self.settings, key):
-                    raise ConfigError(f"{key} cannot change while kinod runs; restart it")
+            self._apply(self._reload_settings())
         except ConfigError as exc:
+            outcome = f"reload refused: {exc.message}; "
             logger.error("reload refused; the settings in force stay: {}", exc.message)
-            self._notifier.ready(f"reload refused: {exc.message}; {self._status()}")
-            return
+        except Exception as exc:  # noqa: BLE001 - e.g. a plugin folder it cannot read
+            outcome = f"reload failed: {exc}; "
+            logger.opt(exception=True).error("reload failed; the settings in force stay")
+        finally:
+            self._notifier.ready(outcome + self._status())
+
+    def _apply(self, new: Settings) -> None:
+        for key in RESTART_ONLY:
+            if getattr(new, key) != getattr(self.settings, key):
+                raise ConfigError(f"{key} cannot change while kinod runs; restart it")
         registry = PluginRegistry(new.plugin_dirs)
         for name, error in registry.errors.items():
             logger.error("plugin {} failed to load: {}", name, error)
@@ -251,8 +259,8 @@ class Daemon:
             self._scheduler.reschedule_job("heartbeat", trigger="interval",
                                            seconds=new.lease / 4)
         logger.info("reloaded; plugins: {}", ", ".join(sorted(registry.plugins)) or "none")
+        self._not_adopted.clear()  # queued jobs of plugins this node serves now
         self._rescan_now()
-        self._notifier.ready(self._status())
 
     def _status(self) -> str:
         return f"{len(self.running)} running, {len(self.queue)} queued"
@@ -434,6 +442,7 @@ class Daemon:
                            self.settings.inbox)
             self.spool.ensure_folders()
             os.close(self._node_lock)
+            self._node_lock = None
             self._node_lock = self.spool.lock_node()
             if self._watch_mode != "poll":
                 self._watcher.stop()
@@ -548,7 +557,12 @@ class Daemon:
     def _is_active(self, job_id: str) -> bool:
         """Queued, waiting, running (here or on another node), or ended with its file not
         yet filed away."""
-        return job_id in self.jobs or job_id in self._unfiled or self.spool.holds(job_id)
+        job = self.jobs.get(job_id)
+        if job is not None:
+            if job_id in self.running or os.path.lexists(job.path):
+                return True
+            self._forget(job)  # claimed and perhaps ended on another node
+        return job_id in self._unfiled or self.spool.holds(job_id)
 
     def _served_elsewhere(self, read: ReadJob) -> bool:
         """The job names a plugin this node has not loaded, but a live node serves."""
@@ -586,7 +600,7 @@ class Daemon:
         now = utc_now()
         sidecar = self._with_task(Sidecar(id=job_id, state=JobState.QUEUED, created_at=now,
                                           updated_at=now), read)
-        if read.error is not None:
+        if read.error is not None and not self._served_elsewhere(read):
             self._end(job_id, held, sidecar, JobState.FAILED, error=read.error, published=False)
             return
         self.outbox.publish(sidecar)
@@ -595,7 +609,8 @@ class Daemon:
         except FileExistsError:  # the same id was queued on another node a moment ago
             self._set_aside_duplicate(held, job_id)
             return
-        self._admit(queued, job_id, read, sidecar)
+        if read.error is None:
+            self._admit(queued, job_id, read, sidecar)
 
     def _with_task(self, sidecar: Sidecar, read: ReadJob) -> Sidecar:
         document = read.document or {}
@@ -609,13 +624,14 @@ class Daemon:
     def _admit(self, queued: Path, job_id: str, read: ReadJob, sidecar: Sidecar) -> None:
         """Keep a runnable job whose file is in queued/, and queue it if this node serves its
         plugin. Its sidecar is not written: the daemon that claims it writes the next."""
+        if not self._serves(read.plugin.name):
+            self._not_adopted[queued] = read.mtime_ns  # for the nodes that serve it
+            return
         job = Job(job_id, queued, read.spec, read.plugin, read.data, sidecar, read.mtime_ns)
         self.jobs[job_id] = job
         now = utc_now()
         not_before = read.spec.not_before
-        if not self._serves(job.plugin.name):
-            pass  # known, so its .stop and duplicates are handled; never claimed here
-        elif not_before is not None and not_before > now:
+        if not_before is not None and not_before > now:
             # misfire_grace_time=None: released however late the loop gets to it.
             self._scheduler.add_job(self._release, "date", run_date=not_before, args=[job_id],
                                     id=f"not_before:{job_id}", replace_existing=True,
@@ -680,6 +696,8 @@ class Daemon:
         """
         job_id = InboxName.of(path.name).job_id
         sidecar = self.outbox.read(job_id)
+        if not os.path.lexists(path):
+            return  # another node took it over meanwhile
         if sidecar is not None and sidecar.state.is_terminal:
             self._file_away_ended(path, job_id)
             return
@@ -705,7 +723,12 @@ class Daemon:
         """Keep every queued job no job here stands for: taken in by another node, or by
         this one before a disk fault or a restart."""
         queued = sorted(self.spool.queued_files())
-        self._not_adopted = {p: m for p, m in self._not_adopted.items() if p in set(queued)}
+        listed = set(queued)
+        self._not_adopted = {p: m for p, m in self._not_adopted.items() if p in listed}
+        for job in list(self.jobs.values()):  # queued here, claimed by another node since
+            if job.id not in self.running and job.path not in listed and not (
+                    os.path.lexists(job.path)):
+                self._forget(job)
         for path in queued:
             job_id = InboxName.of(path.name).job_id
             if job_id not in self.jobs and self._not_adopted.get(path, 0) != _mtime_ns(path):
@@ -754,7 +777,9 @@ class Daemon:
             job_id = self.queue.pop(self._has_room)
             if job_id is None:
                 return
-            job = self.jobs[job_id]
+            job = self.jobs.get(job_id)
+            if job is None:  # forgotten while queued (claimed by another node)
+                continue
             try:
                 self._start(job)
             except OSError as exc:  # the spool or the outbox fails (a full disk): wait, retry
@@ -774,12 +799,23 @@ class Daemon:
         if claimed is None:
             self._claimed_elsewhere(job)
             return
-        # The sidecar on disk is the truth: another node may have run and requeued it.
+        # The file and the sidecar on disk are the truth: what this node read when the job
+        # was queued may be an earlier submission of the same id, run and ended elsewhere.
         old = self.outbox.read(job.id) or job.sidecar
         if old.state.is_terminal:
             self.jobs.pop(job.id, None)
             self._file_away_ended(claimed, job.id)
             return
+        read = self._read_held(claimed)
+        if read.error is not None:
+            self.jobs.pop(job.id, None)
+            self._end(job.id, claimed, old, JobState.FAILED, error=read.error)
+            return
+        if not self._serves(read.plugin.name):  # resubmitted for another plugin
+            self.spool.requeue(claimed)
+            self._forget(job)
+            return
+        job.spec, job.plugin, job.data = read.spec, read.plugin, read.data
         attempt = old.attempt + 1 if old.started_at is not None else old.attempt
         now = utc_now()
         running = old.model_copy(update={
@@ -800,12 +836,20 @@ class Daemon:
     def _claimed_elsewhere(self, job: Job) -> None:
         """Its file left queued/ before this node could claim it: another node's now, or
         removed by someone (then it fails as lost)."""
-        self.jobs.pop(job.id, None)
+        self._forget(job)
         if self.spool.holds(job.id) or self._is_ended(job.id):
             logger.bind(job_id=job.id).debug("job {}: claimed by another node", job.id)
             return
         self._end(job.id, None, job.sidecar, JobState.FAILED, error=JobLost(
             f"its file left {job.path.parent} before it could run"))
+
+    def _forget(self, job: Job) -> None:
+        """Drop a job this node holds no file of: another node has it."""
+        if self.jobs.get(job.id) is job:
+            del self.jobs[job.id]
+        self.queue.discard(job.id)
+        if self._scheduler is not None and self._scheduler.get_job(f"not_before:{job.id}"):
+            self._scheduler.remove_job(f"not_before:{job.id}")
 
     def _is_ended(self, job_id: str) -> bool:
         sidecar = self.outbox.read(job_id)

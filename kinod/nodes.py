@@ -54,7 +54,7 @@ class NodeBoard:
         self._started_at = utc_now()
         self._last_beat: float | None = None
         # other node -> (the last seq seen, when it was first seen with that seq)
-        self._seen: dict[str, tuple[int | None, float]] = {}
+        self._seen: dict[str, tuple[object, float]] = {}
 
     def path(self, node: str) -> Path:
         return self.folder / f"{node}.json"
@@ -80,7 +80,8 @@ class NodeBoard:
         """True once ``node``'s heartbeat has stood still for a whole lease, as seen from
         here (a node never seen beating counts from the first look)."""
         heartbeat = read_heartbeat(self.path(node))
-        seq = None if heartbeat is None else heartbeat.seq
+        # started_at too: a restarted node counts from 1 again.
+        seq = None if heartbeat is None else (heartbeat.started_at, heartbeat.seq)
         now = self._clock()
         last_seq, since = self._seen.get(node, (object(), now))
         if seq != last_seq:

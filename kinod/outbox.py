@@ -69,6 +69,9 @@ class Outbox:
         sidecar, log = self.sidecar_path(job_id), self.log_path(job_id)
         if not sidecar.exists() and not log.exists():
             return
+        current = self.read(job_id)
+        if current is not None and not current.state.is_terminal:
+            return  # another daemon's new run of this id, taken in a moment ago
         folder = self.archive / job_id
         folder.mkdir(parents=True, exist_ok=True)
         n = 1

@@ -201,3 +201,35 @@ def test_a_node_only_claims_jobs_of_the_plugins_it_serves(
         assert wait_end(cpu, f"e{i}")["node"] == "cpu"
     for daemon in (cpu, gpu):
         assert daemon.stop() == 0
+
+
+def test_a_busy_node_forgets_jobs_another_node_claimed_ran_or_stopped(
+        kinod_root: Path, nodes: Callable[..., DaemonProcess]) -> None:
+    inbox = kinod_root / "inbox"
+    busy_gate, other_gate = kinod_root / "busy_gate", kinod_root / "other_gate"
+    busy = nodes("busy", workers=1)
+    drop_job(inbox, "hog.yaml", scripted(steps=0, gate=str(busy_gate)))
+    wait_for(lambda: executions(busy, "hog") == 1, 15, what="the busy node's own job")
+    free = nodes("free", workers=2)
+    # Queued on both nodes; only the free one can run them.
+    drop_job(inbox, "quick.yaml", scripted(steps=0, tag="first"))
+    drop_job(inbox, "held.yaml", scripted(steps=0, gate=str(other_gate)))
+    assert wait_end(free, "quick")["result"]["tag"] == "first"
+    wait_for(lambda: (free.sidecar("held") or {}).get("state") == "running", 15,
+             what="held to run on the free node")
+    # A resubmission of an ended id runs, with its own data, wherever it is taken in.
+    drop_job(inbox, "quick.yaml", scripted(steps=0, tag="second"))
+    wait_for(lambda: (free.sidecar("quick") or {}).get("result", {}) and
+             free.sidecar("quick")["result"]["tag"] == "second", 15, what="the second run")
+    assert spool_files(free, "duplicates") == []
+    # A stop for a job running on the other node: the busy node leaves it to its owner.
+    (inbox / "held.stop").touch()
+    assert wait_end(free, "held")["state"] == "stopped"
+    busy_gate.touch()  # the busy node's worker frees: nothing stale may be dispatched
+    assert wait_end(busy, "hog")["state"] == "succeeded"
+    drop_job(inbox, "after.yaml", scripted(steps=0))
+    assert wait_end(busy, "after")["state"] == "succeeded"
+    for daemon in (busy, free):
+        assert daemon.proc.poll() is None, daemon.log()[-2000:]
+        assert daemon.stop() == 0
+    other_gate.touch()
