@@ -561,7 +561,7 @@ class Daemon:
         if job is not None:
             if job_id in self.running or os.path.lexists(job.path):
                 return True
-            self._forget(job)  # claimed and perhaps ended on another node
+            self._claimed_elsewhere(job)  # or removed by someone: then it fails as lost
         return job_id in self._unfiled or self.spool.holds(job_id)
 
     def _served_elsewhere(self, read: ReadJob) -> bool:
@@ -728,7 +728,7 @@ class Daemon:
         for job in list(self.jobs.values()):  # queued here, claimed by another node since
             if job.id not in self.running and job.path not in listed and not (
                     os.path.lexists(job.path)):
-                self._forget(job)
+                self._claimed_elsewhere(job)
         for path in queued:
             job_id = InboxName.of(path.name).job_id
             if job_id not in self.jobs and self._not_adopted.get(path, 0) != _mtime_ns(path):

@@ -93,10 +93,14 @@ class Spool:
         return dst
 
     def holds(self, job_id: str) -> bool:
-        """A file of ``job_id`` is queued or running on some node: the job is active."""
-        folders = [self.queued, *self._running_folders()]
+        """A file of ``job_id`` is queued or running on some node: the job is active.
+
+        Running folders, queued/, then the running folders again: a file that moves
+        between them meanwhile (a claim, a requeue) is seen in one of the three looks.
+        """
+        running = self._running_folders()
         return any(os.path.lexists(folder / f"{job_id}{suffix}")
-                   for folder in folders for suffix in JOB_SUFFIXES)
+                   for folder in (*running, self.queued, *running) for suffix in JOB_SUFFIXES)
 
     def other_nodes(self) -> list[str]:
         """Nodes other than this one with a running/ folder."""
