@@ -143,12 +143,13 @@ def test_a_killed_nodes_jobs_finish_on_the_others_after_its_lease(
     for job_id in held + ids:
         sidecar = assert_ended_once(doomed, job_id)
         assert sidecar["state"] == "succeeded", sidecar
+        assert completed_runs(doomed, job_id) == 1, job_id  # ran to its end exactly once
         if sidecar["attempt"] == 1:
-            assert completed_runs(doomed, job_id) == 1, job_id  # ran exactly once
-        else:  # it was running on the doomed node when it died
+            assert executions(doomed, job_id) == 1, job_id
+        else:  # claimed by the doomed node when it died (its plugin begun, or not yet)
             taken_back += 1
             assert sidecar["attempt"] == 2 and sidecar["node"] in ("b", "c"), sidecar
-            assert executions(doomed, job_id) == 2, job_id
+            assert executions(doomed, job_id) in (1, 2), job_id
     for job_id in held:
         assert doomed.sidecar(job_id)["attempt"] == 2
     assert taken_back >= len(held)
