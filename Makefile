@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-poll lint clean
+.PHONY: run test test-poll bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP)
 ## test-poll: the end-to-end suite again, every daemon in poll mode (as on NFS)
 test-poll: $(STAMP)
 	KINOD_WATCH=poll KINOD_POLL_INTERVAL_S=0.2 $(BIN)/pytest tests/test_e2e_*.py
+
+## bench: measure kinod against its baselines; writes bench/RESULTS.md (takes minutes)
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check kinod tests
