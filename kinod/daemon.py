@@ -597,9 +597,7 @@ class Daemon:
     def _take_in(self, held: Path, job_id: str, read: ReadJob) -> None:
         """A new job file this node holds in running/<node>/: write its first sidecar, then
         queue it (or fail it, if it cannot run)."""
-        now = utc_now()
-        sidecar = self._with_task(Sidecar(id=job_id, state=JobState.QUEUED, created_at=now,
-                                          updated_at=now), read)
+        sidecar = self._first_sidecar(job_id, read)
         if read.error is not None and not self._served_elsewhere(read):
             self._end(job_id, held, sidecar, JobState.FAILED, error=read.error, published=False)
             return
@@ -612,14 +610,16 @@ class Daemon:
         if read.error is None:
             self._admit(queued, job_id, read, sidecar)
 
-    def _with_task(self, sidecar: Sidecar, read: ReadJob) -> Sidecar:
+    def _first_sidecar(self, job_id: str, read: ReadJob) -> Sidecar:
+        """A new run's queued sidecar, with the job as submitted."""
+        now = utc_now()
         document = read.document or {}
-        return sidecar.model_copy(update={
-            "task": read.document, "node": self.settings.node, "pid": os.getpid(),
+        return Sidecar(
+            id=job_id, state=JobState.QUEUED, created_at=now, updated_at=now,
+            task=read.document, node=self.settings.node, pid=os.getpid(),
             # Taken from the file even when it is invalid, where they are text.
             **{key: value for key in ("name", "type")
-               if isinstance(value := document.get(key), str)},
-        })
+               if isinstance(value := document.get(key), str)})
 
     def _admit(self, queued: Path, job_id: str, read: ReadJob, sidecar: Sidecar) -> None:
         """Keep a runnable job whose file is in queued/, and queue it if this node serves its
@@ -743,9 +743,7 @@ class Daemon:
             self._not_adopted[path] = read.mtime_ns  # not for this node: look again if changed
             return
         if sidecar is None:  # its first sidecar is being written, or a power cut lost it
-            now = utc_now()
-            sidecar = self._with_task(Sidecar(id=job_id, state=JobState.QUEUED,
-                                              created_at=now, updated_at=now), read)
+            sidecar = self._first_sidecar(job_id, read)
         self._admit(path, job_id, read, sidecar)
 
     def _file_away_ended(self, path: Path, job_id: str) -> None:
