@@ -19,6 +19,7 @@ from kinod.config import Settings, load_settings
 from kinod.errors import ConfigError, InvalidJob
 from kinod.intake import InboxName, check_job, inbox_has_job, read_job_bytes
 from kinod.job_document import parse_document
+from kinod.job_threads import IDLE_NAME
 from kinod.models import JOB_ID_RULES, Sidecar, is_valid_job_id
 from kinod.plugins.plugin_loader import PluginRegistry
 
@@ -153,7 +154,7 @@ def _exit_without_waiting_for_plugin_threads() -> None:
     interpreter joins at exit even when they are daemon threads); the daemon has handed
     its jobs back already, so it exits now rather than when they end."""
     left = [t.name for t in threading.enumerate()
-            if t is not threading.main_thread() and t.is_alive()]
+            if t is not threading.main_thread() and t.is_alive() and t.name != IDLE_NAME]
     if left:
         logger.warning("exiting without waiting for plugin threads: {}", ", ".join(left))
         logger.complete()

@@ -21,6 +21,7 @@ from typing import Any
 
 from loguru import logger
 
+from kinod.job_threads import job_threads
 from kinod.models import clean_text
 from kinod.outcome import Outcome, StopReason
 from kinod.plugins.base_plugin import BasePlugin
@@ -197,8 +198,7 @@ class PluginRun(SupervisedRun):
     # --- called on the daemon's loop --------------------------------------
 
     def _start(self) -> None:
-        threading.Thread(target=self._thread_main, name=f"job-{self.job_id}",
-                         daemon=True).start()
+        job_threads.run(self._thread_main, name=f"job-{self.job_id}")
 
     def _ask_to_stop(self) -> None:
         self._tell_plugin_to_stop()
