@@ -601,6 +601,14 @@ class Daemon:
         if read.error is not None and not self._served_elsewhere(read):
             self._end(job_id, held, sidecar, JobState.FAILED, error=read.error, published=False)
             return
+        if read.error is None and self._can_start_now(job_id, read):
+            # It would be the next to run anyway: it starts from here, without a queued
+            # sidecar and the two renames through queued/. A crash before its running
+            # sidecar is written leaves a file that never ran, which is taken in again.
+            job = Job(job_id, held, read.spec, read.plugin, read.data, sidecar, read.mtime_ns)
+            self._begin(job, held, sidecar, published=False)
+            self.jobs[job_id] = job
+            return
         self.outbox.publish(sidecar)
         try:
             queued = self.spool.release(held)
@@ -609,6 +617,16 @@ class Daemon:
             return
         if read.error is None:
             self._admit(queued, job_id, read, sidecar)
+
+    def _can_start_now(self, job_id: str, read: ReadJob) -> bool:
+        """Nothing waits before this job and it may run now: a free worker, room for its
+        plugin, no ``not_before`` ahead, no stop request."""
+        not_before = read.spec.not_before
+        return (not self._shutdown.is_set() and not self._dispatch_held and not len(self.queue)
+                and len(self.running) < self.settings.workers
+                and self._serves(read.plugin.name) and self._has_room(read.plugin.name)
+                and (not_before is None or not_before <= utc_now())
+                and not os.path.lexists(self.settings.inbox / f"{job_id}.stop"))
 
     def _first_sidecar(self, job_id: str, read: ReadJob) -> Sidecar:
         """A new run's queued sidecar, with the job as submitted."""
@@ -814,6 +832,15 @@ class Daemon:
             self._forget(job)
             return
         job.spec, job.plugin, job.data = read.spec, read.plugin, read.data
+        try:
+            self._begin(job, claimed, old)
+        except OSError:
+            job.path = self.spool.requeue(claimed)  # as it was: queued
+            raise
+
+    def _begin(self, job: Job, held: Path, old: Sidecar, published: bool = True) -> None:
+        """Write the running sidecar of a job whose file this node holds, and run it.
+        OSError when the sidecar cannot be written: then the job is not running."""
         attempt = old.attempt + 1 if old.started_at is not None else old.attempt
         now = utc_now()
         running = old.model_copy(update={
@@ -821,12 +848,9 @@ class Daemon:
             "started_at": now, "finished_at": None, "updated_at": now, "error": None,
             "result": None, "node": self.settings.node, "pid": os.getpid(),
         })
-        try:
-            self.outbox.publish(running, old)
-        except OSError:
-            job.path = self.spool.requeue(claimed)  # as it was: queued
-            raise
-        job.path, job.sidecar, job.progress = claimed, running, None
+        self.outbox.publish(running, old if published else None)
+        job.path, job.sidecar, job.progress = held, running, None
+        job.last_write_s = self._clock()  # the throttle counts from this write
         self.running[job.id] = job
         self._running_per_plugin[job.plugin.name] += 1
         job.task = asyncio.create_task(self._run(job), name=f"job {job.id}")
@@ -880,8 +904,10 @@ class Daemon:
         no sidecar may say "succeeded" beside frames that were never written."""
         if verdict.state is not JobState.SUCCEEDED:
             return verdict
+        folder = self.settings.frames / job.id
         try:
-            await asyncio.to_thread(flush_tree, self.settings.frames / job.id)
+            if not _is_empty_folder(folder):  # an empty one holds nothing a power cut can lose
+                await asyncio.to_thread(flush_tree, folder)
         except OSError as exc:
             return Verdict(JobState.FAILED, error=KinodError(
                 f"its output could not be flushed to disk: {exc}"))
@@ -1070,6 +1096,14 @@ def _identity(folder: Path) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return st.st_dev, st.st_ino
+
+
+def _is_empty_folder(folder: Path) -> bool:
+    try:
+        with os.scandir(folder) as entries:
+            return next(entries, None) is None
+    except FileNotFoundError:
+        return True
 
 
 def _unlink(path: Path) -> None:
