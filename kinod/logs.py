@@ -39,8 +39,10 @@ def setup_logging(log_format: str = "text", level: str = "INFO") -> None:
         logger.add(sys.stderr, level=level, format=TEXT_FORMAT, colorize=None, diagnose=False)
     # Plugins that log with the standard library end up here too.
     logging.basicConfig(handlers=[_InterceptHandler()], level=0, force=True)
-    # apscheduler reports every run of the periodic rescan at INFO.
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # apscheduler reports every run of the periodic rescan at INFO; the HTTP and websocket
+    # libraries (the sdxl plugin's) every request and frame at DEBUG, into the job's log.
+    for name in ("apscheduler", "httpx", "httpcore", "websockets", "aiohttp"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def stderr_is_journal(environ: dict[str, str] | None = None) -> bool:
@@ -76,10 +78,14 @@ def add_job_log_sink(outbox: Path) -> int:
     """
 
     def sink(message) -> None:
-        record = message.record
-        path = outbox / f"{record['extra']['job_id']}.log"
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(message)
+        path = outbox / f"{message.record['extra']['job_id']}.log"
+        # One O_APPEND write per line: no buffered file object to build for each line, and
+        # lines from several threads never interleave.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, message.encode("utf-8", "backslashreplace"))
+        finally:
+            os.close(fd)
 
     return logger.add(sink, level="DEBUG", format=JOB_LINE_FORMAT,
                       filter=lambda record: "job_id" in record["extra"], catch=True)
