@@ -382,7 +382,7 @@ def test_folders_that_are_not_plugins_are_skipped(plugins_dir: Path) -> None:
     make_plugin(plugins_dir, "good", plain_plugin())
     registry = registry_of(plugins_dir)
     assert registry.errors == {}
-    assert set(registry.plugins) == {"example", "good"}
+    assert set(registry.plugins) == {"example", "sdxl", "good"}
 
 
 def test_missing_plugin_folder_is_reported(tmp_path: Path) -> None:

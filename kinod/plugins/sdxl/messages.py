@@ -1,0 +1,195 @@
+"""ComfyUI's answers, read through small models: websocket messages, /prompt, /queue, /history.
+
+Every model allows extra keys (servers add fields between versions); what this plugin needs is
+checked, what it does not know is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, RootModel, ValidationError
+
+
+class _Answer(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+# --- websocket messages ------------------------------------------------------------------
+
+class WsMessage(_Answer):
+    type: str
+    data: dict[str, Any] = {}
+
+
+class ProgressData(_Answer):
+    value: float
+    max: float
+    prompt_id: str | None = None
+    node: str | None = None
+
+
+class ExecutingData(_Answer):
+    node: str | None = None
+    prompt_id: str | None = None
+
+
+class PromptEventData(_Answer):
+    prompt_id: str | None = None
+
+
+class NodeFailureData(_Answer):
+    """``execution_error`` and ``execution_interrupted``."""
+
+    prompt_id: str | None = None
+    node_id: str | None = None
+    node_type: str | None = None
+    exception_message: str = ""
+    exception_type: str = ""
+
+
+@dataclass(frozen=True)
+class Progress:
+    prompt_id: str
+    value: float
+    maximum: float
+
+
+@dataclass(frozen=True)
+class Started:
+    prompt_id: str
+
+
+@dataclass(frozen=True)
+class Ended:
+    """The server says the prompt is over; its outcome is read from /history."""
+
+    prompt_id: str
+    how: str  # "finished", "error" or "interrupted"
+    failure: NodeFailureData | None = None
+
+
+Event = Progress | Started | Ended
+
+_ENDINGS = {"execution_success": "finished", "execution_error": "error",
+            "execution_interrupted": "interrupted"}
+
+
+def parse_ws_message(raw: str | bytes) -> Event | None:
+    """The event a websocket message carries, or None for anything else (binary preview
+    frames, broadcasts such as ``status``, message types this plugin does not know, junk)."""
+    if not isinstance(raw, str):
+        return None
+    try:
+        message = WsMessage.model_validate(json.loads(raw))
+        kind, data = message.type, message.data
+        if kind == "progress":
+            progress = ProgressData.model_validate(data)
+            if progress.prompt_id is None or progress.max <= 0:
+                return None
+            return Progress(progress.prompt_id, progress.value, progress.max)
+        if kind == "executing":
+            executing = ExecutingData.model_validate(data)
+            if executing.prompt_id is None:
+                return None
+            if executing.node is None:  # older servers' only end-of-run message
+                return Ended(executing.prompt_id, "finished")
+            return Started(executing.prompt_id)
+        if kind == "execution_start":
+            started = PromptEventData.model_validate(data)
+            return Started(started.prompt_id) if started.prompt_id else None
+        if kind in _ENDINGS:
+            failure = NodeFailureData.model_validate(data)
+            if failure.prompt_id is None:
+                return None
+            return Ended(failure.prompt_id, _ENDINGS[kind],
+                         failure if kind != "execution_success" else None)
+    except (ValueError, ValidationError):  # json's errors are ValueErrors
+        return None
+    return None
+
+
+# --- POST /prompt ----------------------------------------------------------------------------
+
+class PromptAccepted(_Answer):
+    prompt_id: str
+    number: int | None = None
+
+
+class ErrorItem(_Answer):
+    type: str = ""
+    message: str = ""
+    details: str = ""
+
+
+class NodeErrors(_Answer):
+    errors: list[ErrorItem] = []
+    class_type: str | None = None
+
+
+class PromptRejection(_Answer):
+    error: ErrorItem | str | None = None
+    node_errors: dict[str, NodeErrors] | list[Any] = {}
+
+
+# --- GET /queue and /history -------------------------------------------------------------
+
+class QueueState(_Answer):
+    queue_running: list[Any] = []
+    queue_pending: list[Any] = []
+
+    @staticmethod
+    def _ids(entries: list[Any]) -> list[str]:
+        # Each entry is [number, prompt_id, prompt, extra_data, outputs_to_execute].
+        return [str(e[1]) for e in entries if isinstance(e, list) and len(e) > 1]
+
+    @property
+    def running_ids(self) -> list[str]:
+        return self._ids(self.queue_running)
+
+    @property
+    def pending_ids(self) -> list[str]:
+        return self._ids(self.queue_pending)
+
+    @property
+    def length(self) -> int:
+        return len(self.queue_running) + len(self.queue_pending)
+
+
+class ImageRef(_Answer):
+    filename: str
+    subfolder: str = ""
+    type: str = "output"
+
+
+class NodeOutput(_Answer):
+    images: list[ImageRef] = []
+
+
+class HistoryStatus(_Answer):
+    status_str: str | None = None
+    completed: bool = False
+    messages: list[Any] = []
+
+    def message(self, name: str) -> dict[str, Any] | None:
+        """The data of the first message ``name`` (messages are ``[name, data]`` pairs)."""
+        for entry in self.messages:
+            if (isinstance(entry, list) and len(entry) == 2 and entry[0] == name
+                    and isinstance(entry[1], dict)):
+                return entry[1]
+        return None
+
+
+class HistoryEntry(_Answer):
+    outputs: dict[str, NodeOutput] = {}
+    status: HistoryStatus | None = None
+
+    @property
+    def images(self) -> list[ImageRef]:
+        return [image for output in self.outputs.values() for image in output.images]
+
+
+class History(RootModel[dict[str, HistoryEntry]]):
+    pass
