@@ -92,6 +92,7 @@ class Job:
     last_write_s: float = 0.0
     stop_requested: bool = False
     fenced: bool = False  # another node took it over: its end here is never recorded
+    file_identity: tuple[int, int, int] | None = None  # of the file read: a claim skips rereading
 
 
 class Daemon:
@@ -616,7 +617,8 @@ class Daemon:
             self._set_aside_duplicate(held, job_id)
             return
         if read.error is None:
-            self._admit(queued, job_id, read, sidecar)
+            # Our own rename put it there, and none can replace it: it is the file read.
+            self._admit(queued, job_id, read, sidecar, _file_identity(queued))
 
     def _can_start_now(self, job_id: str, read: ReadJob) -> bool:
         """Nothing waits before this job and it may run now: a free worker, room for its
@@ -639,13 +641,15 @@ class Daemon:
             **{key: value for key in ("name", "type")
                if isinstance(value := document.get(key), str)})
 
-    def _admit(self, queued: Path, job_id: str, read: ReadJob, sidecar: Sidecar) -> None:
+    def _admit(self, queued: Path, job_id: str, read: ReadJob, sidecar: Sidecar,
+               identity: tuple[int, int, int] | None) -> None:
         """Keep a runnable job whose file is in queued/, and queue it if this node serves its
         plugin. Its sidecar is not written: the daemon that claims it writes the next."""
         if not self._serves(read.plugin.name):
             self._not_adopted[queued] = read.mtime_ns  # for the nodes that serve it
             return
         job = Job(job_id, queued, read.spec, read.plugin, read.data, sidecar, read.mtime_ns)
+        job.file_identity = identity
         self.jobs[job_id] = job
         now = utc_now()
         not_before = read.spec.not_before
@@ -753,6 +757,7 @@ class Daemon:
                 self._guarded(self._adopt, path, job_id)
 
     def _adopt(self, path: Path, job_id: str) -> None:
+        identity = _file_identity(path)  # before reading: a later change shows at the claim
         read = self._read(path)
         if read is None:
             return  # claimed by another node meanwhile
@@ -762,7 +767,7 @@ class Daemon:
             return
         if sidecar is None:  # its first sidecar is being written, or a power cut lost it
             sidecar = self._first_sidecar(job_id, read)
-        self._admit(path, job_id, read, sidecar)
+        self._admit(path, job_id, read, sidecar, identity)
 
     def _file_away_ended(self, path: Path, job_id: str) -> None:
         """The run has ended: forget its counts, then move its file to done/ for good.
@@ -822,16 +827,19 @@ class Daemon:
             self.jobs.pop(job.id, None)
             self._file_away_ended(claimed, job.id)
             return
-        read = self._read_held(claimed)
-        if read.error is not None:
-            self.jobs.pop(job.id, None)
-            self._end(job.id, claimed, old, JobState.FAILED, error=read.error)
-            return
-        if not self._serves(read.plugin.name):  # resubmitted for another plugin
-            self.spool.requeue(claimed)
-            self._forget(job)
-            return
-        job.spec, job.plugin, job.data = read.spec, read.plugin, read.data
+        if job.file_identity is None or job.file_identity != _file_identity(claimed):
+            # Not the file this node read: resubmitted meanwhile (done/ keeps the old file,
+            # so a new one never has its inode).
+            read = self._read_held(claimed)
+            if read.error is not None:
+                self.jobs.pop(job.id, None)
+                self._end(job.id, claimed, old, JobState.FAILED, error=read.error)
+                return
+            if not self._serves(read.plugin.name):  # resubmitted for another plugin
+                self.spool.requeue(claimed)
+                self._forget(job)
+                return
+            job.spec, job.plugin, job.data = read.spec, read.plugin, read.data
         try:
             self._begin(job, claimed, old)
         except OSError:
@@ -1096,6 +1104,14 @@ def _identity(folder: Path) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return st.st_dev, st.st_ino
+
+
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _is_empty_folder(folder: Path) -> bool:
