@@ -39,9 +39,10 @@ def setup_logging(log_format: str = "text", level: str = "INFO") -> None:
         logger.add(sys.stderr, level=level, format=TEXT_FORMAT, colorize=None, diagnose=False)
     # Plugins that log with the standard library end up here too.
     logging.basicConfig(handlers=[_InterceptHandler()], level=0, force=True)
-    # apscheduler reports every run of the periodic rescan at INFO; the HTTP and websocket
-    # libraries (the sdxl plugin's) every request and frame at DEBUG, into the job's log.
-    for name in ("apscheduler", "httpx", "httpcore", "websockets", "aiohttp"):
+    # apscheduler reports every run of the periodic rescan at INFO; watchdog every file event
+    # at DEBUG (a cost paid per job even when nobody reads DEBUG); the HTTP and websocket
+    # libraries (the sdxl plugin's) every request and frame, into the job's log.
+    for name in ("apscheduler", "watchdog", "httpx", "httpcore", "websockets", "aiohttp"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 

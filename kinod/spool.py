@@ -98,9 +98,11 @@ class Spool:
         Running folders, queued/, then the running folders again: a file that moves
         between them meanwhile (a claim, a requeue) is seen in one of the three looks.
         """
-        running = self._running_folders()
-        return any(os.path.lexists(folder / f"{job_id}{suffix}")
-                   for folder in (*running, self.queued, *running) for suffix in JOB_SUFFIXES)
+        # Strings, not Paths: this runs for every job taken in.
+        running = [str(folder) for folder in self._running_folders()]
+        names = [job_id + suffix for suffix in JOB_SUFFIXES]
+        return any(os.path.lexists(os.path.join(folder, name))
+                   for folder in (*running, str(self.queued), *running) for name in names)
 
     def other_nodes(self) -> list[str]:
         """Nodes other than this one with a running/ folder."""
