@@ -1,266 +1,358 @@
-"""kinod's benchmarks, each against a baseline measured in the same run.
+"""kinod's benchmarks, each figure against a baseline measured in the same run.
 
-    python bench/run.py [--quick] [--out bench/RESULTS.md]
+    python bench/run.py [--quick] [--only SECTION,...] [--sizes N,...] [--out FILE]
 
-Jobs use the no-op plugin in bench/plugins, so only kinod's own cost is measured.
-Every figure is printed as measured and as a ratio to its baseline, with the
-machine it ran on, because shared machines are noisy: compare ratios, not seconds.
+Sections: throughput (with cost per job as the inbox grows), latency, backlog, idle,
+storm. Jobs use the no-op plugin in bench/plugins, so only kinod's own cost is measured.
+Writes bench/RESULTS.md (sections not run keep their last results; see report.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
-import platform
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
-import yaml
+import measure
+import peer_huey
+from farm import BENCH, BenchError, machine, make_farm
+from measure import Burst
+from report import Row, Section, save, table
 
-from kinod.atomic_files import atomic_write, rename_noreplace
-from kinod.watcher import file_system_type
+from kinod.config import Settings
 
-BENCH = Path(__file__).resolve().parent
-PLUGINS = BENCH / "plugins"
-JOB = json.dumps({"type": "noop", "data": {}})
-
-
-# --- farms ------------------------------------------------------------------------------
-
-
-def make_farm(root: Path, **settings) -> Path:
-    for folder in ("inbox", "outbox", "data/frames", "models_storage"):
-        (root / folder).mkdir(parents=True, exist_ok=True)
-    values = {"node": "bench", "plugin_dirs": [str(PLUGINS)], "settle_s": 0,
-              "log_level": "WARNING", **settings}
-    config = root / "config.yaml"
-    config.write_text(yaml.safe_dump(values))
-    return config
+SECTIONS = ["throughput", "latency", "backlog", "idle", "storm"]
+TARGET_N = 10_000  # the size the throughput targets are set at
+STORM_TIGHT_S = 0.01  # a throttle the storm is held back by
 
 
-def drop_jobs(inbox: Path, n: int) -> None:
-    """n job files, each written under a dot-name and renamed into place."""
-    for i in range(n):
-        tmp = inbox / f".job{i:06d}.json.tmp"
-        tmp.write_text(JOB)
-        os.rename(tmp, inbox / f"job{i:06d}.json")
+@dataclass
+class Plan:
+    """How much of everything to measure (``--quick``: a sanity run of a few minutes)."""
+
+    sizes: list[int]
+    spawn_jobs: int = 300  # one process per job is slow: measured on fewer, per job
+    huey_max: int = 10_000  # huey is measured up to this many jobs
+    latency_jobs: int = 1000
+    poll_jobs: int = 1000
+    poll_interval_s: float = 0.1
+    backlog_jobs: int = 100_000
+    backlog_reference: int = 1000
+    idle_s: float = 60
+    storm_reports: int = 100_000
+    limit_s: float = 1800  # at most this long for any one run of a daemon
 
 
-def all_ended(outbox: Path, n: int) -> bool:
-    ended = 0
-    for path in outbox.glob("*.json"):
-        try:
-            if json.loads(path.read_bytes())["state"] in ("succeeded", "failed", "stopped"):
-                ended += 1
-        except (OSError, ValueError):
-            pass
-    return ended == n
+def quick_plan() -> Plan:
+    return Plan(sizes=[200, 1000], spawn_jobs=50, latency_jobs=100, poll_jobs=30,
+                backlog_jobs=2000, backlog_reference=200, idle_s=10, limit_s=300)
 
 
-def kinod(config: Path, *args: str, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "kinod", "run", "--config", str(config),
-                             *args], **popen)
+class Bench:
+    """One run: its temporary folder, and what sections share (the plain loop's figures,
+    the backlog's farm for the idle section)."""
+
+    def __init__(self, plan: Plan, work: Path) -> None:
+        self.plan = plan
+        self.work = work
+        self.plain: dict[int, Burst] = {}
+        self.backlog_config: Path | None = None
+
+    def farm(self, name: str) -> Path:
+        path = self.work / name
+        measure.remove(path)
+        return path
+
+    def physical(self, n: int, again: bool = False) -> Burst:
+        """The plain loop on n jobs; ``again``: measure once more and keep the faster run
+        (a baseline that is never flattered by a busy moment of a shared machine)."""
+        if n not in self.plain or again:
+            burst = measure.physical(self.farm("plain"), n)
+            measure.remove(self.work / "plain")
+            if n not in self.plain or burst.rate > self.plain[n].rate:
+                self.plain[n] = burst
+        return self.plain[n]
+
+    # --- the sections -----------------------------------------------------------------------
+
+    def throughput(self) -> Section:
+        p = self.plan
+        s = Section("throughput", "Throughput", (
+            "Jobs per second from the first of N job files renamed into the inbox of a "
+            "running kinod (READY) until every job is filed under `done/`, its final "
+            "sidecar on disk; 1 and 8 workers. Baselines: the plain loop (`bench/plain.py`: "
+            "read and parse the job, write the `running` and the final sidecar atomically, "
+            "the final one flushed, move the job file), timed over the loop alone, before "
+            "and after kinod's and huey's runs of that size, the faster run kept; one "
+            f"Python process per job file, run one after another as a systemd `.path` unit "
+            f"or an inotify script would, measured on {p.spawn_jobs} jobs and given per "
+            f"job; huey 3.5 with SqliteHuey (`synchronous` "
+            f"{peer_huey.synchronous(self.farm('huey_probe'))}), its consumer running with "
+            "1 or 8 thread workers, timed from the first enqueue until every result is "
+            f"stored (measured up to {p.huey_max:,} jobs)."))
+        spawn = measure.process_per_job(self.farm("spawn"), p.spawn_jobs)
+        runs = self._throughput_runs()
+        rows = []
+        for n in p.sizes:
+            k8 = runs["kinod8", n]
+            rows.append([f"{n:,}", _rate(runs["plain", n]), _rate(spawn),
+                         *(_rate(runs[key, n]) if (key, n) in runs else "—"
+                           for key in ("huey1", "huey8", "kinod1", "kinod8")),
+                         f"{k8.cpu_s / k8.jobs * 1e6:,.0f} µs", f"{k8.peak_rss_mb:.0f} MB"])
+        s.extra += ["Every run (rates in jobs per second):", ""] + table(
+            ["jobs", "plain loop", f"process per job ({p.spawn_jobs})", "huey, 1 worker",
+             "huey, 8 workers", "kinod, 1 worker", "kinod, 8 workers",
+             "kinod CPU per job (8 workers)", "kinod peak RSS (8 workers)"], rows)
+        n = TARGET_N if TARGET_N in p.sizes else max(p.sizes)
+        for workers in (8, 1):
+            kinod = runs[f"kinod{workers}", n]
+            _ratio_row(s, f"{n:,} jobs, {_workers(workers)}, vs the plain loop", kinod,
+                       runs["plain", n], "plain loop", 0.5)
+            _ratio_row(s, f"{n:,} jobs, {_workers(workers)}, vs a process per job", kinod,
+                       spawn, "process per job", 20)
+            if ("huey1", n) in runs:
+                _ratio_row(s, f"{n:,} jobs, {_workers(workers)}, vs huey", kinod,
+                           runs[f"huey{workers}", n], f"huey, {_workers(workers)}", 1,
+                           strict=True)
+        small, large = min(p.sizes), max(p.sizes)
+        if small < large:
+            for who, label, bound in (("kinod8", "kinod, 8 workers", 1.5),
+                                      ("kinod1", "kinod, 1 worker", 1.5),
+                                      ("plain", "the plain loop", None)):
+                a, b = runs[who, small], runs[who, large]
+                growth = (b.seconds / b.ended) / (a.seconds / a.ended)
+                s.add(f"time per job, {large:,} vs {small:,} jobs: {label}",
+                      f"{_per_job(b)} at {large:,}", f"{_per_job(a)} at {small:,}",
+                      f"{growth:.2f}x", "≤ 1.5x" if bound else "—",
+                      (growth <= bound and b.complete) if bound else None)
+        return s
+
+    def _throughput_runs(self) -> dict[tuple[str, int], Burst]:
+        """Every size with the plain loop, huey and kinod, each with 1 and 8 workers."""
+        p = self.plan
+        runs: dict[tuple[str, int], Burst] = {}
+        for n in p.sizes:
+            self.physical(n)
+            for workers in (1, 8):
+                if n <= p.huey_max:
+                    seconds, results = peer_huey.throughput(self.farm("huey"), n, workers,
+                                                            p.limit_s)
+                    runs[f"huey{workers}", n] = Burst(n, seconds, results)
+                runs[f"kinod{workers}", n] = measure.kinod_throughput(
+                    self.farm("kinod"), n, workers, p.limit_s)
+                print(f"  {n:,} jobs, {_workers(workers)}: kinod "
+                      f"{_rate(runs[f'kinod{workers}', n])}/s"
+                      + (f", huey {_rate(runs[f'huey{workers}', n])}/s"
+                         if n <= p.huey_max else ""), flush=True)
+            measure.remove(self.work / "kinod")
+            measure.remove(self.work / "huey")
+            runs["plain", n] = self.physical(n, again=True)  # the faster of before and after
+        return runs
+
+    def latency(self) -> Section:
+        p = self.plan
+        s = Section("latency", "Pickup latency", (
+            "Milliseconds from the rename of a job file into `inbox/` until a reader woken "
+            "by inotify on the outbox reads its `running` sidecar, jobs dropped one at a "
+            "time (each once the one before is filed away, after a random pause: up to the "
+            "interval in poll mode, so drops fall anywhere between two looks). Baseline in "
+            "inotify mode: the plain loop as an inotify watcher (`bench/plain.py watch`), "
+            "measured the same way; in poll mode, the interval."))
+        base = measure.pickup(self.farm("pickup_plain"), p.latency_jobs, "inotify", 2,
+                              baseline=True, limit_s=p.limit_s)
+        kinod = measure.pickup(self.farm("pickup_inotify"), p.latency_jobs, "inotify", 2,
+                               limit_s=p.limit_s)
+        for q, bound in ((50, 5), (99, 20)):
+            k, b = measure.percentile(kinod, q), measure.percentile(base, q)
+            s.add(f"inotify, p{q} ({len(kinod)} jobs)", f"{k:.1f} ms",
+                  f"{b:.1f} ms (plain watcher)", f"{k / b:.1f}x", f"< {bound} ms", k < bound)
+        interval = p.poll_interval_s
+        poll = measure.pickup(self.farm("pickup_poll"), p.poll_jobs, "poll", interval,
+                              limit_s=p.limit_s)
+        bound_ms = interval * 1000 + 10
+        for q in (50, 99):
+            v = measure.percentile(poll, q)
+            s.add(f"poll every {interval:g} s, p{q} ({len(poll)} jobs)", f"{v:.1f} ms",
+                  f"{interval * 1000:.0f} ms (the interval)", f"{v / interval / 1000:.2f}x",
+                  f"≤ {bound_ms:.0f} ms", v <= bound_ms)
+        s.add(f"poll every {interval:g} s, slowest", f"{max(poll):.1f} ms",
+              f"{interval * 1000:.0f} ms (the interval)", f"{max(poll) / interval / 1000:.2f}x")
+        s.extra.append(f"Mean: inotify {statistics.mean(kinod):.1f} ms (plain watcher "
+                       f"{statistics.mean(base):.1f} ms), poll {statistics.mean(poll):.1f} ms.")
+        return s
+
+    def backlog(self) -> Section:
+        p = self.plan
+        n, ref_n = p.backlog_jobs, p.backlog_reference
+        s = Section("backlog", "Backlog start-up", (
+            f"kinod (8 workers) started on {n:,} job files already in its inbox: seconds "
+            "from starting the process until the first `running` sidecar is written, until "
+            "it says READY=1, and until every job is filed under `done/`; its peak resident "
+            f"memory (VmHWM). Baselines: the same on {ref_n:,} queued files, and the plain "
+            f"loop on {n:,} jobs (the faster of two runs)."))
+        ref = measure.backlog(self.farm("backlog_ref"), ref_n, 8, p.limit_s)
+        measure.remove(self.work / "backlog_ref")
+        fresh = n not in self.plain  # else measured twice by the throughput section
+        if fresh:
+            self.physical(n)
+        big = measure.backlog(self.farm("backlog"), n, 8, p.limit_s)
+        if big.ended == n:  # all finished: the idle section's outbox of finished jobs
+            self.backlog_config = self.work / "backlog" / "config.yaml"
+        s.add("first job running", f"{big.first_s:.2f} s", f"{ref.first_s:.2f} s "
+              f"({ref_n:,} queued)", f"{big.first_s / ref.first_s:.1f}x", "≤ 2 s",
+              big.first_s <= 2)
+        s.add("READY=1", f"{big.ready_s:.2f} s", f"{ref.ready_s:.2f} s ({ref_n:,} queued)",
+              f"{big.ready_s / ref.ready_s:.1f}x")
+        plain = self.physical(n, again=fresh)  # the faster of before and after
+        done = (f"{big.all_s:.1f} s" if big.ended == n
+                else f"past the limit: {big.ended:,} of {n:,} in {big.all_s:.0f} s")
+        s.add(f"all {n:,} done", f"{done} ({big.ended / big.all_s:,.0f} jobs/s)",
+              f"{plain.seconds:.1f} s (plain loop)", f"{big.all_s / plain.seconds:.1f}x")
+        s.add("peak RSS", f"{big.peak_rss_mb:.0f} MB",
+              f"{ref.peak_rss_mb:.0f} MB ({ref_n:,} queued)",
+              f"{big.peak_rss_mb / ref.peak_rss_mb:.2f}x", "< 150 MB", big.peak_rss_mb < 150)
+        s.add("CPU per job", f"{big.cpu_s / n * 1e6:,.0f} µs",
+              f"{ref.cpu_s / ref_n * 1e6:,.0f} µs ({ref_n:,} queued)",
+              f"{(big.cpu_s / n) / (ref.cpu_s / ref_n):.2f}x")
+        return s
+
+    def idle(self) -> Section:
+        p = self.plan
+        n = p.backlog_jobs
+        source = ("the backlog section's farm" if self.backlog_config
+                  else "copies of one job kinod ran")
+        s = Section("idle", "Idle cost", (
+            f"CPU kinod uses over {p.idle_s:g} s with nothing to do (from 2 s after READY=1), "
+            f"in percent of one core: with an empty outbox, and with {n:,} finished jobs in "
+            f"it ({source}). The baseline of the second is the first."))
+        empty = measure.idle_cpu_percent(make_farm(self.farm("idle")), p.idle_s)
+        config = self.backlog_config or measure.finished_farm(self.farm("finished"), n)
+        full = measure.idle_cpu_percent(config, p.idle_s)
+        s.add("empty outbox", f"{empty:.3f} %", "—", "—", "< 0.2 %", empty < 0.2)
+        s.add(f"{n:,} finished jobs", f"{full:.3f} %", f"{empty:.3f} % (empty outbox)",
+              f"{full / empty:.1f}x" if empty else "—", "< 0.2 %", full < 0.2)
+        tick_percent = 100 / os.sysconf("SC_CLK_TCK") / p.idle_s
+        s.extra.append(f"Resolution: CPU time is read from /proc in clock ticks; one tick "
+                       f"over {p.idle_s:g} s is {tick_percent:.3f} % of a core.")
+        return s
+
+    def storm(self) -> Section:
+        p = self.plan
+        default = Settings.model_fields["progress_interval_s"].default
+        s = Section("storm", "Progress storm", (
+            f"One job of `bench/plugins/storm`, which calls `update_progress` "
+            f"{p.storm_reports:,} times as fast as it can, then succeeds: with "
+            f"`progress_interval_s` {default:g} (the default), and again with "
+            f"{STORM_TIGHT_S:g} so that the throttle, not the plugin's speed, sets the "
+            "pace. Sidecar writes are counted by inotify on the outbox (every write is a "
+            "rename into it), from the first to the final one; the throttle allows the state "
+            "changes (at most 3: queued, running, final) and one progress write per interval "
+            "of the run (`started_at` to `finished_at`), plus one. CPU is the daemon's over "
+            "the whole job; its baseline, the plugin's loop alone with a callback that does "
+            "nothing."))
+        alone = measure.storm_alone_cpu_s(p.storm_reports)
+        for interval in (default, STORM_TIGHT_S):
+            st = measure.storm(self.farm("storm"), p.storm_reports, interval)
+            allowed = 3 + math.floor(st.run_s / interval) + 1
+            label = f"interval {interval:g} s"
+            s.add(f"sidecar writes, {label}", f"{st.writes}",
+                  f"{allowed} allowed ({st.run_s:.2f} s run)", f"{st.writes / allowed:.2f}x",
+                  "≤ allowed", st.writes <= allowed)
+            final = st.final
+            result = final.get("result") or {}
+            ok = (final.get("state") == "succeeded" and final.get("progress") == 100
+                  and result.get("reports") == p.storm_reports)
+            s.add(f"final sidecar, {label}", f"{final.get('state')}, progress "
+                  f"{final.get('progress')}, {result.get('reports', 0):,} reports made", "—",
+                  "—", "succeeded, progress 100", ok)
+            s.add(f"daemon CPU, {label}", f"{st.cpu_s:.2f} s", f"{alone:.2f} s (the loop alone)",
+                  f"{st.cpu_s / alone:.1f}x" if alone else "—")
+        return s
 
 
-# --- throughput -------------------------------------------------------------------------
+# --- formatting -------------------------------------------------------------------------------
 
 
-def physical_baseline(root: Path, n: int) -> float:
-    """The least file work one job needs with kinod's durability: read and parse the job,
-    write the running and the final sidecar atomically (the final one flushed), move the
-    job file. Seconds for n jobs."""
-    inbox, outbox, done = root / "inbox", root / "outbox", root / "done"
-    for folder in (inbox, outbox, done):
-        folder.mkdir(parents=True)
-    drop_jobs(inbox, n)
-    started = time.perf_counter()
-    for entry in os.scandir(inbox):
-        job = json.loads(Path(entry.path).read_bytes())
-        job_id = entry.name[:-5]
-        sidecar = {"id": job_id, "state": "running", "task": job}
-        atomic_write(outbox / f"{job_id}.json", json.dumps(sidecar).encode())
-        sidecar["state"] = "succeeded"
-        atomic_write(outbox / f"{job_id}.json", json.dumps(sidecar).encode(), durable=True)
-        rename_noreplace(Path(entry.path), done / entry.name)
-    return time.perf_counter() - started
+def _workers(n: int) -> str:
+    return "1 worker" if n == 1 else f"{n} workers"
 
 
-ONE_JOB = """
-import json, os, sys
-sys.path.insert(0, {bench!r})
-from kinod.atomic_files import atomic_write, rename_noreplace
-from pathlib import Path
-path, outbox, done = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
-job = json.loads(path.read_bytes())
-job_id = path.name[:-5]
-sidecar = {{"id": job_id, "state": "running", "task": job}}
-atomic_write(outbox / f"{{job_id}}.json", json.dumps(sidecar).encode())
-sidecar["state"] = "succeeded"
-atomic_write(outbox / f"{{job_id}}.json", json.dumps(sidecar).encode(), durable=True)
-rename_noreplace(path, done / path.name)
-"""
+def _rate(burst: Burst) -> str:
+    text = f"{burst.rate:,.0f}"
+    return text if burst.complete else f"{text} (limit: {burst.ended:,} of {burst.jobs:,})"
 
 
-def process_per_job(root: Path, n: int) -> float:
-    """What a systemd .path unit or an inotify script does: one Python process per job
-    file, doing the baseline's work. Seconds for n jobs."""
-    inbox, outbox, done = root / "inbox", root / "outbox", root / "done"
-    for folder in (inbox, outbox, done):
-        folder.mkdir(parents=True)
-    drop_jobs(inbox, n)
-    script = ONE_JOB.format(bench=str(BENCH.parent))
-    started = time.perf_counter()
-    for entry in sorted(os.scandir(inbox), key=lambda e: e.name):
-        subprocess.run([sys.executable, "-c", script, entry.path, str(outbox), str(done)],
-                       check=True)
-    return time.perf_counter() - started
+def _per_job(burst: Burst) -> str:
+    return f"{burst.seconds / burst.ended * 1e6:,.0f} µs"
 
 
-def kinod_burst(root: Path, n: int, workers: int) -> float:
-    """Seconds from starting `kinod run --burst` on n dropped jobs until it exits with all
-    of them ended (start-up included)."""
-    config = make_farm(root, workers=workers)
-    drop_jobs(root / "inbox", n)
-    started = time.perf_counter()
-    proc = kinod(config, "--burst", stderr=subprocess.DEVNULL)
-    proc.wait()
-    elapsed = time.perf_counter() - started
-    assert all_ended(root / "outbox", n), "not every job ended"
-    return elapsed
+def _ratio_row(s: Section, what: str, kinod: Burst, base: Burst, base_name: str,
+               at_least: float, strict: bool = False) -> Row:
+    ratio = kinod.rate / base.rate
+    met = (ratio > at_least if strict else ratio >= at_least) and kinod.complete
+    return s.add(what, f"{_rate(kinod)} jobs/s", f"{_rate(base)} jobs/s ({base_name})",
+                 f"{ratio:.2f}x", f"{'>' if strict else '≥'} {at_least:g}x", met)
 
 
-# --- pickup latency -----------------------------------------------------------------------
-
-
-def pickup_latency(root: Path, n: int, watch: str, poll_interval_s: float) -> list[float]:
-    """Milliseconds from the rename into inbox/ to the running sidecar, one job at a time."""
-    config = make_farm(root, watch=watch, poll_interval_s=poll_interval_s)
-    proc = kinod(config, stderr=subprocess.DEVNULL)
-    inbox, outbox = root / "inbox", root / "outbox"
-    try:
-        time.sleep(1.0)  # started
-        waits = []
-        for i in range(n):
-            tmp = inbox / f".p{i}.tmp"
-            tmp.write_text(JOB)
-            dropped = time.time()
-            os.rename(tmp, inbox / f"p{i}.json")
-            sidecar = outbox / f"p{i}.json"
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                try:
-                    data = json.loads(sidecar.read_bytes())
-                except (OSError, ValueError):
-                    time.sleep(0.0005)
-                    continue
-                if data.get("started_at"):
-                    started = datetime.fromisoformat(data["started_at"].replace("Z", "+00:00"))
-                    waits.append((started.timestamp() - dropped) * 1000)
-                    break
-                time.sleep(0.0005)
-        return waits
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-
-
-# --- idle cost ------------------------------------------------------------------------------
-
-
-def idle_cpu_percent(root: Path, seconds: float, finished: int) -> float:
-    """CPU the daemon uses over ``seconds`` with nothing to do, beside ``finished`` ended
-    jobs in the outbox; percent of one core."""
-    config = make_farm(root)
-    outbox = root / "outbox"
-    for i in range(finished):
-        (outbox / f"old{i:06d}.json").write_text('{"state": "succeeded"}')
-    proc = kinod(config, stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(3.0)  # past start-up
-        before = _cpu_s(proc.pid)
-        time.sleep(seconds)
-        return (_cpu_s(proc.pid) - before) / seconds * 100
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-# --- the run --------------------------------------------------------------------------------
-
-
-def machine(work: Path) -> str:
-    return (f"{os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"{platform.system()} {platform.release()}, file system "
-            f"{file_system_type(work) or 'unknown'}")
+# --- the run ------------------------------------------------------------------------------------
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer jobs, shorter idle")
+    parser.add_argument("--quick", action="store_true",
+                        help="a sanity run of a few minutes: fewer jobs, 10 s idle")
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated sections to run (of {','.join(SECTIONS)})")
+    parser.add_argument("--sizes", help="throughput sizes, e.g. 1000,10000 (default "
+                        "1000,10000,100000; --quick 200,1000)")
+    parser.add_argument("--idle-s", type=float, help="seconds of each idle measurement")
+    parser.add_argument("--limit-s", type=float, help="at most this long for any one daemon "
+                        "run (default 1800; --quick 300)")
     parser.add_argument("--out", type=Path, default=BENCH / "RESULTS.md")
-    parser.add_argument("--dir", type=Path, default=None, help="where farms are made")
+    parser.add_argument("--dir", type=Path, default=None,
+                        help="where farms are made (the disk measured); default: temp")
     args = parser.parse_args()
-    sizes = [1000] if args.quick else [1000, 10_000]
-    idle_s = 10 if args.quick else 60
+    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    if unknown := set(only) - set(SECTIONS):
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
+    plan = quick_plan() if args.quick else Plan(sizes=[1000, 10_000, 100_000])
+    if args.sizes:
+        plan.sizes = sorted(int(n) for n in args.sizes.split(","))
+    if args.idle_s:
+        plan.idle_s = args.idle_s
+    if args.limit_s:
+        plan.limit_s = args.limit_s
     work = Path(tempfile.mkdtemp(prefix="kinod-bench-", dir=args.dir))
-    lines = [f"# kinod benchmarks\n\nMachine: {machine(work)}. Command: `make bench`"
-             f"{' (--quick)' if args.quick else ''}.\n"]
-
-    def farm(name: str) -> Path:
-        return work / name
-
+    command = " ".join(["python bench/run.py", *sys.argv[1:]])
+    stamp = (f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine(work)}; "
+             f"`{command}`")
+    print(stamp, flush=True)
+    bench = Bench(plan, work)
+    sections = []
+    started = time.monotonic()
     try:
-        lines.append("## Throughput (no-op jobs, dropped before the start)\n")
-        lines.append("| jobs | physical baseline | kinod, 1 worker | kinod, 8 workers | "
-                     "one process per job | kinod 8 workers / baseline | "
-                     "kinod 8 workers / process per job |")
-        lines.append("| --- | --- | --- | --- | --- | --- | --- |")
-        spawn_n = 200
-        spawn_rate = spawn_n / process_per_job(farm("spawn"), spawn_n)
-        for n in sizes:
-            base = n / physical_baseline(farm(f"base{n}"), n)
-            one = n / kinod_burst(farm(f"k1_{n}"), n, 1)
-            eight = n / kinod_burst(farm(f"k8_{n}"), n, 8)
-            lines.append(f"| {n:,} | {base:,.0f}/s | {one:,.0f}/s | {eight:,.0f}/s | "
-                         f"{spawn_rate:,.0f}/s ({spawn_n} jobs) | {eight / base:.2f} | "
-                         f"{eight / spawn_rate:.1f} |")
-            print(lines[-1], flush=True)
-        lines.append("")
-        lines.append("## Pickup latency (rename into inbox/ to the running sidecar)\n")
-        lines.append("| mode | jobs | p50 | p99 |")
-        lines.append("| --- | --- | --- | --- |")
-        for mode, n, interval in (("inotify", 200 if args.quick else 1000, 2.0),
-                                  ("poll (0.1 s)", 50 if args.quick else 200, 0.1)):
-            waits = pickup_latency(farm(f"pickup_{mode[:4]}"), n, mode.split()[0], interval)
-            p99 = statistics.quantiles(waits, n=100)[98]
-            lines.append(f"| {mode} | {len(waits)} | {statistics.median(waits):.1f} ms | "
-                         f"{p99:.1f} ms |")
-            print(lines[-1], flush=True)
-        lines.append("")
-        lines.append(f"## Idle cost ({idle_s:g} s with nothing to do)\n")
-        lines.append("| outbox | CPU, % of one core |")
-        lines.append("| --- | --- |")
-        for finished in (0, 10_000 if args.quick else 100_000):
-            cpu = idle_cpu_percent(farm(f"idle{finished}"), idle_s, finished)
-            lines.append(f"| {finished:,} finished jobs | {cpu:.3f} % |")
-            print(lines[-1], flush=True)
+        for name in SECTIONS:
+            if name in only:
+                print(f"{name}:", flush=True)
+                sections.append(getattr(bench, name)())
+    except BenchError as exc:
+        sys.exit(f"bench: {exc}")
+    except KeyboardInterrupt:
+        sys.exit("bench: interrupted")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print(f"written to {args.out}")
+        if sections:
+            save(sections, args.out, stamp, SECTIONS)
+            print(f"{', '.join(s.key for s in sections)} written to {args.out} "
+                  f"({time.monotonic() - started:.0f} s)")
 
 
 if __name__ == "__main__":
