@@ -624,8 +624,7 @@ class Daemon:
         """Nothing waits before this job and it may run now: a free worker, room for its
         plugin, no ``not_before`` ahead, no stop request."""
         not_before = read.spec.not_before
-        return (not self._shutdown.is_set() and not self._dispatch_held and not len(self.queue)
-                and len(self.running) < self.settings.workers
+        return (self._worker_free() and not len(self.queue)
                 and self._serves(read.plugin.name) and self._has_room(read.plugin.name)
                 and (not_before is None or not_before <= utc_now())
                 and not os.path.lexists(self.settings.inbox / f"{job_id}.stop"))
@@ -792,9 +791,7 @@ class Daemon:
     # --- running jobs -----------------------------------------------------------
 
     def _dispatch(self) -> None:
-        if self._shutdown.is_set() or self._dispatch_held:
-            return
-        while len(self.running) < self.settings.workers:
+        while self._worker_free():
             job_id = self.queue.pop(self._has_room)
             if job_id is None:
                 return
@@ -810,6 +807,11 @@ class Daemon:
                 self._dispatch_held = True
                 self._retry_soon()
                 return
+
+    def _worker_free(self) -> bool:
+        """A job may start now: not stopping, not held back by a disk fault, a worker free."""
+        return (not self._shutdown.is_set() and not self._dispatch_held
+                and len(self.running) < self.settings.workers)
 
     def _has_room(self, plugin: str) -> bool:
         limit = self.settings.max_concurrency(plugin)
