@@ -1,82 +1,106 @@
-"""Hands inbox file events from watchdog's thread to the daemon's event loop; decides nothing."""
+"""Hands inbox file events from watchdog's inotify thread to the daemon's event loop;
+decides nothing."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 from collections.abc import Callable
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
-
 try:
-    from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
-except ImportError:  # not Linux
-    InotifyMoveEventGrouper = None
-
-# watchdog holds a file moved out of the inbox (into kinod's spool, which it does not
-# watch) for 0.5 s, hoping to pair it with a move in, and every later event waits behind
-# it: a pickup would take half a second. A rename's two halves arrive together; 10 ms is
-# ample to pair a writer's rename into the inbox.
-if InotifyMoveEventGrouper is not None:
-    InotifyMoveEventGrouper.delay = 0.01
+    from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent, InotifyFD
+except (ImportError, OSError):  # not Linux: the daemon polls
+    InotifyFD = None
 
 # Called on the daemon's loop with the path and whether it arrived by a rename. A folder
 # deleted in the watched one, or the watched one itself, is passed on too: the daemon
-# checks whether its inbox is still there.
+# checks whether its inbox is still there. So is the watched folder when the kernel's event
+# queue overflowed and events were lost: the daemon lists it again.
 PathCallback = Callable[[Path, bool], None]
 
-
-class _Forwarder(FileSystemEventHandler):
-    def __init__(self, loop: asyncio.AbstractEventLoop, callback: PathCallback) -> None:
-        self._loop = loop
-        self._callback = callback
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.is_directory:
-            if event.event_type == "deleted":
-                self._forward(_path(event.src_path), False)
-            return
-        if event.event_type in ("deleted", "opened", "closed_no_write"):
-            return
-        if event.event_type == "moved":
-            self._forward(_path(event.dest_path), True)
-        else:
-            self._forward(_path(event.src_path), False)
-
-    def _forward(self, path: Path, renamed: bool) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._callback, path, renamed)
-        except RuntimeError:
-            pass  # the loop closed while the observer was stopping
-
-
-def _path(raw: str | bytes) -> Path:
-    return Path(raw.decode() if isinstance(raw, bytes) else raw)
+if InotifyFD is not None:
+    _C = InotifyConstants
+    # What makes a job file appear or change. Moves out and deletions of files are left out:
+    # kinod's own moves out of the inbox would wake the loop for nothing, once a job.
+    _MASK = (_C.IN_CREATE | _C.IN_MODIFY | _C.IN_ATTRIB | _C.IN_CLOSE_WRITE | _C.IN_MOVED_TO
+             | _C.IN_DELETE | _C.IN_DELETE_SELF | _C.IN_MOVE_SELF | _C.IN_ONLYDIR)
 
 
 class InboxWatcher:
-    """Watches folders (not their sub-folders) with the platform's native observer."""
+    """Watches folders (not their sub-folders) through inotify.
+
+    watchdog's own inotify reader thread calls back here for each event; its observer's
+    further threads (an emitter that pairs moves, holding them a while, and a dispatcher)
+    would cost two more thread switches an event and add latency, for work kinod does not
+    need. Events are batched into the loop: one wake-up for however many came meanwhile.
+    """
 
     def __init__(self, folders: list[Path], callback: PathCallback) -> None:
         self.folders = folders
         self._callback = callback
-        self._observer: Observer | None = None
+        self._inotify: InotifyFD | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._folder_of: dict[int, Path] = {}
+        self._events: collections.deque[tuple[Path, bool]] = collections.deque()
+        self._drain_planned = False
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._observer = Observer()
+        self._loop = loop
+        self._inotify = InotifyFD()
         for folder in self.folders:
-            self._observer.schedule(_Forwarder(loop, self._callback), str(folder),
-                                    recursive=False)
-        self._observer.daemon = True
-        self._observer.start()
+            wd = self._inotify.add_callback(os.fsencode(folder), _MASK, self, id(self))
+            self._folder_of[wd] = folder
+        self._inotify.start()
 
     def stop(self) -> None:
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(timeout=5)
-            self._observer = None
+        inotify, self._inotify = self._inotify, None
+        if inotify is not None:
+            inotify.stop()  # watches are removed: on_watch_deleted, ignored when stopping
+            inotify.join(timeout=5)
+        self._folder_of = {}
+
+    # --- called on watchdog's inotify thread -------------------------------------------
+
+    def on_event(self, event: InotifyEvent) -> None:
+        folder = self._folder_of.get(event.wd)
+        if folder is None or not event.name:
+            return
+        mask = event.mask
+        if mask & _C.IN_ISDIR:
+            if mask & _C.IN_DELETE:
+                self._forward(folder / os.fsdecode(event.name), False)
+        elif not mask & _C.IN_DELETE:
+            self._forward(folder / os.fsdecode(event.name), bool(mask & _C.IN_MOVED_TO))
+
+    def on_watch_deleted(self, wd: int) -> None:
+        folder = self._folder_of.get(wd)
+        if folder is not None and self._inotify is not None:
+            self._forward(folder, False)
+
+    def on_queue_overflow(self) -> None:
+        for folder in list(self._folder_of.values()):
+            self._forward(folder, False)
+
+    def _forward(self, path: Path, renamed: bool) -> None:
+        self._events.append((path, renamed))
+        if self._drain_planned or self._loop is None:
+            return
+        self._drain_planned = True
+        try:
+            self._loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:
+            pass  # the loop closed while the watcher was stopping
+
+    # --- on the daemon's loop ------------------------------------------------------------
+
+    def _drain(self) -> None:
+        # Cleared first: an event added while draining plans another drain, never is missed.
+        self._drain_planned = False
+        events = self._events
+        while events:
+            self._callback(*events.popleft())
 
 
 # File systems whose changes made on other machines inotify never reports.
@@ -87,9 +111,12 @@ NETWORK_FILE_SYSTEMS = frozenset({
 
 
 def choose_watch_mode(setting: str, folder: Path) -> str:
-    """``inotify`` or ``poll``: ``auto`` polls a folder on a network file system."""
+    """``inotify`` or ``poll``: ``auto`` polls a folder on a network file system, and
+    where there is no inotify."""
     if setting != "auto":
         return setting
+    if InotifyFD is None:
+        return "poll"
     fs_type = file_system_type(folder)
     if fs_type is None:
         return "inotify"
