@@ -222,8 +222,7 @@ class PluginRun(SupervisedRun):
 
     # --- called on the plugin's thread -------------------------------------
 
-    def _thread_main(self) -> None:
-        loop = asyncio.new_event_loop()
+    def _thread_main(self, loop: asyncio.AbstractEventLoop) -> None:
         self._job_loop = loop
         try:
             self._task = loop.create_task(self._generate())
@@ -235,7 +234,8 @@ class PluginRun(SupervisedRun):
         finally:
             with contextlib.suppress(BaseException):
                 _cancel_leftovers(loop)
-            loop.close()
+            # The thread keeps the loop for its next job: a late stop must not reach it.
+            self._job_loop = None
             self._end()
 
     async def _generate(self) -> Any:
@@ -248,6 +248,8 @@ class PluginRun(SupervisedRun):
     async def _call_stop(self) -> None:
         if self.plugin is None:
             return  # still being built: _generate tells it
+        if self._finished.is_set():
+            return  # asked just as it ended; this loop serves another job by now
         try:
             await self.plugin.stop()
         except Exception as exc:  # noqa: BLE001
@@ -256,10 +258,10 @@ class PluginRun(SupervisedRun):
 
 
 def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
-    """Cancel tasks the plugin started and forgot, as asyncio.run() does."""
+    """Cancel tasks the plugin started and forgot, as asyncio.run() does. (Async generators
+    it left open are closed when collected, or when the thread closes its loop.)"""
     pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
     for task in pending:
         task.cancel()
     if pending:
         loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-    loop.run_until_complete(loop.shutdown_asyncgens())
