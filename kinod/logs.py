@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 from loguru import logger
@@ -23,10 +25,16 @@ JOURNAL_PRIORITY = {"TRACE": 7, "DEBUG": 7, "INFO": 6, "SUCCESS": 5, "WARNING": 
                     "ERROR": 3, "CRITICAL": 2}
 
 
+# The least level the daemon's own log shows (setup_logging sets it).
+_daemon_level_no = 0
+
+
 def setup_logging(log_format: str = "text", level: str = "INFO") -> None:
     """Send the daemon's log to stderr, as plain text or one JSON object a line. When stderr
     is the journal, text lines carry a syslog priority instead of a time (the journal keeps
     its own) and no colours."""
+    global _daemon_level_no
+    _daemon_level_no = logger.level(level.upper()).no
     logger.remove()
     logger.configure(patcher=escape_controls)
     # diagnose=False: tracebacks never print local variables (job data, paths, settings).
@@ -64,12 +72,42 @@ def _journal_format(record) -> str:
 
 def escape_controls(record) -> None:
     """One message, one line of printable text (undecodable bytes of a file name too)."""
-    message = record["message"].translate(_ESCAPED)
+    record["message"] = printable(record["message"])
+
+
+def printable(message: str) -> str:
+    message = message.translate(_ESCAPED)
     try:
         message.encode("utf-8")
     except UnicodeEncodeError:
         message = message.encode("utf-8", "backslashreplace").decode("utf-8")
-    record["message"] = message
+    return message
+
+
+def log_job_event(outbox: Path, job_id: str, level: str, message: str) -> None:
+    """A line kinod writes about a job: into the job's log, and into the daemon's where its
+    level shows it. The job's line is written here, not through loguru, whose record (frame,
+    context, time zone, handlers) costs more than the rest of a state change's logging,
+    three times a job."""
+    message = printable(message)
+    now = datetime.now(UTC)
+    with contextlib.suppress(OSError):  # a full disk: the sidecar says it, the line is lost
+        append_job_line(outbox / f"{job_id}.log",
+                        f"{now:%Y-%m-%dT%H:%M:%S}.{now.microsecond // 1000:03d}Z "
+                        f"{level: <7} {message}\n")
+    if logger.level(level).no >= _daemon_level_no:
+        # job_id for the daemon's JSON lines; written=True keeps it out of the job's log.
+        logger.bind(job_id=job_id, written=True).log(level, "{}", message)
+
+
+def append_job_line(path: Path, line: str) -> None:
+    # One O_APPEND write per line: no buffered file object to build for each line, and
+    # lines from several threads never interleave.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, line.encode("utf-8", "backslashreplace"))
+    finally:
+        os.close(fd)
 
 
 def add_job_log_sink(outbox: Path) -> int:
@@ -79,17 +117,15 @@ def add_job_log_sink(outbox: Path) -> int:
     """
 
     def sink(message) -> None:
-        path = outbox / f"{message.record['extra']['job_id']}.log"
-        # One O_APPEND write per line: no buffered file object to build for each line, and
-        # lines from several threads never interleave.
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            os.write(fd, message.encode("utf-8", "backslashreplace"))
-        finally:
-            os.close(fd)
+        append_job_line(outbox / f"{message.record['extra']['job_id']}.log", message)
 
     return logger.add(sink, level="DEBUG", format=JOB_LINE_FORMAT,
-                      filter=lambda record: "job_id" in record["extra"], catch=True)
+                      filter=_for_job_log, catch=True)
+
+
+def _for_job_log(record) -> bool:
+    extra = record["extra"]
+    return "job_id" in extra and "written" not in extra
 
 
 class _InterceptHandler(logging.Handler):

@@ -14,6 +14,7 @@ from loguru import logger
 from pydantic import ValidationError
 
 from kinod.atomic_files import atomic_write, fsync_dir
+from kinod.logs import log_job_event
 from kinod.models import Sidecar
 
 
@@ -58,7 +59,7 @@ class Outbox:
             self.ensure_folder()
             atomic_write(path, data, durable=sidecar.state.is_terminal)
         if previous is None or previous.state != sidecar.state:
-            _log_transition(sidecar, previous)
+            self._log_transition(sidecar, previous)
 
     def archive_previous_run(self, job_id: str) -> None:
         """Before a new run: move the last run's sidecar and log to ``archive/<id>/<n>.*``.
@@ -83,15 +84,13 @@ class Outbox:
         fsync_dir(folder)
         fsync_dir(self.folder)
 
-
-def _log_transition(sidecar: Sidecar, previous: Sidecar | None) -> None:
-    log = logger.bind(job_id=sidecar.id)
-    was = previous.state.value if previous else "new"
-    detail = ""
-    if sidecar.error is not None:
-        detail = f": {sidecar.error.code}: {sidecar.error.message}"
-    elif sidecar.message:
-        detail = f": {sidecar.message}"
-    level = "WARNING" if sidecar.state.value == "failed" else "INFO"
-    log.log(level, "job {} {} -> {} (attempt {}){}", sidecar.id, was, sidecar.state.value,
-            sidecar.attempt, detail)
+    def _log_transition(self, sidecar: Sidecar, previous: Sidecar | None) -> None:
+        was = previous.state.value if previous else "new"
+        detail = ""
+        if sidecar.error is not None:
+            detail = f": {sidecar.error.code}: {sidecar.error.message}"
+        elif sidecar.message:
+            detail = f": {sidecar.message}"
+        level = "WARNING" if sidecar.state.value == "failed" else "INFO"
+        log_job_event(self.folder, sidecar.id, level, f"job {sidecar.id} {was} -> "
+                      f"{sidecar.state.value} (attempt {sidecar.attempt}){detail}")

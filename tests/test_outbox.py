@@ -51,7 +51,7 @@ def test_publish_writes_a_complete_sidecar(outbox: Outbox) -> None:
     assert document["attempt"] == 2
     assert document["task"] == {"type": "example", "data": {"prompt": "p"}}
     assert datetime.fromisoformat(document["created_at"]) == T0
-    assert sorted(os.listdir(FOLDER)) == ["job1.json"]  # no temporary left
+    assert sorted(os.listdir(FOLDER)) == ["job1.json", "job1.log"]  # no temporary left
 
 
 def test_publish_writes_error_and_result(outbox: Outbox) -> None:
