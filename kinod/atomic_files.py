@@ -13,15 +13,26 @@ _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = getattr(_libc, "renameat2", None)
+# The writer's pid names its temporary files; kept, not asked for at every write.
+_pid = os.getpid()
 
 
-def atomic_write(path: Path, data: bytes, *, durable: bool = False) -> None:
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def atomic_write(path: str | Path, data: bytes, *, durable: bool = False) -> None:
     """Replace ``path`` with ``data`` in one step: a temporary file beside it, then rename.
 
     ``durable`` also flushes the data and the folder entry to disk, so the new
     content survives a power cut (not only a crash of this process).
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{_pid}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         view = memoryview(data)
@@ -40,7 +51,7 @@ def atomic_write(path: Path, data: bytes, *, durable: bool = False) -> None:
         _unlink_quietly(tmp)
         raise
     if durable:
-        fsync_dir(path.parent)
+        fsync_dir(folder)
 
 
 def move_noreplace(src: Path, dst: Path) -> None:
@@ -120,7 +131,7 @@ def flush_tree(folder: Path) -> int:
     return files
 
 
-def fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: str | Path) -> None:
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)

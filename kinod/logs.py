@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 import sys
-from datetime import UTC, datetime
+import time
 from pathlib import Path
 
 from loguru import logger
@@ -84,23 +84,33 @@ def printable(message: str) -> str:
     return message
 
 
-def log_job_event(outbox: Path, job_id: str, level: str, message: str) -> None:
+def log_job_event(outbox: str | Path, job_id: str, level: str, message: str) -> None:
     """A line kinod writes about a job: into the job's log, and into the daemon's where its
     level shows it. The job's line is written here, not through loguru, whose record (frame,
     context, time zone, handlers) costs more than the rest of a state change's logging,
     three times a job."""
     message = printable(message)
-    now = datetime.now(UTC)
     with contextlib.suppress(OSError):  # a full disk: the sidecar says it, the line is lost
-        append_job_line(outbox / f"{job_id}.log",
-                        f"{now:%Y-%m-%dT%H:%M:%S}.{now.microsecond // 1000:03d}Z "
-                        f"{level: <7} {message}\n")
+        append_job_line(f"{outbox}/{job_id}.log", f"{_utc_stamp()} {level: <7} {message}\n")
     if logger.level(level).no >= _daemon_level_no:
         # job_id for the daemon's JSON lines; written=True keeps it out of the job's log.
         logger.bind(job_id=job_id, written=True).log(level, "{}", message)
 
 
-def append_job_line(path: Path, line: str) -> None:
+_last_second: tuple[int, str] = (0, "")
+
+
+def _utc_stamp() -> str:
+    """Now as JOB_LINE_FORMAT writes it; the seconds' text is made once a second."""
+    global _last_second
+    now = time.time()
+    second = int(now)
+    if _last_second[0] != second:
+        _last_second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return f"{_last_second[1]}.{int((now - second) * 1000):03d}Z"
+
+
+def append_job_line(path: str | Path, line: str) -> None:
     # One O_APPEND write per line: no buffered file object to build for each line, and
     # lines from several threads never interleave.
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)

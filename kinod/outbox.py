@@ -22,6 +22,7 @@ class Outbox:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.archive = folder / "archive"
+        self._folder = str(folder)  # sidecar paths are made as text: a Path costs more
 
     def ensure_folder(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -49,7 +50,7 @@ class Outbox:
         An outbox deleted under the daemon is made again. A full or read-only disk
         raises OSError, and the sidecar on disk stays the previous, complete one.
         """
-        path, data = self.sidecar_path(sidecar.id), sidecar.to_json()
+        path, data = f"{self._folder}/{sidecar.id}.json", sidecar.to_json()
         try:
             atomic_write(path, data, durable=sidecar.state.is_terminal)
         except FileNotFoundError:
@@ -92,5 +93,5 @@ class Outbox:
         elif sidecar.message:
             detail = f": {sidecar.message}"
         level = "WARNING" if sidecar.state.value == "failed" else "INFO"
-        log_job_event(self.folder, sidecar.id, level, f"job {sidecar.id} {was} -> "
+        log_job_event(self._folder, sidecar.id, level, f"job {sidecar.id} {was} -> "
                       f"{sidecar.state.value} (attempt {sidecar.attempt}){detail}")

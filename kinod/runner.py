@@ -14,8 +14,9 @@ import asyncio
 import contextlib
 import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +225,7 @@ class PluginRun(SupervisedRun):
 
     def _thread_main(self, loop: asyncio.AbstractEventLoop) -> None:
         self._job_loop = loop
+        spawned = _track_tasks(loop)
         try:
             self._task = loop.create_task(self._generate())
             if self._outcome.stop_reason is not None:  # stopped before the loop existed
@@ -233,7 +235,7 @@ class PluginRun(SupervisedRun):
             self._outcome.exception = exc
         finally:
             with contextlib.suppress(BaseException):
-                _cancel_leftovers(loop)
+                _cancel_leftovers(loop, spawned)
             # The thread keeps the loop for its next job: a late stop must not reach it.
             self._job_loop = None
             self._end()
@@ -257,10 +259,24 @@ class PluginRun(SupervisedRun):
                                                     self.job_id, exc)
 
 
-def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
+def _track_tasks(loop: asyncio.AbstractEventLoop) -> weakref.WeakSet[asyncio.Task]:
+    """The tasks made on ``loop`` from now on. (asyncio.all_tasks() walks every task of the
+    process, finished ones too until they are collected: thousands, on a busy daemon.)"""
+    tasks: weakref.WeakSet[asyncio.Task] = weakref.WeakSet()
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task:
+        task = asyncio.Task(coro, loop=loop, **kwargs)
+        tasks.add(task)
+        return task
+
+    loop.set_task_factory(factory)
+    return tasks
+
+
+def _cancel_leftovers(loop: asyncio.AbstractEventLoop, spawned: Iterable[asyncio.Task]) -> None:
     """Cancel tasks the plugin started and forgot, as asyncio.run() does. (Async generators
     it left open are closed when collected, or when the thread closes its loop.)"""
-    pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    pending = [t for t in spawned if not t.done()]
     for task in pending:
         task.cancel()
     if pending:
