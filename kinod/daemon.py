@@ -34,9 +34,11 @@ from kinod.intake import (
     holds_bytes,
     inbox_has_job,
     read_job,
+    recheck,
     wait_before_reading_s,
 )
 from kinod.isolation import ProcessRun
+from kinod.job_document import parse_document
 from kinod.jobqueue import JobQueue
 from kinod.logs import add_job_log_sink, setup_logging
 from kinod.models import (
@@ -73,16 +75,22 @@ INCOMPLETE_GRACE = 3
 RETRY_S = 5.0
 
 
-@dataclass
+@dataclass(slots=True)
 class Job:
-    """An accepted job that has not ended: queued, waiting for ``not_before``, or running."""
+    """An accepted job that has not ended: queued, waiting for ``not_before``, or running.
+
+    A job waiting in the queue keeps only the job as submitted (``submitted``): its checked
+    spec and data, and its sidecar, are made again when it is claimed. Kept whole, they
+    would cost a backlog of 100,000 jobs 200 MB more.
+    """
 
     id: str
-    path: Path  # where its file is now (queued/ or running/)
-    spec: JobSpec
+    folder: Path  # where its file is now (queued/ or running/<node>/): one object for all
+    name: str
+    spec: JobSpec | None
     plugin: LoadedPlugin
-    data: dict[str, Any]
-    sidecar: Sidecar
+    data: dict[str, Any] | None
+    sidecar: Sidecar | None
     submitted_ns: int
     run: SupervisedRun | None = None
     task: asyncio.Task | None = None
@@ -92,7 +100,24 @@ class Job:
     last_write_s: float = 0.0
     stop_requested: bool = False
     fenced: bool = False  # another node took it over: its end here is never recorded
-    file_identity: tuple[int, int, int] | None = None  # of the file read: a claim skips rereading
+    file_identity: int | None = None  # of the file read: a claim skips rereading
+    submitted: bytes | None = None  # while waiting: the job file's bytes
+
+    def wait_light(self, raw: bytes) -> None:
+        """Keep only what a claim needs to make the rest again."""
+        self.submitted = raw
+        self.spec = self.data = self.sidecar = None
+
+    def submitted_document(self) -> dict[str, Any]:
+        return parse_document(self.submitted, os.path.splitext(self.name)[1])
+
+    @property
+    def path(self) -> Path:
+        return self.folder / self.name
+
+    @path.setter
+    def path(self, path: Path) -> None:
+        self.folder, self.name = _split(path)
 
 
 class Daemon:
@@ -113,8 +138,12 @@ class Daemon:
         self.jobs: dict[str, Job] = {}  # every accepted job that has not ended
         self.running: dict[str, Job] = {}
         self._running_per_plugin: Counter[str] = Counter()
-        self._pending: dict[Path, bool] = {}  # inbox paths to look at -> arrived by rename
-        self._settling: dict[Path, asyncio.TimerHandle] = {}
+        # Inbox paths to look at -> arrived by rename. Text, not Paths: a start-up scan of
+        # 100,000 files holds them all at once.
+        self._pending: dict[str, bool] = {}
+        self._settling: dict[str, asyncio.TimerHandle] = {}
+        self._inbox_text, self._spool_text, self._queued_text = (
+            str(settings.inbox), str(self.spool.root), str(self.spool.queued))
         # Files being written in place: (mtime_ns, size) and when first seen so.
         self._unchanged: dict[Path, tuple[tuple[int, int], float]] = {}
         self._warned: set[str] = set()
@@ -284,7 +313,7 @@ class Daemon:
                 break  # the rest next turn: heartbeats, progress and stops go first
             del self._pending[path]
             try:
-                self._look_at(path, renamed)
+                self._look_at(Path(path), renamed)
             except OSError as exc:  # a full or read-only disk: the file stays where it is
                 logger.error("{}: cannot take it in: {}; trying again in {:g} s", path, exc,
                              RETRY_S)
@@ -382,17 +411,18 @@ class Daemon:
 
     # --- finding files --------------------------------------------------------
 
-    def _on_inbox_event(self, path: Path, renamed: bool) -> None:
-        if path in (self.settings.inbox, self.spool.root):  # deleted: is the inbox still there?
+    def _on_inbox_event(self, path: str, renamed: bool) -> None:
+        if path in (self._inbox_text, self._spool_text):  # deleted: is the inbox still there?
             self._rescan_now()
             return
-        if path.parent == self.spool.queued:  # another node took a job in
-            job_id = InboxName.of(path.name).job_id
+        folder, name = os.path.split(path)
+        if folder == self._queued_text:  # another node took a job in
+            job_id = InboxName.of(name).job_id
             if job_id not in self.jobs and os.path.lexists(path):
-                self._guarded(self._adopt, path, job_id)
+                self._guarded(self._adopt, Path(path), job_id)
                 self._wake.set()
             return
-        if path.parent != self.settings.inbox:
+        if folder != self._inbox_text:
             return
         self._pending[path] = self._pending.get(path, False) or renamed
         self._wake.set()
@@ -408,9 +438,8 @@ class Daemon:
         try:
             with os.scandir(self.settings.inbox) as entries:
                 for entry in entries:
-                    path = Path(entry.path)
-                    if path not in self._settling:
-                        self._pending.setdefault(path, False)
+                    if entry.path not in self._settling:
+                        self._pending.setdefault(entry.path, False)
         except OSError as exc:
             logger.error("cannot list the inbox {}: {}", self.settings.inbox, exc)
             return
@@ -507,16 +536,17 @@ class Daemon:
         return False
 
     def _look_again_later(self, path: Path, wait_s: float) -> None:
-        old = self._settling.pop(path, None)
+        key = str(path)
+        old = self._settling.pop(key, None)
         if old is not None:
             old.cancel()
 
         def again() -> None:
-            self._settling.pop(path, None)
-            self._pending.setdefault(path, False)
+            self._settling.pop(key, None)
+            self._pending.setdefault(key, False)
             self._wake.set()
 
-        self._settling[path] = self._loop.call_later(wait_s + 0.01, again)
+        self._settling[key] = self._loop.call_later(wait_s + 0.01, again)
 
     def _warn_once(self, key: str, message: str, *args: Any) -> None:
         if key not in self._warned:
@@ -598,7 +628,7 @@ class Daemon:
     def _take_in(self, held: Path, job_id: str, read: ReadJob) -> None:
         """A new job file this node holds in running/<node>/: write its first sidecar, then
         queue it (or fail it, if it cannot run)."""
-        sidecar = self._first_sidecar(job_id, read)
+        sidecar = self._first_sidecar(job_id, read.document)
         if read.error is not None and not self._served_elsewhere(read):
             self._end(job_id, held, sidecar, JobState.FAILED, error=read.error, published=False)
             return
@@ -606,7 +636,8 @@ class Daemon:
             # It would be the next to run anyway: it starts from here, without a queued
             # sidecar and the two renames through queued/. A crash before its running
             # sidecar is written leaves a file that never ran, which is taken in again.
-            job = Job(job_id, held, read.spec, read.plugin, read.data, sidecar, read.mtime_ns)
+            job = Job(job_id, *_split(held), read.spec, read.plugin, read.data, sidecar,
+                      read.mtime_ns)
             self._begin(job, held, sidecar, published=False)
             self.jobs[job_id] = job
             return
@@ -629,25 +660,26 @@ class Daemon:
                 and (not_before is None or not_before <= utc_now())
                 and not os.path.lexists(self.settings.inbox / f"{job_id}.stop"))
 
-    def _first_sidecar(self, job_id: str, read: ReadJob) -> Sidecar:
+    def _first_sidecar(self, job_id: str, task: dict[str, Any] | None) -> Sidecar:
         """A new run's queued sidecar, with the job as submitted."""
         now = utc_now()
-        document = read.document or {}
+        document = task or {}
         return Sidecar(
             id=job_id, state=JobState.QUEUED, created_at=now, updated_at=now,
-            task=read.document, node=self.settings.node, pid=os.getpid(),
+            task=task, node=self.settings.node, pid=os.getpid(),
             # Taken from the file even when it is invalid, where they are text.
             **{key: value for key in ("name", "type")
                if isinstance(value := document.get(key), str)})
 
     def _admit(self, queued: Path, job_id: str, read: ReadJob, sidecar: Sidecar,
-               identity: tuple[int, int, int] | None) -> None:
+               identity: int | None) -> None:
         """Keep a runnable job whose file is in queued/, and queue it if this node serves its
         plugin. Its sidecar is not written: the daemon that claims it writes the next."""
         if not self._serves(read.plugin.name):
             self._not_adopted[queued] = read.mtime_ns  # for the nodes that serve it
             return
-        job = Job(job_id, queued, read.spec, read.plugin, read.data, sidecar, read.mtime_ns)
+        job = Job(job_id, *_split(queued), read.spec, read.plugin, read.data, sidecar,
+                  read.mtime_ns)
         job.file_identity = identity
         self.jobs[job_id] = job
         now = utc_now()
@@ -660,6 +692,8 @@ class Daemon:
             logger.bind(job_id=job_id).info("job {} waits until {}", job_id, not_before)
         else:
             self._enqueue(job)
+            if read.raw is not None:
+                job.wait_light(read.raw)
         stop_file = self.settings.inbox / f"{job_id}.stop"
         if stop_file.exists():
             self._on_stop_file(stop_file, job_id)
@@ -765,7 +799,7 @@ class Daemon:
             self._not_adopted[path] = read.mtime_ns  # not for this node: look again if changed
             return
         if sidecar is None:  # its first sidecar is being written, or a power cut lost it
-            sidecar = self._first_sidecar(job_id, read)
+            sidecar = self._first_sidecar(job_id, read.document)
         self._admit(path, job_id, read, sidecar, identity)
 
     def _file_away_ended(self, path: Path, job_id: str) -> None:
@@ -818,13 +852,15 @@ class Daemon:
         return limit is None or self._running_per_plugin[plugin] < limit
 
     def _start(self, job: Job) -> None:
+        if job.spec is None:  # waiting light: made whole again, from the document read
+            job.spec, job.data = recheck(job.submitted_document(), job.plugin)
         claimed = self.spool.claim(job.path)
         if claimed is None:
             self._claimed_elsewhere(job)
             return
         # The file and the sidecar on disk are the truth: what this node read when the job
         # was queued may be an earlier submission of the same id, run and ended elsewhere.
-        old = self.outbox.read(job.id) or job.sidecar
+        old = self._sidecar_of(job)
         if old.state.is_terminal:
             self.jobs.pop(job.id, None)
             self._file_away_ended(claimed, job.id)
@@ -859,11 +895,16 @@ class Daemon:
             "result": None, "node": self.settings.node, "pid": os.getpid(),
         })
         self.outbox.publish(running, old if published else None)
-        job.path, job.sidecar, job.progress = held, running, None
+        job.path, job.sidecar, job.progress, job.submitted = held, running, None, None
         job.last_write_s = self._clock()  # the throttle counts from this write
         self.running[job.id] = job
         self._running_per_plugin[job.plugin.name] += 1
         job.task = asyncio.create_task(self._run(job), name=f"job {job.id}")
+
+    def _sidecar_of(self, job: Job) -> Sidecar:
+        """The sidecar on disk; else the one kept, or for a waiting job, its first again."""
+        return (self.outbox.read(job.id) or job.sidecar
+                or self._first_sidecar(job.id, job.submitted_document()))
 
     def _claimed_elsewhere(self, job: Job) -> None:
         """Its file left queued/ before this node could claim it: another node's now, or
@@ -872,7 +913,7 @@ class Daemon:
         if self.spool.holds(job.id) or self._is_ended(job.id):
             logger.bind(job_id=job.id).debug("job {}: claimed by another node", job.id)
             return
-        self._end(job.id, None, job.sidecar, JobState.FAILED, error=JobLost(
+        self._end(job.id, None, self._sidecar_of(job), JobState.FAILED, error=JobLost(
             f"its file left {job.path.parent} before it could run"))
 
     def _forget(self, job: Job) -> None:
@@ -1066,7 +1107,7 @@ class Daemon:
             return
         job.path = claimed
         self.queue.discard(job_id)
-        self._end(job_id, claimed, self.outbox.read(job_id) or job.sidecar, JobState.STOPPED,
+        self._end(job_id, claimed, self._sidecar_of(job), JobState.STOPPED,
                   error=JobStopped("stopped on request before it started"))
 
     # --- ending jobs ------------------------------------------------------------
@@ -1108,12 +1149,23 @@ def _identity(folder: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _file_identity(path: Path) -> tuple[int, int, int] | None:
+def _file_identity(path: Path) -> int | None:
+    """Which file (and version) ``path`` is: a hash of its inode, mtime and size."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
         return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
+    return hash((st.st_ino, st.st_mtime_ns, st.st_size))
+
+
+# The folders job files are in (queued/, running/<node>/), one Path object each.
+_folders: dict[Path, Path] = {}
+
+
+def _split(path: Path) -> tuple[Path, str]:
+    # The name is copied out of the path's text: pathlib's own is interned, and the
+    # interpreter's table of interned strings would keep an entry for each queued job.
+    return _folders.setdefault(path.parent, path.parent), os.path.basename(os.fspath(path))
 
 
 def _is_empty_folder(folder: Path) -> bool:

@@ -180,6 +180,14 @@ def check_job(document: dict[str, Any], registry: PluginRegistry | None
     return spec, plugin, data
 
 
+def recheck(document: dict[str, Any], plugin: LoadedPlugin) -> tuple[JobSpec, dict[str, Any]]:
+    """The spec and data of a job ``check_job`` found valid, made again from its document."""
+    spec = JobSpec.model_validate(document)
+    data = document.get("data", {})
+    return spec, dict(data) if plugin.params_model is None else check_data(plugin.params_model,
+                                                                          data)
+
+
 def _check_plugin_data(name: str, data: dict[str, Any], registry: PluginRegistry
                        ) -> tuple[LoadedPlugin, dict[str, Any]]:
     plugin = registry.get(name)

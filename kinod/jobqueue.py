@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
-@dataclass(order=True)
+@dataclass(order=True, slots=True)
 class _Entry:
     sort_key: tuple[int, int, int]
     job_id: str = field(compare=False)

@@ -14,11 +14,12 @@ try:
 except (ImportError, OSError):  # not Linux: the daemon polls
     InotifyFD = None
 
-# Called on the daemon's loop with the path and whether it arrived by a rename. A folder
+# Called on the daemon's loop with the path (as text: a burst of events can be long, and a
+# Path's parts are interned) and whether it arrived by a rename. A folder
 # deleted in the watched one, or the watched one itself, is passed on too: the daemon
 # checks whether its inbox is still there. So is the watched folder when the kernel's event
 # queue overflowed and events were lost: the daemon lists it again.
-PathCallback = Callable[[Path, bool], None]
+PathCallback = Callable[[str, bool], None]
 
 if InotifyFD is not None:
     _C = InotifyConstants
@@ -42,8 +43,8 @@ class InboxWatcher:
         self._callback = callback
         self._inotify: InotifyFD | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._folder_of: dict[int, Path] = {}
-        self._events: collections.deque[tuple[Path, bool]] = collections.deque()
+        self._folder_of: dict[int, str] = {}
+        self._events: collections.deque[tuple[str, bool]] = collections.deque()
         self._drain_planned = False
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -51,7 +52,7 @@ class InboxWatcher:
         self._inotify = InotifyFD()
         for folder in self.folders:
             wd = self._inotify.add_callback(os.fsencode(folder), _MASK, self, id(self))
-            self._folder_of[wd] = folder
+            self._folder_of[wd] = str(folder)
         self._inotify.start()
 
     def stop(self) -> None:
@@ -70,9 +71,10 @@ class InboxWatcher:
         mask = event.mask
         if mask & _C.IN_ISDIR:
             if mask & _C.IN_DELETE:
-                self._forward(folder / os.fsdecode(event.name), False)
+                self._forward(os.path.join(folder, os.fsdecode(event.name)), False)
         elif not mask & _C.IN_DELETE:
-            self._forward(folder / os.fsdecode(event.name), bool(mask & _C.IN_MOVED_TO))
+            self._forward(os.path.join(folder, os.fsdecode(event.name)),
+                          bool(mask & _C.IN_MOVED_TO))
 
     def on_watch_deleted(self, wd: int) -> None:
         folder = self._folder_of.get(wd)
@@ -83,7 +85,7 @@ class InboxWatcher:
         for folder in list(self._folder_of.values()):
             self._forward(folder, False)
 
-    def _forward(self, path: Path, renamed: bool) -> None:
+    def _forward(self, path: str, renamed: bool) -> None:
         self._events.append((path, renamed))
         if self._drain_planned or self._loop is None:
             return
