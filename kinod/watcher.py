@@ -15,10 +15,10 @@ except (ImportError, OSError):  # not Linux: the daemon polls
     InotifyFD = None
 
 # Called on the daemon's loop with the path (as text: a burst of events can be long, and a
-# Path's parts are interned) and whether it arrived by a rename. A folder
-# deleted in the watched one, or the watched one itself, is passed on too: the daemon
-# checks whether its inbox is still there. So is the watched folder when the kernel's event
-# queue overflowed and events were lost: the daemon lists it again.
+# Path's parts are interned) and whether it arrived by a rename. A folder deleted in the
+# watched one, or the watched one itself, is passed on too: the daemon checks whether its
+# inbox is still there. So is the watched folder when the kernel's event queue overflowed
+# and events were lost: the daemon lists it again.
 PathCallback = Callable[[str, bool], None]
 
 if InotifyFD is not None:
