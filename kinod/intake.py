@@ -182,10 +182,7 @@ def check_job(document: dict[str, Any], registry: PluginRegistry | None
 
 def recheck(document: dict[str, Any], plugin: LoadedPlugin) -> tuple[JobSpec, dict[str, Any]]:
     """The spec and data of a job ``check_job`` found valid, made again from its document."""
-    spec = JobSpec.model_validate(document)
-    data = document.get("data", {})
-    return spec, dict(data) if plugin.params_model is None else check_data(plugin.params_model,
-                                                                          data)
+    return JobSpec.model_validate(document), _plugin_data(plugin, document.get("data", {}))
 
 
 def _check_plugin_data(name: str, data: dict[str, Any], registry: PluginRegistry
@@ -195,12 +192,18 @@ def _check_plugin_data(name: str, data: dict[str, Any], registry: PluginRegistry
         known = ", ".join(sorted(registry.plugins)) or "none"
         broken = " (it failed to load: see `kinod plugins`)" if name in registry.errors else ""
         raise InvalidJob(f"type: unknown plugin {name!r}{broken}; available: {known}")
-    if plugin.params_model is None:
-        return plugin, dict(data)
     try:
-        return plugin, check_data(plugin.params_model, data)
+        return plugin, _plugin_data(plugin, data)
     except ValidationError as exc:
         raise InvalidJob("; ".join(format_validation_error(exc, prefix="data"))) from None
     except Exception as exc:  # noqa: BLE001 - a declaration the load-time checks let through
         raise InvalidJob(f"data: plugin {name!r} cannot check its parameters: "
                          f"{type(exc).__name__}: {exc}") from None
+
+
+def _plugin_data(plugin: LoadedPlugin, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` checked against the plugin's declared parameters; a copy where it declares
+    none."""
+    if plugin.params_model is None:
+        return dict(data)
+    return check_data(plugin.params_model, data)
