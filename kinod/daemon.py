@@ -102,6 +102,7 @@ class Job:
     fenced: bool = False  # another node took it over: its end here is never recorded
     file_identity: int | None = None  # of the file read: a claim skips rereading
     submitted: bytes | None = None  # while waiting: the job file's bytes
+    final: Sidecar | None = None  # its final sidecar, being or already written by _write_final
 
     def wait_light(self, raw: bytes) -> None:
         """Keep only what a claim needs to make the rest again."""
@@ -934,8 +935,6 @@ class Daemon:
             verdict = await self._flush_output(job, judge(await self._execute(job)))
         except Exception as exc:  # noqa: BLE001 - e.g. no thread could be started
             verdict = Verdict(JobState.FAILED, error=KinodError(f"could not run: {exc!r}"))
-        del self.running[job.id]
-        self._running_per_plugin[job.plugin.name] -= 1
         if job.progress_timer is not None:
             job.progress_timer.cancel()
         again = False
@@ -946,6 +945,10 @@ class Daemon:
                 logger.bind(job_id=job.id).error("job {}: cannot count its failures: {}; "
                                                  "it runs again", job.id, exc)
                 again = True
+        if not again:
+            await self._write_final(job, verdict)
+        del self.running[job.id]
+        self._running_per_plugin[job.plugin.name] -= 1
         self._unrecorded[job.id] = (job, verdict, again)
         self._record_unrecorded()
         self._wake.set()
@@ -963,6 +966,21 @@ class Daemon:
             return Verdict(JobState.FAILED, error=KinodError(
                 f"its output could not be flushed to disk: {exc}"))
         return verdict
+
+    async def _write_final(self, job: Job, verdict: Verdict) -> None:
+        """Write the final sidecar of a job that ends here, flushed to disk, on a worker
+        thread: the loop goes on with other jobs while the disk catches up (a millisecond
+        or more a job). ``_record_end`` finds it written; if anything goes wrong here, it
+        writes the sidecar itself, and reports what does."""
+        if verdict.state is None or job.fenced or self._taken_over(job):
+            return
+        # Set first: no progress write may start now and land after it.
+        job.final = _final_sidecar(job.sidecar.with_progress(job.progress), verdict.state,
+                                   verdict.error, verdict.result)
+        try:
+            await asyncio.to_thread(self.outbox.write, job.final)
+        except Exception:  # noqa: BLE001 - recorded, and reported, the ordinary way
+            job.final = None
 
     def _record_unrecorded(self) -> None:
         """Record the ends of jobs in ``_unrecorded``; an end the disk refuses stays there
@@ -987,7 +1005,6 @@ class Daemon:
 
     async def _execute(self, job: Job) -> Outcome:
         output_dir = self.settings.frames / job.id
-        output_dir.mkdir(parents=True, exist_ok=True)
         entry = self.settings.plugins.get(job.plugin.name)
         plugin_settings = entry.plugin_settings() if entry else {}
 
@@ -995,13 +1012,15 @@ class Daemon:
             self._on_progress(job, percent, message)
 
         if entry is not None and entry.isolation == "process":
+            output_dir.mkdir(parents=True, exist_ok=True)
             job.run = ProcessRun(job.plugin.name, job.plugin.source, job.id, job.data,
                                  on_progress, output_dir=output_dir, settings=plugin_settings,
                                  models_dir=self.settings.models, outbox=self.settings.outbox,
                                  log_format=self.settings.log_format,
                                  log_level=self.settings.log_level, clock=self._clock)
         else:
-            def make_plugin() -> BasePlugin:  # runs on the job's own thread
+            def make_plugin() -> BasePlugin:  # runs on the job's own thread, off the loop's
+                output_dir.mkdir(parents=True, exist_ok=True)
                 return new_plugin(job.plugin.cls, output_dir, plugin_settings,
                                   self.settings.models)
 
@@ -1035,7 +1054,7 @@ class Daemon:
             self._enqueue(job)
         else:
             self._end(job.id, job.path, sidecar, verdict.state, error=verdict.error,
-                      result=verdict.result)
+                      result=verdict.result, written=job.final)
 
     def _retry_left(self, job: Job) -> bool:
         """Count a retryable failure; True while the job's ``retries`` allow another run."""
@@ -1065,7 +1084,8 @@ class Daemon:
 
     def _write_progress(self, job: Job) -> None:
         job.progress_timer = None
-        if self.running.get(job.id) is not job or job.progress is None or job.fenced:
+        if (self.running.get(job.id) is not job or job.progress is None or job.fenced
+                or job.final is not None):
             return
         if self._taken_over(job):
             self._fence(job)
@@ -1114,24 +1134,32 @@ class Daemon:
 
     def _end(self, job_id: str, path: Path | None, sidecar: Sidecar, state: JobState,
              error: KinodError | None = None, result: dict | None = None,
-             published: bool = True) -> None:
-        """The one way a job ends: final sidecar on disk, then its file (``path``, None when
-        it is gone) filed away for good.
+             published: bool = True, written: Sidecar | None = None) -> None:
+        """The one way a job ends: final sidecar on disk (``written``: it is already), then
+        its file (``path``, None when it is gone) filed away for good.
 
         OSError when the final sidecar cannot be written: then nothing has changed.
         """
-        now = utc_now()
-        final = sidecar.model_copy(update={
-            "state": state, "finished_at": now, "updated_at": now,
-            "progress": 100.0 if state is JobState.SUCCEEDED else sidecar.progress,
-            "result": result if state is JobState.SUCCEEDED else None,
-            "error": SidecarError(code=error.code, message=error.message) if error else None,
-        })
-        self.outbox.publish(final, sidecar if published else None)
+        previous = sidecar if published else None
+        if written is None:
+            self.outbox.publish(_final_sidecar(sidecar, state, error, result), previous)
+        else:
+            self.outbox.published(written, previous)
         self.jobs.pop(job_id, None)
         _unlink(self.settings.inbox / f"{job_id}.stop")
         if path is not None:
             self._file_away_ended(path, job_id)
+
+
+def _final_sidecar(sidecar: Sidecar, state: JobState, error: KinodError | None,
+                   result: dict | None) -> Sidecar:
+    now = utc_now()
+    return sidecar.model_copy(update={
+        "state": state, "finished_at": now, "updated_at": now,
+        "progress": 100.0 if state is JobState.SUCCEEDED else sidecar.progress,
+        "result": result if state is JobState.SUCCEEDED else None,
+        "error": SidecarError(code=error.code, message=error.message) if error else None,
+    })
 
 
 def _mtime_ns(path: Path) -> int | None:
