@@ -778,16 +778,19 @@ class Daemon:
     def _adopt_queued(self) -> None:
         """Keep every queued job no job here stands for: taken in by another node, or by
         this one before a disk fault or a restart."""
-        queued = sorted(self.spool.queued_files())
-        listed = set(queued)
-        self._not_adopted = {p: m for p, m in self._not_adopted.items() if p in listed}
+        names, folder = self.spool.queued_names(), self.spool.queued
+        self._not_adopted = {p: m for p, m in self._not_adopted.items() if p.name in names}
         for job in list(self.jobs.values()):  # queued here, claimed by another node since
-            if job.id not in self.running and job.path not in listed and not (
-                    os.path.lexists(job.path)):
+            if job.id in self.running or (job.name in names and job.folder == folder):
+                continue
+            if not os.path.lexists(job.path):
                 self._claimed_elsewhere(job)
-        for path in queued:
-            job_id = InboxName.of(path.name).job_id
-            if job_id not in self.jobs and self._not_adopted.get(path, 0) != _mtime_ns(path):
+        for name in sorted(names):
+            job_id = InboxName.of(name).job_id
+            if job_id in self.jobs:
+                continue
+            path = folder / name
+            if self._not_adopted.get(path, 0) != _mtime_ns(path):
                 self._guarded(self._adopt, path, job_id)
 
     def _adopt(self, path: Path, job_id: str) -> None:

@@ -119,7 +119,7 @@ def test_take_over_moves_another_nodes_file_once(spool: Spool) -> None:
 def test_accept_of_a_vanished_file_raises_file_not_found(spool: Spool) -> None:
     with pytest.raises(FileNotFoundError):
         spool.accept(INBOX / "gone.yaml")
-    assert spool.queued_files() == []
+    assert spool.queued_names() == set()
 
 
 def test_claim_moves_to_this_nodes_running_folder(spool: Spool) -> None:
@@ -127,7 +127,7 @@ def test_claim_moves_to_this_nodes_running_folder(spool: Spool) -> None:
     running = spool.claim(queued)
     assert running == INBOX / ".kinod" / "running" / "node1" / "job1.yaml"
     assert running.read_text() == "body"
-    assert spool.queued_files() == []
+    assert spool.queued_names() == set()
     assert paths(spool.running_files()) == [os.fspath(running)]
 
 
@@ -258,12 +258,12 @@ def test_set_aside_invalid_moves_a_symlink_not_its_target(spool: Spool, fs) -> N
 def test_listings_skip_dot_files_and_missing_folders(fs) -> None:
     INBOX.mkdir(parents=True)
     spool = Spool(INBOX, "node1")
-    assert spool.queued_files() == []  # before ensure_folders
+    assert spool.queued_names() == set()  # before ensure_folders
     assert spool.running_files() == []
     spool.ensure_folders()
     (spool.queued / "a.yaml").write_text("a")
     (spool.queued / ".a.yaml.123.tmp").write_text("partial")
-    assert paths(spool.queued_files()) == [os.fspath(spool.queued / "a.yaml")]
+    assert spool.queued_names() == {"a.yaml"}
 
 
 def test_nodes_have_separate_running_folders(fs) -> None:
