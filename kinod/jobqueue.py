@@ -5,55 +5,47 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-
-@dataclass(order=True, slots=True)
-class _Entry:
-    sort_key: tuple[int, int, int]
-    job_id: str = field(compare=False)
-    plugin: str = field(compare=False)
-    removed: bool = field(default=False, compare=False)
+# A heap item: (-priority, submitted_ns, seq, job_id). A plain tuple: a backlog of
+# 100,000 jobs keeps one each.
+_Item = tuple[int, int, int, str]
 
 
 class JobQueue:
     """One heap per plugin, so a plugin at its concurrency limit never holds up the others."""
 
     def __init__(self) -> None:
-        self._heaps: dict[str, list[_Entry]] = {}
-        self._entries: dict[str, _Entry] = {}
+        self._heaps: dict[str, list[_Item]] = {}
+        # job id -> seq of its live item; an item whose seq is not here was discarded, and
+        # is dropped when it reaches the top of its heap.
+        self._live: dict[str, int] = {}
         self._seq = itertools.count()
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._live)
 
     def __contains__(self, job_id: str) -> bool:
-        return job_id in self._entries
+        return job_id in self._live
 
     def push(self, job_id: str, plugin: str, priority: int, submitted_ns: int) -> None:
-        if job_id in self._entries:
+        if job_id in self._live:
             raise ValueError(f"job {job_id} is already queued")
-        entry = _Entry((-priority, submitted_ns, next(self._seq)), job_id, plugin)
-        self._entries[job_id] = entry
-        heapq.heappush(self._heaps.setdefault(plugin, []), entry)
+        seq = self._live[job_id] = next(self._seq)
+        heapq.heappush(self._heaps.setdefault(plugin, []), (-priority, submitted_ns, seq, job_id))
 
     def discard(self, job_id: str) -> bool:
-        entry = self._entries.pop(job_id, None)
-        if entry is None:
-            return False
-        entry.removed = True  # dropped lazily when it reaches the top of its heap
-        return True
+        return self._live.pop(job_id, None) is not None
 
     def pop(self, can_run: Callable[[str], bool]) -> str | None:
         """The best job whose plugin ``can_run`` now, removed from the queue; None if none."""
-        best: list[_Entry] | None = None
+        best: list[_Item] | None = None
         for plugin, heap in self._heaps.items():
-            while heap and heap[0].removed:
+            while heap and self._live.get(heap[0][3]) != heap[0][2]:
                 heapq.heappop(heap)
             if heap and can_run(plugin) and (best is None or heap[0] < best[0]):
                 best = heap
         if best is None:
             return None
-        entry = heapq.heappop(best)
-        del self._entries[entry.job_id]
-        return entry.job_id
+        job_id = heapq.heappop(best)[3]
+        del self._live[job_id]
+        return job_id
