@@ -86,7 +86,7 @@ class Job:
 
     id: str
     folder: Path  # where its file is now (queued/ or running/<node>/): one object for all
-    name: str
+    suffix: str  # its file's name is id + suffix; one object for all of a kind
     spec: JobSpec | None
     plugin: LoadedPlugin
     data: dict[str, Any] | None
@@ -110,7 +110,11 @@ class Job:
         self.spec = self.data = self.sidecar = None
 
     def submitted_document(self) -> dict[str, Any]:
-        return parse_document(self.submitted, os.path.splitext(self.name)[1])
+        return parse_document(self.submitted, self.suffix)
+
+    @property
+    def name(self) -> str:
+        return self.id + self.suffix
 
     @property
     def path(self) -> Path:
@@ -118,7 +122,7 @@ class Job:
 
     @path.setter
     def path(self, path: Path) -> None:
-        self.folder, self.name = _split(path)
+        self.folder, self.suffix = _place(path)
 
 
 class Daemon:
@@ -637,7 +641,7 @@ class Daemon:
             # It would be the next to run anyway: it starts from here, without a queued
             # sidecar and the two renames through queued/. A crash before its running
             # sidecar is written leaves a file that never ran, which is taken in again.
-            job = Job(job_id, *_split(held), read.spec, read.plugin, read.data, sidecar,
+            job = Job(job_id, *_place(held), read.spec, read.plugin, read.data, sidecar,
                       read.mtime_ns)
             self._begin(job, held, sidecar, published=False)
             self.jobs[job_id] = job
@@ -679,7 +683,7 @@ class Daemon:
         if not self._serves(read.plugin.name):
             self._not_adopted[queued] = read.mtime_ns  # for the nodes that serve it
             return
-        job = Job(job_id, *_split(queued), read.spec, read.plugin, read.data, sidecar,
+        job = Job(job_id, *_place(queued), read.spec, read.plugin, read.data, sidecar,
                   read.mtime_ns)
         job.file_identity = identity
         self.jobs[job_id] = job
@@ -1189,14 +1193,15 @@ def _file_identity(path: Path) -> int | None:
     return hash((st.st_ino, st.st_mtime_ns, st.st_size))
 
 
-# The folders job files are in (queued/, running/<node>/), one Path object each.
-_folders: dict[Path, Path] = {}
+# The folders job files are in (queued/, running/<node>/) and their suffixes, one object
+# each: a backlog of 100,000 jobs shares them.
+_shared: dict[Any, Any] = {}
 
 
-def _split(path: Path) -> tuple[Path, str]:
-    # The name is copied out of the path's text: pathlib's own is interned, and the
-    # interpreter's table of interned strings would keep an entry for each queued job.
-    return _folders.setdefault(path.parent, path.parent), os.path.basename(os.fspath(path))
+def _place(path: Path) -> tuple[Path, str]:
+    """A job file's folder and suffix (what follows its id: the last dot on)."""
+    suffix = "." + path.name.rpartition(".")[2]
+    return _shared.setdefault(path.parent, path.parent), _shared.setdefault(suffix, suffix)
 
 
 def _is_empty_folder(folder: Path) -> bool:
