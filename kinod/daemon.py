@@ -102,7 +102,8 @@ class Job:
     fenced: bool = False  # another node took it over: its end here is never recorded
     file_identity: int | None = None  # of the file read: a claim skips rereading
     submitted: bytes | None = None  # while waiting: the job file's bytes
-    final: Sidecar | None = None  # its final sidecar, being or already written by _write_final
+    ending: bool = False  # its run is over: no progress write may follow
+    final: Sidecar | None = None  # its final sidecar, written by _settle
 
     def wait_light(self, raw: bytes) -> None:
         """Keep only what a claim needs to make the rest again."""
@@ -939,9 +940,10 @@ class Daemon:
     async def _run(self, job: Job) -> None:
         """Run the job, then record how it ended; whatever happens, its slot is freed."""
         try:
-            verdict = await self._flush_output(job, judge(await self._execute(job)))
+            verdict = judge(await self._execute(job))
         except Exception as exc:  # noqa: BLE001 - e.g. no thread could be started
             verdict = Verdict(JobState.FAILED, error=KinodError(f"could not run: {exc!r}"))
+        job.ending = True  # a progress write from now on could land after the end
         if job.progress_timer is not None:
             job.progress_timer.cancel()
         again = False
@@ -952,42 +954,37 @@ class Daemon:
                 logger.bind(job_id=job.id).error("job {}: cannot count its failures: {}; "
                                                  "it runs again", job.id, exc)
                 again = True
-        if not again:
-            await self._write_final(job, verdict)
+        verdict = await self._settle(job, verdict, record=not again)
         del self.running[job.id]
         self._running_per_plugin[job.plugin.name] -= 1
         self._unrecorded[job.id] = (job, verdict, again)
         self._record_unrecorded()
         self._wake.set()
 
-    async def _flush_output(self, job: Job, verdict: Verdict) -> Verdict:
-        """A success is recorded only once the job's output is on disk: after a power cut,
-        no sidecar may say "succeeded" beside frames that were never written."""
-        if verdict.state is not JobState.SUCCEEDED:
-            return verdict
+    async def _settle(self, job: Job, verdict: Verdict, record: bool) -> Verdict:
+        """On a worker thread, while the loop goes on with other jobs (flushing to disk
+        takes a millisecond or more): a success's output is flushed, then, when the job
+        ends here now, its final sidecar is written and flushed. ``_record_end`` finds it
+        in ``job.final``; if anything goes wrong with it, that writes it, and reports what
+        does, the ordinary way."""
+        record = (record and verdict.state is not None and not job.fenced
+                  and not self._taken_over(job))
         folder = self.settings.frames / job.id
-        try:
-            if not _is_empty_folder(folder):  # an empty one holds nothing a power cut can lose
-                await asyncio.to_thread(flush_tree, folder)
-        except OSError as exc:
-            return Verdict(JobState.FAILED, error=KinodError(
-                f"its output could not be flushed to disk: {exc}"))
-        return verdict
+        previous = job.sidecar.with_progress(job.progress)
 
-    async def _write_final(self, job: Job, verdict: Verdict) -> None:
-        """Write the final sidecar of a job that ends here, flushed to disk, on a worker
-        thread: the loop goes on with other jobs while the disk catches up (a millisecond
-        or more a job). ``_record_end`` finds it written; if anything goes wrong here, it
-        writes the sidecar itself, and reports what does."""
-        if verdict.state is None or job.fenced or self._taken_over(job):
-            return
-        # Set first: no progress write may start now and land after it.
-        job.final = _final_sidecar(job.sidecar.with_progress(job.progress), verdict.state,
-                                   verdict.error, verdict.result)
-        try:
-            await asyncio.to_thread(self.outbox.write, job.final)
-        except Exception:  # noqa: BLE001 - recorded, and reported, the ordinary way
-            job.final = None
+        def on_disk() -> tuple[Verdict, Sidecar | None]:
+            settled = _flush_output(folder, verdict)
+            if not record:
+                return settled, None
+            final = _final_sidecar(previous, settled.state, settled.error, settled.result)
+            try:
+                self.outbox.write(final)
+            except Exception:  # noqa: BLE001 - see above
+                return settled, None
+            return settled, final
+
+        verdict, job.final = await asyncio.to_thread(on_disk)
+        return verdict
 
     def _record_unrecorded(self) -> None:
         """Record the ends of jobs in ``_unrecorded``; an end the disk refuses stays there
@@ -1092,7 +1089,7 @@ class Daemon:
     def _write_progress(self, job: Job) -> None:
         job.progress_timer = None
         if (self.running.get(job.id) is not job or job.progress is None or job.fenced
-                or job.final is not None):
+                or job.ending):
             return
         if self._taken_over(job):
             self._fence(job)
@@ -1156,6 +1153,20 @@ class Daemon:
         _unlink(self.settings.inbox / f"{job_id}.stop")
         if path is not None:
             self._file_away_ended(path, job_id)
+
+
+def _flush_output(folder: Path, verdict: Verdict) -> Verdict:
+    """A success is recorded only once its output is on disk: after a power cut, no sidecar
+    may say "succeeded" beside frames that were never written."""
+    if verdict.state is not JobState.SUCCEEDED:
+        return verdict
+    try:
+        if not _is_empty_folder(folder):  # an empty one holds nothing a power cut can lose
+            flush_tree(folder)
+    except OSError as exc:
+        return Verdict(JobState.FAILED, error=KinodError(
+            f"its output could not be flushed to disk: {exc}"))
+    return verdict
 
 
 def _final_sidecar(sidecar: Sidecar, state: JobState, error: KinodError | None,
