@@ -905,6 +905,7 @@ class Daemon:
         })
         self.outbox.publish(running, old if published else None)
         job.path, job.sidecar, job.progress, job.submitted = held, running, None, None
+        job.ending, job.final = False, None  # as a retried job's last attempt left them
         job.last_write_s = self._clock()  # the throttle counts from this write
         self.running[job.id] = job
         self._running_per_plugin[job.plugin.name] += 1

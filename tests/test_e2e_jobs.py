@@ -476,6 +476,26 @@ def test_timeouts_retries_and_not_before(kinod_root: Path,
     assert daemon.stop() == 0
 
 
+def test_a_retried_job_reports_progress_again(kinod_root: Path,
+                                              start_daemon: Callable[..., DaemonProcess]
+                                              ) -> None:
+    """The end of a failed attempt closes its progress; the next attempt's is written."""
+    daemon = start_daemon()
+    gate = kinod_root / "open"
+    daemon.drop("again.json", {**scripted(steps=2, step_s=0.05, gate=str(gate),
+                                          script=["fail_retryable", "wait"]), "retries": 1})
+
+    def second_attempt_progress() -> dict | None:
+        s = daemon.sidecar("again")
+        return s if s and s["attempt"] == 2 and s["progress"] >= 90 else None
+
+    s = wait_for(second_attempt_progress, what="progress of the second attempt")
+    assert (s["state"], s["message"]) == ("running", "step 2/2"), s
+    gate.touch()
+    s = wait_end(daemon, "again")
+    assert (s["state"], s["attempt"], s["progress"]) == ("succeeded", 2, 100.0), s
+
+
 # --- 9. resubmission -------------------------------------------------------------------------
 
 
