@@ -175,6 +175,19 @@ def test_a_job_ending_on_a_full_outbox_is_recorded_when_space_is_back(farm: Farm
     assert_filed_away(farm, "ending")
 
 
+def test_a_job_file_that_cannot_be_filed_away_waits_beside_its_final_sidecar(
+        farm: Farm) -> None:
+    done = farm.inbox / ".kinod" / "done"
+    done.chmod(0o555)
+    farm.drop("unfiled", scripted(steps=1, step_s=0))
+    assert farm.wait_state("unfiled", "succeeded")["attempt"] == 1
+    wait_for(lambda: farm.logged("cannot file away"), what="the refused move logged")
+    assert farm.spool("running", "n1") == ["unfiled.json"]  # kept, and never run again
+    done.chmod(0o755)
+    assert_filed_away(farm, "unfiled")
+    assert farm.sidecar("unfiled")["attempt"] == 1
+
+
 def test_a_read_only_outbox_holds_jobs_back_until_it_is_writable(farm: Farm) -> None:
     farm.outbox.chmod(0o555)
     farm.drop("readonly", scripted(steps=1, step_s=0))
