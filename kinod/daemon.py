@@ -104,7 +104,6 @@ class Job:
     submitted: bytes | None = None  # while waiting: the job file's bytes
     ending: bool = False  # its run is over: no progress write may follow
     final: Sidecar | None = None  # its final sidecar, written by _settle
-    filed: bool = False  # its file filed away in done/ by _settle
 
     def wait_light(self, raw: bytes) -> None:
         """Keep only what a claim needs to make the rest again."""
@@ -906,7 +905,7 @@ class Daemon:
         })
         self.outbox.publish(running, old if published else None)
         job.path, job.sidecar, job.progress, job.submitted = held, running, None, None
-        job.ending, job.final, job.filed = False, None, False  # as a retried run left them
+        job.ending, job.final = False, None  # as a retried job's last attempt left them
         job.last_write_s = self._clock()  # the throttle counts from this write
         self.running[job.id] = job
         self._running_per_plugin[job.plugin.name] += 1
@@ -965,31 +964,27 @@ class Daemon:
 
     async def _settle(self, job: Job, verdict: Verdict, record: bool) -> Verdict:
         """On a worker thread, while the loop goes on with other jobs (flushing to disk
-        takes a millisecond or more): a success's output is flushed; then, when the job
-        ends here now, its final sidecar is written and flushed, and its file filed away
-        in done/. ``_record_end`` finds what was done in ``job.final`` and ``job.filed``;
-        what went wrong, it does again the ordinary way, which reports it."""
-        record = record and verdict.state is not None
+        takes a millisecond or more): a success's output is flushed, then, when the job
+        ends here now, its final sidecar is written and flushed. ``_record_end`` finds it
+        in ``job.final``; if anything goes wrong with it, that writes it, and reports what
+        does, the ordinary way."""
+        record = (record and verdict.state is not None and not job.fenced
+                  and not self._taken_over(job))
         folder = self.settings.frames / job.id
         previous = job.sidecar.with_progress(job.progress)
 
-        def on_disk() -> tuple[Verdict, Sidecar | None, bool]:
+        def on_disk() -> tuple[Verdict, Sidecar | None]:
             settled = _flush_output(folder, verdict)
-            if not record or job.fenced or self._taken_over(job):
-                return settled, None, False
+            if not record:
+                return settled, None
             final = _final_sidecar(previous, settled.state, settled.error, settled.result)
             try:
-                self.outbox.publish(final, previous)
+                self.outbox.write(final)
             except Exception:  # noqa: BLE001 - see above
-                return settled, None, False
-            try:  # as _file_away_ended does: the counts first
-                self.spool.forget_counts(job.id)
-                self.spool.finish(job.path, job.id)
-            except OSError:
-                return settled, final, False
-            return settled, final, True
+                return settled, None
+            return settled, final
 
-        verdict, job.final, job.filed = await asyncio.to_thread(on_disk)
+        verdict, job.final = await asyncio.to_thread(on_disk)
         return verdict
 
     def _record_unrecorded(self) -> None:
@@ -1041,7 +1036,7 @@ class Daemon:
                                  self.settings.stop_grace)
 
     def _record_end(self, job: Job, verdict: Verdict, again: bool) -> None:
-        if job.final is None and (job.fenced or self._taken_over(job)):
+        if job.fenced or self._taken_over(job):
             self._fence(job)
             if self.jobs.get(job.id) is job:
                 del self.jobs[job.id]
@@ -1064,7 +1059,7 @@ class Daemon:
             self._enqueue(job)
         else:
             self._end(job.id, job.path, sidecar, verdict.state, error=verdict.error,
-                      result=verdict.result, written=job.final, filed=job.filed)
+                      result=verdict.result, written=job.final)
 
     def _retry_left(self, job: Job) -> bool:
         """Count a retryable failure; True while the job's ``retries`` allow another run."""
@@ -1144,19 +1139,20 @@ class Daemon:
 
     def _end(self, job_id: str, path: Path | None, sidecar: Sidecar, state: JobState,
              error: KinodError | None = None, result: dict | None = None,
-             published: bool = True, written: Sidecar | None = None,
-             filed: bool = False) -> None:
+             published: bool = True, written: Sidecar | None = None) -> None:
         """The one way a job ends: final sidecar on disk (``written``: it is already), then
-        its file (``path``, None when it is gone) filed away for good (``filed``: it is).
+        its file (``path``, None when it is gone) filed away for good.
 
         OSError when the final sidecar cannot be written: then nothing has changed.
         """
+        previous = sidecar if published else None
         if written is None:
-            self.outbox.publish(_final_sidecar(sidecar, state, error, result),
-                                sidecar if published else None)
+            self.outbox.publish(_final_sidecar(sidecar, state, error, result), previous)
+        else:
+            self.outbox.published(written, previous)
         self.jobs.pop(job_id, None)
         _unlink(self.settings.inbox / f"{job_id}.stop")
-        if path is not None and not filed:
+        if path is not None:
             self._file_away_ended(path, job_id)
 
 

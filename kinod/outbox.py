@@ -46,11 +46,15 @@ class Outbox:
 
     def publish(self, sidecar: Sidecar, previous: Sidecar | None = None) -> None:
         """Write the sidecar; a terminal state is flushed to disk before this returns.
-        Safe on any thread, for a sidecar no other write races.
 
         An outbox deleted under the daemon is made again. A full or read-only disk
         raises OSError, and the sidecar on disk stays the previous, complete one.
         """
+        self.write(sidecar)
+        self.published(sidecar, previous)
+
+    def write(self, sidecar: Sidecar) -> None:
+        """``publish``'s write alone; safe on any thread, for a sidecar no other write races."""
         path, data = f"{self._folder}/{sidecar.id}.json", sidecar.to_json()
         try:
             atomic_write(path, data, durable=sidecar.state.is_terminal)
@@ -60,6 +64,9 @@ class Outbox:
             logger.warning("the outbox {} is gone; making it again", self.folder)
             self.ensure_folder()
             atomic_write(path, data, durable=sidecar.state.is_terminal)
+
+    def published(self, sidecar: Sidecar, previous: Sidecar | None) -> None:
+        """``publish``'s log line, for a sidecar ``write`` put on disk."""
         if previous is None or previous.state != sidecar.state:
             self._log_transition(sidecar, previous)
 
