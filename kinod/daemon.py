@@ -664,7 +664,7 @@ class Daemon:
         return (self._worker_free() and not len(self.queue)
                 and self._serves(read.plugin.name) and self._has_room(read.plugin.name)
                 and (not_before is None or not_before <= utc_now())
-                and not os.path.lexists(self.settings.inbox / f"{job_id}.stop"))
+                and not os.path.lexists(f"{self._inbox_text}/{job_id}.stop"))
 
     def _first_sidecar(self, job_id: str, task: dict[str, Any] | None) -> Sidecar:
         """A new run's queued sidecar, with the job as submitted."""
@@ -700,9 +700,8 @@ class Daemon:
             self._enqueue(job)
             if read.raw is not None:
                 job.wait_light(read.raw)
-        stop_file = self.settings.inbox / f"{job_id}.stop"
-        if stop_file.exists():
-            self._on_stop_file(stop_file, job_id)
+        if os.path.exists(stop_file := f"{self._inbox_text}/{job_id}.stop"):
+            self._on_stop_file(Path(stop_file), job_id)
 
     def _serves(self, plugin: str) -> bool:
         return self.settings.serves is None or plugin in self.settings.serves
@@ -1151,7 +1150,7 @@ class Daemon:
         else:
             self.outbox.published(written, previous)
         self.jobs.pop(job_id, None)
-        _unlink(self.settings.inbox / f"{job_id}.stop")
+        _unlink(f"{self._inbox_text}/{job_id}.stop")
         if path is not None:
             self._file_away_ended(path, job_id)
 
@@ -1207,13 +1206,18 @@ def _file_identity(path: Path) -> int | None:
 
 # The folders job files are in (queued/, running/<node>/) and their suffixes, one object
 # each: a backlog of 100,000 jobs shares them.
-_shared: dict[Any, Any] = {}
+_folders: dict[str, Path] = {}
+_suffixes: dict[str, str] = {}
 
 
 def _place(path: Path) -> tuple[Path, str]:
     """A job file's folder and suffix (what follows its id: the last dot on)."""
-    suffix = "." + path.name.rpartition(".")[2]
-    return _shared.setdefault(path.parent, path.parent), _shared.setdefault(suffix, suffix)
+    folder, name = os.path.split(path)  # as text: Path.parent and .name cost more
+    suffix = "." + name.rpartition(".")[2]
+    shared = _folders.get(folder)
+    if shared is None:
+        shared = _folders[folder] = Path(folder)
+    return shared, _suffixes.setdefault(suffix, suffix)
 
 
 def _is_empty_folder(folder: Path) -> bool:
@@ -1224,7 +1228,7 @@ def _is_empty_folder(folder: Path) -> bool:
         return True
 
 
-def _unlink(path: Path) -> None:
+def _unlink(path: str | Path) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:

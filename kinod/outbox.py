@@ -36,7 +36,8 @@ class Outbox:
     def read(self, job_id: str) -> Sidecar | None:
         """The job's sidecar, or None when there is none (or it is not kinod's)."""
         try:
-            return Sidecar.from_json(self.sidecar_path(job_id).read_bytes())
+            with open(f"{self._folder}/{job_id}.json", "rb") as file:
+                return Sidecar.from_json(file.read())
         except FileNotFoundError:
             return None
         except (OSError, ValidationError) as exc:
@@ -76,9 +77,10 @@ class Outbox:
         Flushed to disk: were a power cut to undo this but not the acceptance
         of the new run, the old terminal sidecar would pass the new run off as ended.
         """
+        if not (os.path.exists(f"{self._folder}/{job_id}.json")
+                or os.path.exists(f"{self._folder}/{job_id}.log")):
+            return  # a new id: the common case, told apart without a Path
         sidecar, log = self.sidecar_path(job_id), self.log_path(job_id)
-        if not sidecar.exists() and not log.exists():
-            return
         current = self.read(job_id)
         if current is not None and not current.state.is_terminal:
             return  # another daemon's new run of this id, taken in a moment ago

@@ -41,6 +41,9 @@ class Spool:
         self.invalid = self.root / "invalid"
         self.counts = self.root / "counts"
         self.nodes = self.root / "nodes"
+        # As text too: the paths made for every job are joined as strings, not Paths.
+        self._running_root, self._queued, self._counts = map(
+            str, (self.running_root, self.queued, self.counts))
 
     def ensure_folders(self) -> None:
         for folder in (self.queued, self.running, self.done, self.duplicates, self.invalid,
@@ -99,10 +102,14 @@ class Spool:
         between them meanwhile (a claim, a requeue) is seen in one of the three looks.
         """
         # Strings, not Paths: this runs for every job taken in.
-        running = [str(folder) for folder in self._running_folders()]
+        try:
+            with os.scandir(self._running_root) as entries:
+                running = [e.path for e in entries if e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            running = []
         names = [job_id + suffix for suffix in JOB_SUFFIXES]
-        return any(os.path.lexists(os.path.join(folder, name))
-                   for folder in (*running, str(self.queued), *running) for name in names)
+        return any(os.path.lexists(f"{folder}/{name}")
+                   for folder in (*running, self._queued, *running) for name in names)
 
     def other_nodes(self) -> list[str]:
         """Nodes other than this one with a running/ folder."""
@@ -183,7 +190,7 @@ class Spool:
     def forget_counts(self, job_id: str) -> None:
         """The run ended: its counts go (one cheap unlink when there are none)."""
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.counts / f"{job_id}.json")
+            os.unlink(f"{self._counts}/{job_id}.json")
 
     def queued_names(self) -> set[str]:
         """The names in queued/, as text: a backlog of 100,000 Paths costs 20 MB and
