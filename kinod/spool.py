@@ -102,26 +102,23 @@ class Spool:
         between them meanwhile (a claim, a requeue) is seen in one of the three looks.
         """
         # Strings, not Paths: this runs for every job taken in.
-        try:
-            with os.scandir(self._running_root) as entries:
-                running = [e.path for e in entries if e.is_dir(follow_symlinks=False)]
-        except FileNotFoundError:
-            running = []
+        running = self._running_folders()
         names = [job_id + suffix for suffix in JOB_SUFFIXES]
         return any(os.path.lexists(f"{folder}/{name}")
                    for folder in (*running, self._queued, *running) for name in names)
 
     def other_nodes(self) -> list[str]:
         """Nodes other than this one with a running/ folder."""
-        return [f.name for f in self._running_folders() if f.name != self.running.name]
+        return [name for name in map(os.path.basename, self._running_folders())
+                if name != self.running.name]
 
     def running_files_of(self, node: str) -> list[Path]:
         return _files_in(self.running_root / node)
 
-    def _running_folders(self) -> list[Path]:
+    def _running_folders(self) -> list[str]:
         try:
-            with os.scandir(self.running_root) as entries:
-                return [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
+            with os.scandir(self._running_root) as entries:
+                return [e.path for e in entries if e.is_dir(follow_symlinks=False)]
         except FileNotFoundError:
             return []
 
