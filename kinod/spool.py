@@ -192,11 +192,7 @@ class Spool:
     def queued_names(self) -> set[str]:
         """The names in queued/, as text: a backlog of 100,000 Paths costs 20 MB and
         seconds of CPU at every rescan."""
-        try:
-            with os.scandir(self.queued) as entries:
-                return {e.name for e in entries if not e.name.startswith(".")}
-        except FileNotFoundError:
-            return set()
+        return set(_names_in(self.queued))
 
     def running_files(self) -> list[Path]:
         return _files_in(self.running)
@@ -232,9 +228,15 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower() or ".yaml"
 
 
-def _files_in(folder: Path) -> list[Path]:
+def _names_in(folder: Path) -> list[str]:
+    """The names of the job files in ``folder`` (none if it is gone); hidden ones are
+    temporaries."""
     try:
         with os.scandir(folder) as entries:
-            return [Path(e.path) for e in entries if not e.name.startswith(".")]
+            return [e.name for e in entries if not e.name.startswith(".")]
     except FileNotFoundError:
         return []
+
+
+def _files_in(folder: Path) -> list[Path]:
+    return [folder / name for name in _names_in(folder)]
