@@ -420,6 +420,7 @@ class Daemon:
     def _on_inbox_event(self, path: str, renamed: bool) -> None:
         if path in (self._inbox_text, self._spool_text):  # deleted: is the inbox still there?
             self._rescan_now()
+            self._retry_soon()  # and again in a moment: it may be halfway through deletion
             return
         folder, name = os.path.split(path)
         if folder == self._queued_text:  # another node took a job in
@@ -447,7 +448,11 @@ class Daemon:
                     if entry.path not in self._settling:
                         self._pending.setdefault(entry.path, False)
         except OSError as exc:
-            logger.error("cannot list the inbox {}: {}", self.settings.inbox, exc)
+            # Deleted between the look above and the listing: the look again says so now.
+            if self._inbox_is_served():
+                logger.error("cannot list the inbox {}: {}; trying again in {:g} s",
+                             self.settings.inbox, exc, RETRY_S)
+                self._retry_soon()
             return
         self._adopt_queued()
         self._recover_orphans()
