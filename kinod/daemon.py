@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import os
 import signal
 import stat
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -104,6 +106,10 @@ class Job:
     submitted: bytes | None = None  # while waiting: the job file's bytes
     ending: bool = False  # its run is over: no progress write may follow
     final: Sidecar | None = None  # its final sidecar, written by _settle
+    settled: Verdict | None = None  # its end, settled on its plugin's thread
+    # Held while its end or a progress report is written: its plugin's thread may write its
+    # end while the loop writes progress. Made when it starts: a waiting job needs none.
+    end_lock: threading.Lock | None = None
 
     def wait_light(self, raw: bytes) -> None:
         """Keep only what a claim needs to make the rest again."""
@@ -909,7 +915,8 @@ class Daemon:
         })
         self.outbox.publish(running, old if published else None)
         job.path, job.sidecar, job.progress, job.submitted = held, running, None, None
-        job.ending, job.final = False, None  # as a retried job's last attempt left them
+        # As a retried job's last attempt left them.
+        job.ending, job.final, job.settled, job.end_lock = False, None, None, threading.Lock()
         job.last_write_s = self._clock()  # the throttle counts from this write
         self.running[job.id] = job
         self._running_per_plugin[job.plugin.name] += 1
@@ -948,47 +955,58 @@ class Daemon:
             verdict = judge(await self._execute(job))
         except Exception as exc:  # noqa: BLE001 - e.g. no thread could be started
             verdict = Verdict(JobState.FAILED, error=KinodError(f"could not run: {exc!r}"))
-        job.ending = True  # a progress write from now on could land after the end
+        with job.end_lock:  # a plugin thread given up on may be settling it just now
+            job.ending = True  # a progress write from now on could land after the end
+            settled = job.settled
         if job.progress_timer is not None:
             job.progress_timer.cancel()
         again = False
-        if verdict.retryable:  # decided (and counted) once, however often recording fails
-            try:
-                again = self._retry_left(job)
-            except OSError as exc:
-                logger.bind(job_id=job.id).error("job {}: cannot count its failures: {}; "
-                                                 "it runs again", job.id, exc)
-                again = True
-        verdict = await self._settle(job, verdict, record=not again)
+        if settled is not None:
+            verdict = settled
+        else:
+            if verdict.retryable:  # decided (and counted) once, however often recording fails
+                try:
+                    again = self._retry_left(job)
+                except OSError as exc:
+                    logger.bind(job_id=job.id).error("job {}: cannot count its failures: {}; "
+                                                     "it runs again", job.id, exc)
+                    again = True
+            verdict = await asyncio.to_thread(self._settle, job, verdict, not again)
         del self.running[job.id]
         self._running_per_plugin[job.plugin.name] -= 1
         self._unrecorded[job.id] = (job, verdict, again)
         self._record_unrecorded()
         self._wake.set()
 
-    async def _settle(self, job: Job, verdict: Verdict, record: bool) -> Verdict:
-        """On a worker thread, while the loop goes on with other jobs (flushing to disk
-        takes a millisecond or more): a success's output is flushed, then, when the job
-        ends here now, its final sidecar is written and flushed. ``_record_end`` finds it
-        in ``job.final``; if anything goes wrong with it, that writes it, and reports what
-        does, the ordinary way."""
-        record = (record and verdict.state is not None and not job.fenced
-                  and not self._taken_over(job))
-        folder = self.settings.frames / job.id
-        previous = job.sidecar.with_progress(job.progress)
+    def _settle_on_thread(self, job: Job, outcome: Outcome) -> None:
+        """On the plugin's own thread, the moment generate() has ended: settle an end that
+        is recorded now (not a retry, not a shutdown), one thread hop sooner than the loop
+        would. ``_run`` finds it in ``job.settled``."""
+        verdict = judge(outcome)
+        if verdict.state is None or verdict.retryable:
+            return  # the loop decides: back to the queue, or counted for a retry
+        with job.end_lock:
+            if job.ending:  # the loop stopped waiting for this thread: the end is its own
+                return
+            job.ending = True
+            job.settled = self._settle(job, verdict, record=True)
 
-        def on_disk() -> tuple[Verdict, Sidecar | None]:
-            settled = _flush_output(folder, verdict)
-            if not record:
-                return settled, None
-            final = _final_sidecar(previous, settled.state, settled.error, settled.result)
-            try:
-                self.outbox.write(final)
-            except Exception:  # noqa: BLE001 - see above
-                return settled, None
-            return settled, final
-
-        verdict, job.final = await asyncio.to_thread(on_disk)
+    def _settle(self, job: Job, verdict: Verdict, record: bool) -> Verdict:
+        """Off the loop (flushing to disk takes a millisecond or more): a success's output
+        is flushed, then, when the job ends here now, its final sidecar is written and
+        flushed. ``_record_end`` finds it in ``job.final``; if anything goes wrong with it,
+        that writes it, and reports what does, the ordinary way."""
+        verdict = _flush_output(self.settings.frames / job.id, verdict)
+        if not (record and verdict.state is not None and not job.fenced
+                and not self._taken_over(job)):
+            return verdict
+        final = _final_sidecar(job.sidecar.with_progress(job.progress), verdict.state,
+                               verdict.error, verdict.result)
+        try:
+            self.outbox.write(final)
+        except Exception:  # noqa: BLE001 - see above
+            return verdict
+        job.final = final
         return verdict
 
     def _record_unrecorded(self) -> None:
@@ -1033,7 +1051,8 @@ class Daemon:
                 return new_plugin(job.plugin.cls, output_dir, plugin_settings,
                                   self.settings.models)
 
-            job.run = PluginRun(make_plugin, job.id, job.data, on_progress, clock=self._clock)
+            job.run = PluginRun(make_plugin, job.id, job.data, on_progress, clock=self._clock,
+                                on_ended=functools.partial(self._settle_on_thread, job))
         if job.stop_requested:
             job.run.request_stop(StopReason.USER, self.settings.stop_grace)
         return await job.run.run(job.spec.timeout, job.spec.stall_timeout,
@@ -1093,8 +1112,17 @@ class Daemon:
 
     def _write_progress(self, job: Job) -> None:
         job.progress_timer = None
-        if (self.running.get(job.id) is not job or job.progress is None or job.fenced
-                or job.ending):
+        if self.running.get(job.id) is not job:
+            return
+        # Never waits: a held lock means the job's end is being written on its thread.
+        if job.end_lock.acquire(blocking=False):
+            try:
+                self._write_progress_now(job)
+            finally:
+                job.end_lock.release()
+
+    def _write_progress_now(self, job: Job) -> None:
+        if job.progress is None or job.fenced or job.ending:
             return
         if self._taken_over(job):
             self._fence(job)

@@ -101,8 +101,13 @@ class SupervisedRun(ABC):
                     cancel_deadline = now + more_s
             wait_s = self._next_check_s(started, timeout_s, stall_timeout_s, cancel_deadline)
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait_s)
+            # A timer that sets the event, not asyncio.wait_for: that makes a task and a
+            # future for every wait, once or more a job.
+            timer = self._main_loop.call_later(wait_s, self._wake.set)
+            try:
+                await self._wake.wait()
+            finally:
+                timer.cancel()
         return self._outcome
 
     def request_stop(self, reason: StopReason, grace_s: float,
@@ -188,9 +193,13 @@ class PluginRun(SupervisedRun):
     either."""
 
     def __init__(self, make_plugin: Callable[[], BasePlugin], job_id: str, data: dict[str, Any],
-                 on_progress: ProgressSink, clock: Callable[[], float] = time.monotonic) -> None:
+                 on_progress: ProgressSink, clock: Callable[[], float] = time.monotonic,
+                 on_ended: Callable[[Outcome], None] | None = None) -> None:
         super().__init__(job_id, on_progress, clock)
         self._make_plugin = make_plugin
+        # Called on the plugin's thread once generate() has ended, before run() returns:
+        # work on the job's end done there saves the daemon a hop to another thread.
+        self._on_ended = on_ended
         self.plugin: BasePlugin | None = None
         self.data = data
         self._job_loop: asyncio.AbstractEventLoop | None = None
@@ -238,6 +247,12 @@ class PluginRun(SupervisedRun):
                 _cancel_leftovers(loop, spawned)
             # The thread keeps the loop for its next job: a late stop must not reach it.
             self._job_loop = None
+            if self._on_ended is not None:
+                try:
+                    self._on_ended(self._outcome)
+                except Exception:  # noqa: BLE001 - the daemon's loop settles the end instead
+                    logger.opt(exception=True).bind(job_id=self.job_id).error(
+                        "job {}: its end could not be settled on its thread", self.job_id)
             self._end()
 
     async def _generate(self) -> Any:
