@@ -167,6 +167,8 @@ class Daemon:
         # Disk faults: ends not yet recorded, and one timer to try everything again.
         self._unrecorded: dict[str, tuple[Job, Verdict, bool]] = {}  # bool: run it again
         self._unfiled: dict[str, Path] = {}  # ended jobs whose file is not in done/ yet
+        # New runs of ended jobs whose file is not in done/ yet: taken in once it is.
+        self._resubmitted: dict[str, str] = {}
         self._not_adopted: dict[Path, int | None] = {}  # queued files for other nodes: mtime
         self._dispatch_held = False
         self._retry_timer: asyncio.TimerHandle | None = None
@@ -576,6 +578,14 @@ class Daemon:
         """inbox/<id>.<ext> -> running/<node>/ (this daemon alone takes it in), its first
         sidecar (queued, or failed if invalid), then queued/ for any daemon to claim."""
         if self._is_active(job_id):
+            if self._has_ended(job_id):
+                # Resubmitted on seeing the final sidecar, a moment before the file of the
+                # run that ended is filed away: a new run, once it is.
+                self._resubmitted[job_id] = str(path)
+                logger.bind(job_id=job_id).debug("{}: job {} resubmitted as its last run "
+                                                 "ends; taken in once that is filed away",
+                                                 path, job_id)
+                return
             self._set_aside_duplicate(path, job_id)
             return
         read = self._read(path)
@@ -611,6 +621,11 @@ class Daemon:
                 return True
             self._claimed_elsewhere(job)  # or removed by someone: then it fails as lost
         return job_id in self._unfiled or self.spool.holds(job_id)
+
+    def _has_ended(self, job_id: str) -> bool:
+        """Its final sidecar is on disk; its file is not in done/ yet."""
+        job = self.running.get(job_id) or self._unrecorded.get(job_id, (None,))[0]
+        return (job is not None and job.final is not None) or job_id in self._unfiled
 
     def _served_elsewhere(self, read: ReadJob) -> bool:
         """The job names a plugin this node has not loaded, but a live node serves."""
@@ -840,6 +855,10 @@ class Daemon:
                                              "in {:g} s", job_id, path, exc, RETRY_S)
             self._unfiled[job_id] = path
             self._retry_soon()
+            return
+        if (resubmitted := self._resubmitted.pop(job_id, None)) is not None:
+            self._pending.setdefault(resubmitted, True)
+            self._wake.set()
 
     # --- running jobs -----------------------------------------------------------
 

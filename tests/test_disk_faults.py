@@ -188,6 +188,27 @@ def test_a_job_file_that_cannot_be_filed_away_waits_beside_its_final_sidecar(
     assert farm.sidecar("unfiled")["attempt"] == 1
 
 
+def test_a_job_resubmitted_before_its_ended_run_is_filed_away_runs_once_it_is(
+        farm: Farm) -> None:
+    done = farm.inbox / ".kinod" / "done"
+    done.chmod(0o555)
+    farm.drop("again", scripted(steps=1, step_s=0, tag="first"))
+    farm.wait_state("again", "succeeded")
+    wait_for(lambda: farm.logged("cannot file away"), what="the refused move logged")
+    farm.drop("again", scripted(steps=1, step_s=0, tag="second"))
+    wait_for(lambda: farm.logged("resubmitted") or farm.logged("set aside"),
+             what="the resubmission noticed")
+    # Not set aside as a duplicate: its run has ended. It waits in the inbox meanwhile.
+    assert farm.spool("duplicates") == []
+    assert [p.name for p in farm.inbox.glob("*.json")] == ["again.json"]
+    assert farm.sidecar("again")["task"]["data"]["tag"] == "first"
+    done.chmod(0o755)
+    wait_for(lambda: (farm.sidecar("again") or {}).get("task", {}).get("data", {}).get("tag")
+             == "second" and farm.state("again") == "succeeded", 10, what="the second run")
+    wait_for(lambda: farm.spool("done", "again") == ["1.json", "2.json"], 5,
+             what="both runs' files in done/")
+
+
 def test_a_read_only_outbox_holds_jobs_back_until_it_is_writable(farm: Farm) -> None:
     farm.outbox.chmod(0o555)
     farm.drop("readonly", scripted(steps=1, step_s=0))

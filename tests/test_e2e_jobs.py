@@ -531,6 +531,27 @@ def test_resubmitting_an_ended_job_starts_a_new_run_and_keeps_the_old_one(
     assert daemon.stop() == 0
 
 
+def test_a_job_resubmitted_the_moment_its_run_ends_runs_again(
+        start_daemon: Callable[..., DaemonProcess]) -> None:
+    """A pipeline resubmits the moment it reads the final sidecar, when the file of the run
+    that ended may not be filed away yet: the new run is taken in once it is, never set
+    aside as a duplicate of a run that has ended."""
+    daemon = start_daemon()
+    rounds = 8
+    for n in range(1, rounds + 1):
+        daemon.drop("loop.yaml", scripted(tag=str(n)))
+
+        def ended(tag: str = str(n)) -> dict[str, Any] | None:
+            s = daemon.sidecar("loop")
+            return s if s and s["task"]["data"]["tag"] == tag and s["state"] in TERMINAL \
+                else None
+
+        assert wait_for(ended, 20, what=f"run {n} to end")["state"] == "succeeded"
+    assert executions(daemon, "loop") == rounds
+    assert_done(daemon, "loop", [f"{n}.yaml" for n in range(1, rounds + 1)])
+    assert daemon.stop() == 0
+
+
 def test_resubmitting_an_active_job_sets_the_duplicate_aside(
         kinod_root: Path, start_daemon: Callable[..., DaemonProcess]) -> None:
     daemon = start_daemon(workers=1)
