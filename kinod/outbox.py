@@ -13,7 +13,7 @@ from pathlib import Path
 from loguru import logger
 from pydantic import ValidationError
 
-from kinod.atomic_files import atomic_write, fsync_dir
+from kinod.atomic_files import atomic_write, fsync_dir, read_whole
 from kinod.logs import log_job_event
 from kinod.models import Sidecar
 
@@ -36,8 +36,7 @@ class Outbox:
     def read(self, job_id: str) -> Sidecar | None:
         """The job's sidecar, or None when there is none (or it is not kinod's)."""
         try:
-            with open(f"{self._folder}/{job_id}.json", "rb") as file:
-                return Sidecar.from_json(file.read())
+            return Sidecar.from_json(read_whole(f"{self._folder}/{job_id}.json"))
         except FileNotFoundError:
             return None
         except (OSError, ValidationError) as exc:

@@ -16,6 +16,7 @@ from kinod.atomic_files import (
     flush_tree,
     fsync_dir,
     move_noreplace,
+    read_whole,
     rename_noreplace,
 )
 
@@ -332,3 +333,14 @@ def test_rename_noreplace_without_renameat2(tmp_path: Path,
     rename_noreplace(src, dst)
     assert dst.read_text() == "job"
     assert not os.path.lexists(src)
+
+
+def test_read_whole_reads_a_file_of_any_size_and_raises_for_a_missing_one(
+        tmp_path: Path) -> None:
+    data = bytes(range(256)) * 1000  # more than one read's worth
+    (tmp_path / "big").write_bytes(data)
+    (tmp_path / "empty").write_bytes(b"")
+    assert read_whole(tmp_path / "big") == data
+    assert read_whole(str(tmp_path / "empty")) == b""
+    with pytest.raises(FileNotFoundError):
+        read_whole(tmp_path / "missing")
