@@ -979,6 +979,7 @@ class Daemon:
             settled = job.settled
         if job.progress_timer is not None:
             job.progress_timer.cancel()
+            job.progress_timer = None  # or a retry's progress would wait for it for ever
         again = False
         if settled is not None:
             verdict = settled
