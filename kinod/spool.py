@@ -203,10 +203,13 @@ class Spool:
         FileNotFoundError if ``path`` is gone, or the spool with it (the inbox was
         deleted): the inbox itself is never re-created behind its owner's back.
         """
-        folder.mkdir(exist_ok=True)
-        numbers = [int(stem) for stem, _, _ in (name.partition(".") for name in os.listdir(folder))
-                   if stem.isdigit()]
-        n = max(numbers, default=0) + 1
+        try:
+            os.mkdir(folder)
+            n = 1  # a new id's folder, the common case: nothing to list
+        except FileExistsError:
+            numbers = [int(stem) for stem, _, _ in
+                       (name.partition(".") for name in os.listdir(folder)) if stem.isdigit()]
+            n = max(numbers, default=0) + 1
         while True:
             dst = folder / f"{n}{_suffix(path)}"
             try:
