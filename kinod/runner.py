@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
 import weakref
 from abc import ABC, abstractmethod
@@ -62,7 +61,9 @@ class SupervisedRun(ABC):
         self._on_progress = on_progress
         self._clock = clock
         self._outcome = Outcome()
-        self._finished = threading.Event()
+        # A flag, not a threading.Event: nothing waits on it, and an Event costs a
+        # Condition and a lock per job.
+        self._finished = False
         self._wake: asyncio.Event | None = None
         self._main_loop: asyncio.AbstractEventLoop | None = None
         self._last_report: tuple[float, str | None] | None = None
@@ -79,7 +80,7 @@ class SupervisedRun(ABC):
         started = self._clock()
         self._start()
         cancel_deadline: float | None = None  # once cancelled: when to give up waiting
-        while not self._finished.is_set():
+        while not self._finished:
             now = self._clock()
             if self._outcome.stop_reason is None:
                 if timeout_s is not None and now - started >= timeout_s:
@@ -181,7 +182,7 @@ class SupervisedRun(ABC):
 
     def _end(self) -> None:
         """The plugin's run has ended: wake ``run()``."""
-        self._finished.set()
+        self._finished = True
         if self._main_loop is not None and self._wake is not None:
             with contextlib.suppress(RuntimeError):  # the daemon's loop is gone
                 self._main_loop.call_soon_threadsafe(self._wake.set)
@@ -265,7 +266,7 @@ class PluginRun(SupervisedRun):
     async def _call_stop(self) -> None:
         if self.plugin is None:
             return  # still being built: _generate tells it
-        if self._finished.is_set():
+        if self._finished:
             return  # asked just as it ended; this loop serves another job by now
         try:
             await self.plugin.stop()
