@@ -624,7 +624,9 @@ class Daemon:
 
     def _has_ended(self, job_id: str) -> bool:
         """Its final sidecar is on disk; its file is not in done/ yet."""
-        job = self.running.get(job_id) or self._unrecorded.get(job_id, (None,))[0]
+        job = self.running.get(job_id)
+        if job is None and job_id in self._unrecorded:
+            job = self._unrecorded[job_id][0]
         return (job is not None and job.final is not None) or job_id in self._unfiled
 
     def _served_elsewhere(self, read: ReadJob) -> bool:
@@ -974,9 +976,15 @@ class Daemon:
             verdict = judge(await self._execute(job))
         except Exception as exc:  # noqa: BLE001 - e.g. no thread could be started
             verdict = Verdict(JobState.FAILED, error=KinodError(f"could not run: {exc!r}"))
-        with job.end_lock:  # a plugin thread given up on may be settling it just now
+        if not job.end_lock.acquire(blocking=False):
+            # A plugin thread given up on, back at last, is settling the end: wait for it
+            # off the loop (a flush to disk can take seconds).
+            await asyncio.to_thread(job.end_lock.acquire)
+        try:
             job.ending = True  # a progress write from now on could land after the end
             settled = job.settled
+        finally:
+            job.end_lock.release()
         if job.progress_timer is not None:
             job.progress_timer.cancel()
             job.progress_timer = None  # or a retry's progress would wait for it for ever

@@ -61,8 +61,11 @@ class SupervisedRun(ABC):
         self._on_progress = on_progress
         self._clock = clock
         self._outcome = Outcome()
-        # A flag, not a threading.Event: nothing waits on it, and an Event costs a
+        # Flags, not threading.Events: nothing waits on them, and an Event costs a
         # Condition and a lock per job.
+        # generate() is over (a subclass that settles the end on the plugin's side says so):
+        # what follows is kinod's own work, which no timeout or stop applies to.
+        self._returned = False
         self._finished = False
         self._wake: asyncio.Event | None = None
         self._main_loop: asyncio.AbstractEventLoop | None = None
@@ -81,6 +84,11 @@ class SupervisedRun(ABC):
         self._start()
         cancel_deadline: float | None = None  # once cancelled: when to give up waiting
         while not self._finished:
+            if self._returned:  # its end is being settled: no timeout or stop applies now
+                self._wake.clear()
+                if not self._finished:  # set before _end() wakes us: checked after clear()
+                    await self._wake.wait()
+                continue
             now = self._clock()
             if self._outcome.stop_reason is None:
                 if timeout_s is not None and now - started >= timeout_s:
@@ -248,6 +256,7 @@ class PluginRun(SupervisedRun):
                 _cancel_leftovers(loop, spawned)
             # The thread keeps the loop for its next job: a late stop must not reach it.
             self._job_loop = None
+            self._returned = True
             if self._on_ended is not None:
                 try:
                     self._on_ended(self._outcome)

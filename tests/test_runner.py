@@ -1,0 +1,61 @@
+"""PluginRun, the way the daemon drives it: a plugin on a thread of its own, supervised
+from the daemon's loop (timeouts, stops), with its end settled on that thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+from kinod.outcome import Outcome
+from kinod.plugins.base_plugin import BasePlugin, PluginResult
+from kinod.runner import PluginRun
+from tests.helpers import wait_for
+
+
+class Quick(BasePlugin):
+    async def generate(self, job_id: str, data: dict[str, Any], progress: Any) -> PluginResult:
+        return PluginResult(success=True, data={"job": job_id})
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_plugin_that_returned_is_not_timed_out_while_its_end_is_settled(
+        tmp_path: Path) -> None:
+    """Flushing a finished job's output to disk can take longer than the job's timeout:
+    that time is kinod's, not the plugin's, and no stop or cancel may follow."""
+    clock = FakeClock()
+    settling, release = threading.Event(), threading.Event()
+    settled: list[Outcome] = []
+
+    def on_ended(outcome: Outcome) -> None:  # on the plugin's thread
+        settling.set()
+        assert release.wait(15), "never released"
+        settled.append(outcome)
+
+    async def scenario() -> Outcome:
+        run = PluginRun(Quick, "quick", {}, lambda *_: None, clock=clock, on_ended=on_ended)
+        task = asyncio.create_task(run.run(timeout_s=1.0, stall_timeout_s=1.0, grace_s=1.0))
+        try:
+            await asyncio.to_thread(wait_for, settling.is_set, 15, what="the end being settled")
+            clock.now = 100.0  # far past the timeout, the stall limit, the grace, the cancel
+            for _ in range(3):  # let the supervision look again, as its timers would
+                run._wake.set()
+                await asyncio.sleep(0)
+            assert run._outcome.stop_reason is None
+            assert not task.done()
+        finally:
+            release.set()
+        return await asyncio.wait_for(task, 15)
+
+    outcome = asyncio.run(scenario())
+    assert outcome.stop_reason is None and not outcome.forced
+    assert isinstance(outcome.result, PluginResult) and outcome.result.data == {"job": "quick"}
+    assert settled == [outcome]
