@@ -858,8 +858,14 @@ class Daemon:
             self._unfiled[job_id] = path
             self._retry_soon()
             return
+        self._take_in_resubmitted(job_id)
+
+    def _take_in_resubmitted(self, job_id: str) -> None:
+        """A new run of ``job_id`` waits in the inbox for its last run's file to be filed
+        away (see _intake): look at it now."""
         if (resubmitted := self._resubmitted.pop(job_id, None)) is not None:
-            self._pending.setdefault(resubmitted, True)
+            # As if seen unrenamed: a file written in place still gets its time to settle.
+            self._pending.setdefault(resubmitted, False)
             self._wake.set()
 
     # --- running jobs -----------------------------------------------------------
@@ -1028,13 +1034,14 @@ class Daemon:
         if not (record and verdict.state is not None and not job.fenced
                 and not self._taken_over(job)):
             return verdict
-        final = _final_sidecar(job.sidecar.with_progress(job.progress), verdict.state,
-                               verdict.error, verdict.result)
+        # Set before the write: a reader may see the sidecar before write() returns, and
+        # a resubmission it makes must find the run ended (see _has_ended).
+        job.final = _final_sidecar(job.sidecar.with_progress(job.progress), verdict.state,
+                                   verdict.error, verdict.result)
         try:
-            self.outbox.write(final)
+            self.outbox.write(job.final)
         except Exception:  # noqa: BLE001 - see above
-            return verdict
-        job.final = final
+            job.final = None
         return verdict
 
     def _record_unrecorded(self) -> None:
@@ -1091,6 +1098,7 @@ class Daemon:
             self._fence(job)
             if self.jobs.get(job.id) is job:
                 del self.jobs[job.id]
+            self._take_in_resubmitted(job.id)  # the other node's run: it is seen to then
             return
         sidecar = job.sidecar.with_progress(job.progress)  # the last report may be unwritten
         if verdict.state is None:  # the daemon is stopping: back to the queue for next time

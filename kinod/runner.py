@@ -257,13 +257,14 @@ class PluginRun(SupervisedRun):
             # The thread keeps the loop for its next job: a late stop must not reach it.
             self._job_loop = None
             self._returned = True
-            if self._on_ended is not None:
-                try:
+            try:
+                if self._on_ended is not None:
                     self._on_ended(self._outcome)
-                except Exception:  # noqa: BLE001 - the daemon's loop settles the end instead
-                    logger.opt(exception=True).bind(job_id=self.job_id).error(
-                        "job {}: its end could not be settled on its thread", self.job_id)
-            self._end()
+            except Exception:  # noqa: BLE001 - the daemon's loop settles the end instead
+                logger.opt(exception=True).bind(job_id=self.job_id).error(
+                    "job {}: its end could not be settled on its thread", self.job_id)
+            finally:
+                self._end()  # whatever happened: run() waits for nothing else now
 
     async def _generate(self) -> Any:
         with logger.contextualize(job_id=self.job_id):
