@@ -160,6 +160,38 @@ def test_stop_on_running_jobs_ends_them_stopped_within_the_grace(
     assert daemon.stop() == 0
 
 
+def test_a_plugin_thread_given_up_on_never_writes_over_the_next_run(
+        kinod_root: Path, start_daemon: Callable[..., DaemonProcess]) -> None:
+    """A plugin that blocks its thread and ignores stop is given up on; when it returns at
+    last, the id may be running again: its late end must not touch the new run."""
+    daemon = start_daemon()
+    first_gate, second_gate = kinod_root / "first", kinod_root / "second"
+    daemon.drop("deaf.yaml", scripted(steps=0, gate=str(first_gate), obey_stop=False,
+                                      blocking=True, max_wait_s=30, tag="first"))
+    daemon.wait_state("deaf", "running")
+    wait_for(lambda: executions(daemon, "deaf") == 1, 10, what="the first run to start")
+    (daemon.inbox / "deaf.stop").touch()
+    assert wait_end(daemon, "deaf", timeout_s=20)["state"] == "stopped"
+    wait_for(lambda: "ignores cancellation" in daemon.log(), 10, what="the thread given up on")
+
+    daemon.drop("deaf.yaml", scripted(steps=0, gate=str(second_gate), tag="second"))
+
+    def second_run(state: str) -> dict | None:
+        s = daemon.sidecar("deaf")
+        return s if s and s["task"]["data"]["tag"] == "second" and s["state"] == state else None
+
+    wait_for(lambda: second_run("running"), 10, what="the second run to start")
+    runs_log = daemon.frames / "deaf" / "runs.log"
+    first_gate.touch()  # the first run's thread wakes up and returns, long after its end
+    wait_for(lambda: any(line.startswith("end ") for line in runs_log.read_text().splitlines()),
+             10, what="the first run's generate() to return")
+    assert second_run("running"), daemon.sidecar("deaf")
+    second_gate.touch()
+    s = wait_end(daemon, "deaf")
+    assert (s["state"], s["attempt"], s["task"]["data"]["tag"]) == ("succeeded", 1, "second"), s
+    assert daemon.stop() == 0
+
+
 # --- 8. SIGTERM, kill -9 and restarts ----------------------------------------------
 
 
