@@ -978,8 +978,9 @@ class Daemon:
 
     async def _run(self, job: Job) -> None:
         """Run the job, then record how it ended; whatever happens, its slot is freed."""
+        verdict: Verdict | None = None
         try:
-            verdict = judge(await self._execute(job))
+            outcome = await self._execute(job)
         except Exception as exc:  # noqa: BLE001 - e.g. no thread could be started
             verdict = Verdict(JobState.FAILED, error=KinodError(f"could not run: {exc!r}"))
         if not job.end_lock.acquire(blocking=False):
@@ -995,9 +996,10 @@ class Daemon:
             job.progress_timer.cancel()
             job.progress_timer = None  # or a retry's progress would wait for it for ever
         again = False
-        if settled is not None:
+        if settled is not None:  # judged on the plugin's thread already
             verdict = settled
         else:
+            verdict = verdict or judge(outcome)
             if verdict.retryable:  # decided (and counted) once, however often recording fails
                 try:
                     again = self._retry_left(job)
