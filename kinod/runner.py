@@ -62,9 +62,9 @@ class SupervisedRun(ABC):
         self._clock = clock
         self._outcome = Outcome()
         # Flags, not threading.Events: nothing waits on them, and an Event costs a
-        # Condition and a lock per job.
-        # generate() is over (a subclass that settles the end on the plugin's side says so):
-        # what follows is kinod's own work, which no timeout or stop applies to.
+        # Condition and a lock per job. _returned: generate() is over, and what follows is
+        # kinod's own work, which no timeout or stop applies to (set by a subclass that
+        # settles the end on the plugin's side).
         self._returned = False
         self._finished = False
         self._wake: asyncio.Event | None = None

@@ -35,6 +35,16 @@ def wait_for(condition: Callable[[], Any], timeout_s: float = DEFAULT_TIMEOUT_S,
         time.sleep(interval_s)
 
 
+class Clock:
+    """A monotonic clock a test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def write_config(root: Path, **settings: Any) -> Path:
     """A config.yaml in ``root``; tests default to quick settling and a quiet node name."""
     values = {"node": "testnode", "settle_s": 0.3, "stop_grace": 3, "rescan_interval_s": 2,

@@ -6,14 +6,7 @@ from pathlib import Path
 
 from kinod.nodes import NodeBoard, read_heartbeats
 from kinod.watcher import choose_watch_mode, file_system_type
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.helpers import Clock
 
 
 def test_a_beat_writes_a_heartbeat_others_read(tmp_path: Path) -> None:

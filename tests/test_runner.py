@@ -11,7 +11,7 @@ from typing import Any
 from kinod.outcome import Outcome
 from kinod.plugins.base_plugin import BasePlugin, PluginResult
 from kinod.runner import PluginRun
-from tests.helpers import wait_for
+from tests.helpers import Clock, wait_for
 
 
 class Quick(BasePlugin):
@@ -19,19 +19,11 @@ class Quick(BasePlugin):
         return PluginResult(success=True, data={"job": job_id})
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_a_plugin_that_returned_is_not_timed_out_while_its_end_is_settled(
         tmp_path: Path) -> None:
     """Flushing a finished job's output to disk can take longer than the job's timeout:
     that time is kinod's, not the plugin's, and no stop or cancel may follow."""
-    clock = FakeClock()
+    clock = Clock()
     settling, release = threading.Event(), threading.Event()
     settled: list[Outcome] = []
 
@@ -45,7 +37,7 @@ def test_a_plugin_that_returned_is_not_timed_out_while_its_end_is_settled(
         task = asyncio.create_task(run.run(timeout_s=1.0, stall_timeout_s=1.0, grace_s=1.0))
         try:
             await asyncio.to_thread(wait_for, settling.is_set, 15, what="the end being settled")
-            clock.now = 100.0  # far past the timeout, the stall limit, the grace, the cancel
+            clock.now += 100  # far past the timeout, the stall limit, the grace, the cancel
             for _ in range(3):  # let the supervision look again, as its timers would
                 run._wake.set()
                 await asyncio.sleep(0)
