@@ -143,6 +143,7 @@ class Daemon:
         self._reload_settings = reload_settings
         self._notifier = notifier if notifier is not None else Notifier()
         self._last_status = ""
+        self._status_paused = False  # the status tick sleeps while nothing changes
         self.registry = registry if registry is not None else PluginRegistry(settings.plugin_dirs)
         self.spool = Spool(settings.inbox, settings.node)
         self.outbox = Outbox(settings.outbox)
@@ -310,16 +311,25 @@ class Daemon:
         return f"{len(self.running)} running, {len(self.queue)} queued"
 
     async def _tell_status(self) -> None:
+        """Tell systemd the status when it has changed, at most once a STATUS_INTERVAL_S.
+        A tick that finds nothing new pauses the ticks until the next turn of the loop:
+        an idle daemon has no reason to wake every second."""
         status = self._status()
         if status != self._last_status:
             self._last_status = status
             self._notifier.status(status)
+        else:
+            self._scheduler.pause_job("status")
+            self._status_paused = True
 
     async def _wait_for_work(self) -> None:
         await self._wake.wait()
         self._wake.clear()
 
     async def _turn(self) -> None:
+        if self._status_paused:  # every change to the status is made on a turn
+            self._status_paused = False
+            self._scheduler.resume_job("status")
         batch = list(itertools.islice(self._pending.items(), INTAKE_BATCH))
         started = self._clock()
         for path, renamed in batch:

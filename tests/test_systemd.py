@@ -182,6 +182,30 @@ def test_the_daemon_speaks_the_notify_protocol_through_its_life(
     assert notify.index("STOPPING=1", mark) > -1
 
 
+def test_the_status_is_told_again_after_the_daemon_has_been_idle(
+        kinod_root: Path, start_daemon: Callable[..., DaemonProcess], notify: NotifySocket,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Idle, the status tick sleeps (no wake-up a second for nothing); the next job wakes it."""
+    monkeypatch.setenv("NOTIFY_SOCKET", notify.path)
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")  # pings every 0.1 s: a clock to wait on
+    daemon = start_daemon()
+    for round_ in ("first", "second"):
+        mark = len(notify.lines())
+        gate = kinod_root / f"gate-{round_}"
+        daemon.drop(f"{round_}.yaml", scripted(steps=0, gate=str(gate)))
+        wait_for(lambda: notify.index("STATUS=1 running, 0 queued", mark) > -1, 10,
+                 what=f"the status to count the {round_} running job")
+        gate.touch()
+        wait_end(daemon, round_)
+        wait_for(lambda: notify.index("STATUS=0 running, 0 queued", mark) > -1, 10,
+                 what=f"the status to say nothing runs after the {round_} job")
+        # Two status ticks (1 s apart) and more pass with nothing to tell: the tick sleeps.
+        told_at = time.monotonic()
+        wait_for(lambda: notify.pings_between(told_at, time.monotonic()) >= 25, 10,
+                 what="2.5 s of watchdog pings")
+    assert daemon.stop() == 0
+
+
 def test_a_hung_event_loop_stops_the_watchdog_pings(
         tmp_path: Path, notify: NotifySocket) -> None:
     for folder in ("inbox", "outbox", "frames", "models"):
