@@ -312,8 +312,8 @@ class Daemon:
 
     async def _tell_status(self) -> None:
         """Tell systemd the status when it has changed, at most once a STATUS_INTERVAL_S.
-        A tick that finds nothing new pauses the ticks until the next turn of the loop:
-        an idle daemon has no reason to wake every second."""
+        A tick that finds nothing new pauses the ticks until a turn of the loop changes
+        the counts: an idle daemon has no reason to wake every second."""
         status = self._status()
         if status != self._last_status:
             self._last_status = status
@@ -327,9 +327,6 @@ class Daemon:
         self._wake.clear()
 
     async def _turn(self) -> None:
-        if self._status_paused:  # every change to the status is made on a turn
-            self._status_paused = False
-            self._scheduler.resume_job("status")
         batch = list(itertools.islice(self._pending.items(), INTAKE_BATCH))
         started = self._clock()
         for path, renamed in batch:
@@ -345,6 +342,10 @@ class Daemon:
             except Exception:  # the daemon never dies on input; the next rescan tries again
                 logger.opt(exception=True).error("{}: unexpected error; will look again", path)
         self._dispatch()
+        # Every change to the counts is followed by a turn (a job's end wakes the loop).
+        if self._status_paused and self._status() != self._last_status:
+            self._status_paused = False
+            self._scheduler.resume_job("status")
         if self._pending:
             await asyncio.sleep(0)
 
