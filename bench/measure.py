@@ -27,6 +27,7 @@ from farm import (
     SidecarWatch,
     child,
     count_ended,
+    cpu_seconds,
     drop,
     make_farm,
     write_jobs,
@@ -211,6 +212,22 @@ def idle_cpu_percent(config: Path, seconds: float) -> float:
         cpu, started = daemon.cpu_s(), time.monotonic()
         time.sleep(seconds)
         return (daemon.cpu_s() - cpu) / (time.monotonic() - started) * 100
+
+
+# The least a process that wakes once a second costs: on a busy virtual machine a wake-up
+# can cost milliseconds, and this shows what the idle figures are made of there.
+TICKER = "import asyncio\nasync def tick():\n    while True:\n        await asyncio.sleep(1)\n" \
+         "asyncio.run(tick())"
+
+
+def ticker_cpu_percent(seconds: float) -> float:
+    """CPU an asyncio loop waking once a second uses over ``seconds``, measured as
+    ``idle_cpu_percent`` measures kinod; percent of one core."""
+    with child([sys.executable, "-c", TICKER]) as proc:
+        time.sleep(2)
+        cpu, started = cpu_seconds(proc.pid), time.monotonic()
+        time.sleep(seconds)
+        return (cpu_seconds(proc.pid) - cpu) / (time.monotonic() - started) * 100
 
 
 def finished_farm(root: Path, n: int) -> Path:
