@@ -193,15 +193,15 @@ def test_the_status_is_told_again_after_the_daemon_has_been_idle(
         mark = len(notify.lines())
         gate = kinod_root / f"gate-{round_}"
         daemon.drop(f"{round_}.yaml", scripted(steps=0, gate=str(gate)))
-        wait_for(lambda: notify.index("STATUS=1 running, 0 queued", mark) > -1, 10,
+        wait_for(lambda m=mark: notify.index("STATUS=1 running, 0 queued", m) > -1, 10,
                  what=f"the status to count the {round_} running job")
         gate.touch()
         wait_end(daemon, round_)
-        wait_for(lambda: notify.index("STATUS=0 running, 0 queued", mark) > -1, 10,
+        wait_for(lambda m=mark: notify.index("STATUS=0 running, 0 queued", m) > -1, 10,
                  what=f"the status to say nothing runs after the {round_} job")
         # Two status ticks (1 s apart) and more pass with nothing to tell: the tick sleeps.
         told_at = time.monotonic()
-        wait_for(lambda: notify.pings_between(told_at, time.monotonic()) >= 25, 10,
+        wait_for(lambda t=told_at: notify.pings_between(t, time.monotonic()) >= 25, 10,
                  what="2.5 s of watchdog pings")
     assert daemon.stop() == 0
 
