@@ -208,10 +208,7 @@ def idle_cpu_percent(config: Path, seconds: float) -> float:
     of one core."""
     with Daemon(config) as daemon:
         daemon.ready(300)
-        time.sleep(2)
-        cpu, started = daemon.cpu_s(), time.monotonic()
-        time.sleep(seconds)
-        return (daemon.cpu_s() - cpu) / (time.monotonic() - started) * 100
+        return _cpu_percent_from_2_s_on(daemon.pid, seconds)
 
 
 # The least a process that wakes once a second costs: on a busy virtual machine a wake-up
@@ -224,10 +221,15 @@ def ticker_cpu_percent(seconds: float) -> float:
     """CPU an asyncio loop waking once a second uses over ``seconds``, measured as
     ``idle_cpu_percent`` measures kinod; percent of one core."""
     with child([sys.executable, "-c", TICKER]) as proc:
-        time.sleep(2)
-        cpu, started = cpu_seconds(proc.pid), time.monotonic()
-        time.sleep(seconds)
-        return (cpu_seconds(proc.pid) - cpu) / (time.monotonic() - started) * 100
+        return _cpu_percent_from_2_s_on(proc.pid, seconds)
+
+
+def _cpu_percent_from_2_s_on(pid: int, seconds: float) -> float:
+    """CPU process ``pid`` uses over ``seconds``, starting 2 s from now; percent of one core."""
+    time.sleep(2)
+    cpu, started = cpu_seconds(pid), time.monotonic()
+    time.sleep(seconds)
+    return (cpu_seconds(pid) - cpu) / (time.monotonic() - started) * 100
 
 
 def finished_farm(root: Path, n: int) -> Path:
