@@ -144,6 +144,10 @@ class Daemon:
         self._notifier = notifier if notifier is not None else Notifier()
         self._last_status = ""
         self._status_paused = False  # the status tick sleeps while nothing changes
+        # No other node's heartbeat moves: jobs taken in wait in this node's running/
+        # (_waiting_here: some may), not in queued/.
+        self._alone = False
+        self._waiting_here = False
         self.registry = registry if registry is not None else PluginRegistry(settings.plugin_dirs)
         self.spool = Spool(settings.inbox, settings.node)
         self.outbox = Outbox(settings.outbox)
@@ -176,9 +180,13 @@ class Daemon:
         self._inbox_identity: tuple[int, int] | None = None  # to notice it replaced
         self._node_lock: int | None = None
         self._scheduler: AsyncIOScheduler | None = None
-        # The inbox, and queued/ for jobs other nodes on this machine take in.
+        # The inbox; queued/ for jobs other nodes on this machine take in; running/, where a
+        # node starting writes its pid into its lock file.
         self._watch_mode = choose_watch_mode(settings.watch, settings.inbox)
-        self._watcher = InboxWatcher([settings.inbox, self.spool.queued], self._on_inbox_event)
+        self._watcher = InboxWatcher([settings.inbox, self.spool.queued, self.spool.running_root],
+                                     self._on_inbox_event)
+        self._running_root_text = str(self.spool.running_root)
+        self._own_lock = f"{settings.node}.lock"
         self._board = NodeBoard(self.spool.nodes, settings.node, settings.lease, clock)
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -202,6 +210,7 @@ class Daemon:
         self._scheduler.add_job(self._heartbeat, "interval", seconds=self.settings.lease / 4,
                                 id="heartbeat", coalesce=True, max_instances=1)
         self._beat()
+        self._alone = self._no_other_node()
         self._recover()  # may schedule not_before releases: the scheduler exists by now
         if not polling:
             self._watcher.start(self._loop)
@@ -366,6 +375,8 @@ class Daemon:
         if tasks:
             await asyncio.wait(tasks)
         self._record_unrecorded()  # a last try; what still fails runs again after a restart
+        if self._waiting_here:
+            self._release_waiting()  # for the other nodes, and for this one's next start
         self._beat(stopped=True)
         logger.info("kinod stopped")
 
@@ -385,6 +396,44 @@ class Daemon:
             if self._taken_over(job):
                 self._fence(job)
         self._take_over_expired()
+        self._alone = self._no_other_node()
+        if self._waiting_here and not self._alone:
+            self._release_waiting()
+
+    def _no_other_node(self) -> bool:
+        """No other node's heartbeat moves. Only where inotify reports another node's start
+        at once (see _another_node_started); a polling node would see it a heartbeat late."""
+        return self._watch_mode != "poll" and self._board.alive().keys() <= {self.settings.node}
+
+    def _another_node_started(self) -> None:
+        """Its lock file was written: the jobs waiting here go where it can claim them."""
+        self._alone = False  # until a heartbeat finds it gone again
+        if self._waiting_here:
+            self._release_waiting()
+
+    def _waits_here(self, plugin: str) -> bool:
+        """A job taken in for ``plugin`` waits in this node's running/, not in queued/: no
+        other node is there to claim it, and the two renames through queued/ are saved."""
+        return self._alone and self._serves(plugin)
+
+    def _release_waiting(self) -> None:
+        """Jobs waiting in this node's running/ go to queued/, where every node claims: another
+        node serves the inbox now, or this one stops."""
+        for job in list(self.jobs.values()):
+            if (job.id in self.running or job.id in self._unrecorded
+                    or job.folder != self.spool.running):
+                continue  # running, or ended with its end not yet recorded
+            try:
+                job.path = self.spool.requeue(job.path)
+            except FileNotFoundError:
+                self._claimed_elsewhere(job)  # taken over while this node was held up
+                continue
+            except OSError as exc:
+                logger.error("cannot move the jobs waiting here to {}: {}; trying again at "
+                             "the next heartbeat", self.spool.queued, exc)
+                return
+            job.file_identity = _file_identity(job.path)
+        self._waiting_here = False
 
     def _beat(self, stopped: bool = False) -> None:
         serves = sorted(self.registry.plugins if self.settings.serves is None
@@ -442,6 +491,10 @@ class Daemon:
             self._retry_soon()  # and again in a moment: it may be halfway through deletion
             return
         folder, name = os.path.split(path)
+        if folder == self._running_root_text:
+            if self._alone and name.endswith(".lock") and name != self._own_lock:
+                self._another_node_started()
+            return
         if folder == self._queued_text:  # another node took a job in
             job_id = InboxName.of(name).job_id
             if job_id not in self.jobs and os.path.lexists(path):
@@ -480,11 +533,12 @@ class Daemon:
     def _recover_orphans(self) -> None:
         """Files in this node's running/ that no job here stands for: their taking in or
         requeueing was cut short by a disk fault. Done again."""
-        for path in self.spool.running_files():
-            job_id = InboxName.of(path.name).job_id
-            if (job_id not in self.running and job_id not in self._unrecorded
-                    and job_id not in self._unfiled):
-                self._guarded(self._recover_running, path)
+        for name in self.spool.running_names():  # names: 100,000 waiting here cost no Paths
+            job_id = InboxName.of(name).job_id
+            job = self.jobs.get(job_id)
+            if ((job is None or job.folder != self.spool.running)
+                    and job_id not in self._unrecorded and job_id not in self._unfiled):
+                self._guarded(self._recover_running, self.spool.running / name)
 
     def _inbox_is_served(self) -> bool:
         """False while the inbox is gone. When a new one stands in its place, make the
@@ -687,6 +741,16 @@ class Daemon:
             self.jobs[job_id] = job
             return
         self.outbox.publish(sidecar)
+        self._let_wait(held, job_id, read, sidecar)
+
+    def _let_wait(self, held: Path, job_id: str, read: ReadJob, sidecar: Sidecar) -> None:
+        """A job this node holds, its queued sidecar written, waits for a worker: here, when
+        no other node could run it, else in queued/ (also where a job of a plugin only other
+        nodes serve is left for them)."""
+        if read.error is None and self._waits_here(read.plugin.name):
+            self._waiting_here = True
+            self._admit(held, job_id, read, sidecar, _file_identity(held))
+            return
         try:
             queued = self.spool.release(held)
         except FileExistsError:  # the same id was queued on another node a moment ago
@@ -800,9 +864,12 @@ class Daemon:
         if sidecar is not None and sidecar.state.is_terminal:
             self._file_away_ended(path, job_id)
             return
-        if sidecar is None or sidecar.started_at is None:  # being taken in; it never ran
+        if sidecar is None or sidecar.started_at is None:  # being taken in, or waiting
             read = self._read_held(path)
-            self._take_in(path, job_id, read)
+            if sidecar is None or read.error is not None:
+                self._take_in(path, job_id, read)  # its taking in was cut short
+            else:
+                self._let_wait(path, job_id, read, sidecar)
             return
         crashes = self.spool.count(job_id, "crashes")
         if crashes >= self.settings.max_crash_attempts:
@@ -824,7 +891,7 @@ class Daemon:
         names, folder = self.spool.queued_names(), self.spool.queued
         self._not_adopted = {p: m for p, m in self._not_adopted.items() if p.name in names}
         for job in list(self.jobs.values()):  # queued here, claimed by another node since
-            if job.id in self.running or (job.name in names and job.folder == folder):
+            if job.folder != folder or job.name in names:
                 continue
             if not os.path.lexists(job.path):
                 self._claimed_elsewhere(job)
@@ -911,7 +978,7 @@ class Daemon:
     def _start(self, job: Job) -> None:
         if job.spec is None:  # waiting light: made whole again, from the document read
             job.spec, job.data = recheck(job.submitted_document(), job.plugin)
-        claimed = self.spool.claim(job.path)
+        claimed = self._claim(job)
         if claimed is None:
             self._claimed_elsewhere(job)
             return
@@ -940,6 +1007,13 @@ class Daemon:
         except OSError:
             job.path = self.spool.requeue(claimed)  # as it was: queued
             raise
+
+    def _claim(self, job: Job) -> Path | None:
+        """The file of a waiting job, in this node's running/: claimed from queued/, or there
+        already. None if another node has it (or it is gone)."""
+        if job.folder == self.spool.running:
+            return job.path if os.path.lexists(job.path) else None
+        return self.spool.claim(job.path)
 
     def _begin(self, job: Job, held: Path, old: Sidecar, published: bool = True) -> None:
         """Write the running sidecar of a job whose file this node holds, and run it.
@@ -1207,7 +1281,7 @@ class Daemon:
             if job.run is not None:
                 job.run.request_stop(StopReason.USER, self.settings.stop_grace)
             return  # the .stop file goes once the job has ended
-        claimed = self.spool.claim(job.path)  # so that no other node starts it meanwhile
+        claimed = self._claim(job)  # so that no other node starts it meanwhile
         if claimed is None:
             self._claimed_elsewhere(job)  # its node acts on the .stop
             return

@@ -1,8 +1,9 @@
 """The only module that moves job files. A job's state on disk is the folder its file is in.
 
     inbox/<id>.yaml                      dropped, not yet accepted
-    inbox/.kinod/queued/<id>.yaml        accepted, waiting to run
-    inbox/.kinod/running/<node>/<id>.yaml  held by daemon <node>: being taken in, or running
+    inbox/.kinod/queued/<id>.yaml        accepted, waiting to run on any node
+    inbox/.kinod/running/<node>/<id>.yaml  held by daemon <node>: being taken in, waiting
+                                           while <node> serves the inbox alone, or running
     inbox/.kinod/done/<id>/<n>.yaml      ended: the n-th run of <id>
     inbox/.kinod/duplicates/<id>/<n>.yaml  resubmitted while <id> was queued or running
     inbox/.kinod/invalid/<name>          a name that is not a valid job id
@@ -196,6 +197,9 @@ class Spool:
 
     def running_files(self) -> list[Path]:
         return _files_in(self.running)
+
+    def running_names(self) -> list[str]:
+        return _names_in(self.running)
 
     def _file_away(self, path: Path, folder: Path) -> Path:
         """Move to ``folder/<n><suffix>``, n one more than any run number there.

@@ -8,6 +8,7 @@ clobbers nothing.
 
 from __future__ import annotations
 
+import os
 import signal
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -161,6 +162,66 @@ def test_a_killed_nodes_jobs_finish_on_the_others_after_its_lease(
     assert "node doomed lost its lease" in log
     for daemon in survivors:
         assert daemon.stop() == 0
+
+
+def start_alone_with_a_backlog(kinod_root: Path, nodes: Callable[..., DaemonProcess],
+                               waiting: list[str], lease: float) -> DaemonProcess:
+    """Node a, alone on the inbox, its one worker held by the job ``first`` (until the gate
+    file appears), and ``waiting`` taken in behind it."""
+    inbox = kinod_root / "inbox"
+    a = nodes("a", workers=1, lease=lease)
+    drop_job(inbox, "first.yaml", scripted(steps=0, gate=str(kinod_root / "gate")))
+    wait_for(lambda: executions(a, "first") == 1, 15, what="first to start")
+    for job_id in waiting:
+        drop_job(inbox, f"{job_id}.yaml", scripted(steps=1, step_s=0))
+    wait_for(lambda: all((a.sidecar(j) or {}).get("state") == "queued" for j in waiting), 15,
+             what="every job taken in")
+    files = sorted(f"{j}.yaml" for j in waiting)
+    if os.environ.get("KINOD_WATCH") == "poll":  # it would see another node start late
+        assert spool_files(a, "queued") == files
+    else:  # alone: it keeps them in its own running/ folder, where no other node claims
+        assert spool_files(a, "queued") == []
+        assert spool_files(a, "running", "a") == sorted(["first.yaml", *files])
+    return a
+
+
+def test_a_node_alone_hands_its_backlog_to_queued_when_another_node_comes(
+        kinod_root: Path, nodes: Callable[..., DaemonProcess]) -> None:
+    waiting = [f"w{i:02d}" for i in range(20)]
+    # A lease of a minute: a would see b's heartbeat only after 15 s.
+    a = start_alone_with_a_backlog(kinod_root, nodes, waiting, lease=60)
+    b = nodes("b", workers=2)
+    # a sees b start (its lock file written) and moves its backlog to queued/ at once; its
+    # own worker stays held, so every one of them runs on b.
+    for job_id in waiting:
+        sidecar = wait_end(b, job_id, timeout_s=10)
+        assert (sidecar["state"], sidecar["node"]) == ("succeeded", "b"), sidecar
+    (kinod_root / "gate").touch()
+    assert wait_end(a, "first")["node"] == "a"
+    assert a.stop() == 0 and b.stop() == 0  # every file filed away by then
+    for job_id in ["first", *waiting]:
+        assert_ended_once(a, job_id)
+        assert completed_runs(a, job_id) == 1, job_id
+
+
+def test_a_killed_nodes_backlog_kept_in_its_running_folder_runs_elsewhere_once(
+        kinod_root: Path, nodes: Callable[..., DaemonProcess]) -> None:
+    waiting = [f"w{i:02d}" for i in range(20)]
+    a = start_alone_with_a_backlog(kinod_root, nodes, waiting, lease=2)
+    a.kill()
+    b = nodes("b", workers=2, lease=2)
+    for job_id in waiting:  # taken back after a's lease, as jobs that never began
+        sidecar = wait_end(b, job_id, timeout_s=30)
+        assert (sidecar["state"], sidecar["node"], sidecar["attempt"]) == (
+            "succeeded", "b", 1), sidecar
+    (kinod_root / "gate").touch()
+    sidecar = wait_end(b, "first", timeout_s=30)  # it was running: a crash, then a second try
+    assert (sidecar["state"], sidecar["node"], sidecar["attempt"]) == ("succeeded", "b", 2)
+    assert b.stop() == 0  # every file filed away by then
+    for job_id in waiting:
+        assert_ended_once(b, job_id)
+        assert completed_runs(b, job_id) == 1, job_id
+    assert spool_files(b, "running", "a") == []
 
 
 def test_a_node_paused_past_its_lease_clobbers_nothing_when_it_resumes(
