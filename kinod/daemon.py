@@ -1306,7 +1306,10 @@ class Daemon:
         else:
             self.outbox.published(written, previous)
         self.jobs.pop(job_id, None)
-        _unlink(f"{self._inbox_text}/{job_id}.stop")
+        # Looked for first: unlinking a missing file locks the inbox against every rename
+        # into it and out of it. One made after the look is seen to by _on_stop_file.
+        if os.path.lexists(stop := f"{self._inbox_text}/{job_id}.stop"):
+            _unlink(stop)
         if path is not None:
             self._file_away_ended(path, job_id)
 
