@@ -1374,8 +1374,8 @@ def _place(path: Path) -> tuple[Path, str]:
     folder, name = os.path.split(path)  # as text: Path.parent and .name cost more
     suffix = "." + name.rpartition(".")[2]
     shared = _folders.get(folder)
-    if shared is None:
-        shared = _folders[folder] = Path(folder)
+    if shared is None:  # of the path's own class: equal to the spool's Paths, which made it
+        shared = _folders[folder] = path.parent
     return shared, _suffixes.setdefault(suffix, suffix)
 
 
