@@ -47,7 +47,7 @@ class Farm:
     """A daemon serving /farm on a fake file system, its outbox on a disk of its own."""
 
     def __init__(self, fs: FakeFilesystem, registry: PluginRegistry,
-                 log: list[str]) -> None:
+                 log: list[str], **settings: Any) -> None:
         self.fs = fs
         self.inbox, self.outbox = ROOT / "inbox", OUTBOX_DISK_ROOT / "outbox"
         fs.add_mount_point(str(OUTBOX_DISK_ROOT), total_size=OUTBOX_DISK)
@@ -55,7 +55,7 @@ class Farm:
             fs.create_dir(folder)
         settings = Settings(inbox=self.inbox, outbox=self.outbox, frames=ROOT / "frames",
                             models=ROOT / "models", node="n1", settle_s=0, stop_grace=1,
-                            rescan_interval_s=0.1, progress_interval_s=0)
+                            rescan_interval_s=0.1, progress_interval_s=0, **settings)
         self.daemon = Daemon(settings, registry)
         self.log = log
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -78,7 +78,7 @@ class Farm:
                  what="the daemon to start")
 
     def stop(self) -> None:
-        if self._loop is not None:
+        if self._loop is not None and self._thread.is_alive():  # a test may stop it first
             self._loop.call_soon_threadsafe(self.daemon.request_shutdown)
         self._thread.join(15)
         assert not self._thread.is_alive(), "the daemon did not stop"
@@ -120,7 +120,8 @@ class Farm:
 
 
 @pytest.fixture
-def farm(monkeypatch: pytest.MonkeyPatch) -> Iterator[Farm]:
+def farm(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Farm]:
+    """The farm, serving; ``indirect`` parameters are settings of its own."""
     registry = PluginRegistry([WORKING_PLUGINS])  # loaded from the real disk, before faking
     monkeypatch.setattr(daemon_module, "InboxWatcher", _NoWatcher)
     monkeypatch.setattr(daemon_module, "RETRY_S", 0.2)
@@ -129,7 +130,7 @@ def farm(monkeypatch: pytest.MonkeyPatch) -> Iterator[Farm]:
                                     format="{level} {message}")
     try:
         with Patcher(allow_root_user=False) as patcher:  # permissions apply, even to root
-            farm = Farm(patcher.fs, registry, log)
+            farm = Farm(patcher.fs, registry, log, **getattr(request, "param", {}))
             farm.start()
             try:
                 yield farm
@@ -173,6 +174,26 @@ def test_a_job_ending_on_a_full_outbox_is_recorded_when_space_is_back(farm: Farm
     assert sidecar["result"]["executions"] == 1  # recorded, not run again
     farm.wait_state("meanwhile", "succeeded")
     assert_filed_away(farm, "ending")
+
+
+@pytest.mark.parametrize("farm", [{"workers": 1}], indirect=True)
+def test_a_stop_leaves_a_job_whose_end_is_unrecorded_where_it_ran(farm: Farm) -> None:
+    """The jobs waiting in this node's running/ go to queued/ when the daemon stops; a job
+    that ran there, its end not recorded, stays: the next start takes it up as a job its
+    daemon was running (a crash counted), never as one that waited."""
+    gate = ROOT / "gate"
+    farm.drop("ending", scripted(gate=str(gate), step_s=0))
+    farm.wait_state("ending", "running")
+    farm.drop("waiting", scripted(steps=1, step_s=0))
+    farm.wait_state("waiting", "queued")
+    assert farm.spool("running", "n1") == ["ending.json", "waiting.json"]  # both held here
+    farm.fill_outbox()
+    gate.touch()
+    wait_for(lambda: farm.logged("cannot record its end"), what="the failed end logged")
+    farm.stop()
+    assert farm.spool("running", "n1") == ["ending.json"]
+    assert farm.spool("queued") == ["waiting.json"]
+    assert farm.state("ending") == "running"  # its last complete sidecar: it runs again
 
 
 def test_a_job_file_that_cannot_be_filed_away_waits_beside_its_final_sidecar(
