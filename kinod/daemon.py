@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import os
@@ -110,6 +111,7 @@ class Job:
     # Held while its end or a progress report is written: its plugin's thread may write its
     # end while the loop writes progress. Made when it starts: a waiting job needs none.
     end_lock: threading.Lock | None = None
+    holds_slot: bool = False  # counted against ``workers`` (see _free_slot)
 
     def wait_light(self, raw: bytes) -> None:
         """Keep only what a claim needs to make the rest again."""
@@ -154,6 +156,9 @@ class Daemon:
         self.queue = JobQueue()
         self.jobs: dict[str, Job] = {}  # every accepted job that has not ended
         self.running: dict[str, Job] = {}
+        # Running jobs that hold a slot, in all and per plugin: what ``workers`` and
+        # ``max_concurrency`` limit (see _free_slot).
+        self._working = 0
         self._running_per_plugin: Counter[str] = Counter()
         # Inbox paths to look at -> arrived by rename. Text, not Paths: a start-up scan of
         # 100,000 files holds them all at once.
@@ -969,7 +974,7 @@ class Daemon:
     def _worker_free(self) -> bool:
         """A job may start now: not stopping, not held back by a disk fault, a worker free."""
         return (not self._shutdown.is_set() and not self._dispatch_held
-                and len(self.running) < self.settings.workers)
+                and self._working < self.settings.workers)
 
     def _has_room(self, plugin: str) -> bool:
         limit = self.settings.max_concurrency(plugin)
@@ -1031,7 +1036,9 @@ class Daemon:
         job.ending, job.final, job.settled, job.end_lock = False, None, None, threading.Lock()
         job.last_write_s = self._clock()  # the throttle counts from this write
         self.running[job.id] = job
+        self._working += 1
         self._running_per_plugin[job.plugin.name] += 1
+        job.holds_slot = True
         job.task = asyncio.create_task(self._run(job), name=f"job {job.id}")
 
     def _sidecar_of(self, job: Job) -> Sidecar:
@@ -1094,10 +1101,20 @@ class Daemon:
                     again = True
             verdict = await asyncio.to_thread(self._settle, job, verdict, not again)
         del self.running[job.id]
-        self._running_per_plugin[job.plugin.name] -= 1
+        self._free_slot(job)
         self._unrecorded[job.id] = (job, verdict, again)
         self._record_unrecorded()
         self._wake.set()
+
+    def _free_slot(self, job: Job) -> None:
+        """The job no longer counts against ``workers`` and ``max_concurrency``: its run
+        has ended, or its end is stamped and only the writing of its final sidecar is left,
+        which the next job need not wait for."""
+        if job.holds_slot:
+            job.holds_slot = False
+            self._working -= 1
+            self._running_per_plugin[job.plugin.name] -= 1
+            self._wake.set()
 
     def _settle_on_thread(self, job: Job, outcome: Outcome) -> None:
         """On the plugin's own thread, the moment generate() has ended: settle an end that
@@ -1125,6 +1142,9 @@ class Daemon:
         # a resubmission it makes must find the run ended (see _has_ended).
         job.final = _final_sidecar(job.sidecar.with_progress(job.progress), verdict.state,
                                    verdict.error, verdict.result)
+        # Its end is stamped: the next job need not wait for the write and its flush.
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is exiting
+            self._loop.call_soon_threadsafe(self._free_slot, job)
         try:
             self.outbox.write(job.final)
         except Exception:  # noqa: BLE001 - see above
