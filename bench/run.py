@@ -103,7 +103,8 @@ class Bench:
             "sidecar on disk; 1 and 8 workers. Baselines: the plain loop (`bench/plain.py`: "
             "read and parse the job, write the `running` and the final sidecar atomically, "
             "the final one flushed, move the job file), timed over the loop alone, before "
-            "and after kinod's and huey's runs of that size, the faster run kept; one "
+            "and after kinod's and huey's runs of that size, the faster run kept (kinod and "
+            f"huey too run twice up to {p.huey_max:,} jobs, the faster kept); one "
             f"Python process per job file, run one after another as a systemd `.path` unit "
             f"or an inotify script would, measured on {p.spawn_jobs} jobs and given per "
             f"job; huey 3.5 with SqliteHuey (`synchronous` "
@@ -148,22 +149,30 @@ class Bench:
         return s
 
     def _throughput_runs(self) -> dict[tuple[str, int], Burst]:
-        """Every size with the plain loop, huey and kinod, each with 1 and 8 workers."""
+        """Every size with the plain loop, huey and kinod, each with 1 and 8 workers. Up to
+        ``huey_max`` jobs, huey and kinod run twice and keep the faster run, as the plain
+        loop does: a busy moment of the shared machine flatters no side."""
         p = self.plan
         runs: dict[tuple[str, int], Burst] = {}
+
+        def keep_faster(key: tuple[str, int], burst: Burst) -> None:
+            if key not in runs or burst.rate > runs[key].rate:
+                runs[key] = burst
+
         for n in p.sizes:
             self.physical(n)
-            for workers in (1, 8):
-                if n <= p.huey_max:
-                    seconds, results = peer_huey.throughput(self.farm("huey"), n, workers,
-                                                            p.limit_s)
-                    runs[f"huey{workers}", n] = Burst(n, seconds, results)
-                runs[f"kinod{workers}", n] = measure.kinod_throughput(
-                    self.farm("kinod"), n, workers, p.limit_s)
-                print(f"  {n:,} jobs, {_workers(workers)}: kinod "
-                      f"{_rate(runs[f'kinod{workers}', n])}/s"
-                      + (f", huey {_rate(runs[f'huey{workers}', n])}/s"
-                         if n <= p.huey_max else ""), flush=True)
+            for _ in range(2 if n <= p.huey_max else 1):
+                for workers in (1, 8):
+                    line = f"  {n:,} jobs, {_workers(workers)}:"
+                    if n <= p.huey_max:
+                        huey = Burst(n, *peer_huey.throughput(self.farm("huey"), n, workers,
+                                                              p.limit_s))
+                        keep_faster((f"huey{workers}", n), huey)
+                        line += f" huey {_rate(huey)}/s,"
+                    kinod = measure.kinod_throughput(self.farm("kinod"), n, workers,
+                                                     p.limit_s)
+                    keep_faster((f"kinod{workers}", n), kinod)
+                    print(f"{line} kinod {_rate(kinod)}/s", flush=True)
             runs["plain", n] = self.physical(n, again=True)  # the faster of before and after
             self.clear_farms()
         return runs
