@@ -156,10 +156,9 @@ class Daemon:
         self.queue = JobQueue()
         self.jobs: dict[str, Job] = {}  # every accepted job that has not ended
         self.running: dict[str, Job] = {}
-        # Running jobs that hold a slot, in all and per plugin: what ``workers`` and
-        # ``max_concurrency`` limit (see _free_slot).
-        self._working = 0
-        self._running_per_plugin: Counter[str] = Counter()
+        # Running jobs that hold a slot, per plugin: what ``max_concurrency`` and, in all,
+        # ``workers`` limit (see _free_slot).
+        self._slots_held: Counter[str] = Counter()
         # Inbox paths to look at -> arrived by rename. Text, not Paths: a start-up scan of
         # 100,000 files holds them all at once.
         self._pending: dict[str, bool] = {}
@@ -974,11 +973,11 @@ class Daemon:
     def _worker_free(self) -> bool:
         """A job may start now: not stopping, not held back by a disk fault, a worker free."""
         return (not self._shutdown.is_set() and not self._dispatch_held
-                and self._working < self.settings.workers)
+                and self._slots_held.total() < self.settings.workers)
 
     def _has_room(self, plugin: str) -> bool:
         limit = self.settings.max_concurrency(plugin)
-        return limit is None or self._running_per_plugin[plugin] < limit
+        return limit is None or self._slots_held[plugin] < limit
 
     def _start(self, job: Job) -> None:
         if job.spec is None:  # waiting light: made whole again, from the document read
@@ -1036,8 +1035,7 @@ class Daemon:
         job.ending, job.final, job.settled, job.end_lock = False, None, None, threading.Lock()
         job.last_write_s = self._clock()  # the throttle counts from this write
         self.running[job.id] = job
-        self._working += 1
-        self._running_per_plugin[job.plugin.name] += 1
+        self._slots_held[job.plugin.name] += 1
         job.holds_slot = True
         job.task = asyncio.create_task(self._run(job), name=f"job {job.id}")
 
@@ -1112,8 +1110,7 @@ class Daemon:
         which the next job need not wait for."""
         if job.holds_slot:
             job.holds_slot = False
-            self._working -= 1
-            self._running_per_plugin[job.plugin.name] -= 1
+            self._slots_held[job.plugin.name] -= 1
             self._wake.set()
 
     def _settle_on_thread(self, job: Job, outcome: Outcome) -> None:
