@@ -88,9 +88,7 @@ class Bench:
         """The plain loop on n jobs; ``again``: measure once more and keep the faster run
         (a baseline that is never flattered by a busy moment of a shared machine)."""
         if n not in self.plain or again:
-            burst = measure.physical(self.farm("plain"), n)
-            if n not in self.plain or burst.rate > self.plain[n].rate:
-                self.plain[n] = burst
+            self.plain[n] = _faster(self.plain.get(n), measure.physical(self.farm("plain"), n))
         return self.plain[n]
 
     # --- the sections -----------------------------------------------------------------------
@@ -155,11 +153,6 @@ class Bench:
         loop does: a busy moment of the shared machine flatters no side."""
         p = self.plan
         runs: dict[tuple[str, int], Burst] = {}
-
-        def keep_faster(key: tuple[str, int], burst: Burst) -> None:
-            if key not in runs or burst.rate > runs[key].rate:
-                runs[key] = burst
-
         for n in p.sizes:
             self.physical(n)
             for _ in range(2 if n <= p.huey_max else 1):
@@ -168,11 +161,13 @@ class Bench:
                     if n <= p.huey_max:
                         huey = Burst(n, *peer_huey.throughput(self.farm("huey"), n, workers,
                                                               p.limit_s))
-                        keep_faster((f"huey{workers}", n), huey)
+                        key = f"huey{workers}", n
+                        runs[key] = _faster(runs.get(key), huey)
                         line += f" huey {_rate(huey)}/s,"
                     kinod = measure.kinod_throughput(self.farm("kinod"), n, workers,
                                                      p.limit_s)
-                    keep_faster((f"kinod{workers}", n), kinod)
+                    key = f"kinod{workers}", n
+                    runs[key] = _faster(runs.get(key), kinod)
                     print(f"{line} kinod {_rate(kinod)}/s", flush=True)
             runs["plain", n] = self.physical(n, again=True)  # the faster of before and after
             self.clear_farms()
@@ -308,6 +303,12 @@ class Bench:
 
 def _workers(n: int) -> str:
     return "1 worker" if n == 1 else f"{n} workers"
+
+
+def _faster(kept: Burst | None, new: Burst) -> Burst:
+    """Of two runs of one measurement, the faster: a baseline or a figure that a busy
+    moment of a shared machine does not flatter."""
+    return new if kept is None or new.rate > kept.rate else kept
 
 
 def _rate(burst: Burst) -> str:
