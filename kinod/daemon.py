@@ -1178,7 +1178,6 @@ class Daemon:
             self._on_progress(job, percent, message)
 
         if entry is not None and entry.isolation == "process":
-            output_dir.mkdir(parents=True, exist_ok=True)
             job.run = ProcessRun(job.plugin.name, job.plugin.source, job.id, job.data,
                                  on_progress, output_dir=output_dir, settings=plugin_settings,
                                  models_dir=self.settings.models, outbox=self.settings.outbox,
@@ -1186,7 +1185,6 @@ class Daemon:
                                  log_level=self.settings.log_level, clock=self._clock)
         else:
             def make_plugin() -> BasePlugin:  # runs on the job's own thread, off the loop's
-                output_dir.mkdir(parents=True, exist_ok=True)
                 return new_plugin(job.plugin.cls, output_dir, plugin_settings,
                                   self.settings.models)
 

@@ -11,6 +11,7 @@ import pytest
 from kinod.errors import InvalidJob
 from kinod.job_document import parse_document
 from kinod.plugins.base_plugin import BasePlugin
+from kinod.runner import new_plugin
 
 KINOD_SOURCES = sorted((Path(__file__).parent.parent / "kinod").rglob("*.py"))
 
@@ -19,8 +20,18 @@ KINOD_SOURCES = sorted((Path(__file__).parent.parent / "kinod").rglob("*.py"))
 def plugin(tmp_path: Path) -> BasePlugin:
     plugin = BasePlugin()
     plugin.output_dir = tmp_path / "frames" / "job1"
-    plugin.output_dir.mkdir(parents=True)
     return plugin
+
+
+def test_the_jobs_folder_is_made_when_the_plugin_first_asks_for_it(tmp_path: Path) -> None:
+    folder = tmp_path / "frames" / "job1"
+    plugin = new_plugin(BasePlugin, folder, {}, tmp_path / "models")
+    assert not folder.exists()  # a plugin that writes nothing leaves no empty folder
+    assert plugin.output_dir == folder
+    assert folder.is_dir()
+    folder.rmdir()
+    assert plugin.output_dir == folder  # made once: kinod does not look again
+    assert not folder.exists()
 
 
 @pytest.mark.parametrize("parts", [("frame.png",), ("sub", "frame.png"), ("a/b/c.exr",),

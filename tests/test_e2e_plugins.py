@@ -59,6 +59,9 @@ def test_broken_plugins_do_not_stop_the_others_from_loading(
     assert "failed to load" in sidecar["error"]["message"]
     for job_id in ("uses_scripted", "uses_example"):
         assert wait_end(daemon, job_id)["state"] == "succeeded", daemon.sidecar(job_id)
+    # The output folder is made when a plugin asks for it: example never does.
+    assert (daemon.frames / "uses_scripted").is_dir()
+    assert not (daemon.frames / "uses_example").exists()
     assert daemon.stop() == 0
 
     listing = kinod_cli("plugins", "--json", "--config", str(daemon.config), cwd=kinod_root)

@@ -7,6 +7,7 @@ then awaits ``generate()``. ``stop()`` may be awaited while ``generate()`` runs.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,11 +38,27 @@ class BasePlugin:
         self.should_stop = False
         self.progress = 0.0
         # Set by kinod before generate(): the job's own output folder
-        # (data/frames/<id>/, already created), this plugin's settings from
+        # (data/frames/<id>/, see ``output_dir``), this plugin's settings from
         # config.yaml (plugins.<name>) and the models folder (models_storage/).
-        self.output_dir: Path | None = None
+        self.output_dir = None
         self.settings: dict[str, Any] = {}
         self.models_dir: Path | None = None
+
+    @property
+    def output_dir(self) -> Path | None:
+        """The job's own output folder, made the first time it is asked for: a job that
+        writes nothing leaves no empty folder, and makes none (a folder costs a job more
+        than anything else kinod writes)."""
+        folder = self.__dict__.get("_output_dir")
+        if folder is not None and not self.__dict__.get("_output_dir_made"):
+            os.makedirs(folder, exist_ok=True)
+            self._output_dir_made = True
+        return folder
+
+    @output_dir.setter
+    def output_dir(self, folder: Path | None) -> None:
+        self._output_dir = folder
+        self._output_dir_made = False
 
     async def generate(
         self,
