@@ -30,7 +30,7 @@ def test_the_jobs_folder_is_made_when_the_plugin_first_asks_for_it(tmp_path: Pat
     assert plugin.output_dir == folder
     assert folder.is_dir()
     folder.rmdir()
-    assert plugin.output_dir == folder  # made once: kinod does not look again
+    assert plugin.output_dir == folder  # made once, not looked for on every use
     assert not folder.exists()
 
 

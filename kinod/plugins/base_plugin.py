@@ -46,9 +46,9 @@ class BasePlugin:
 
     @property
     def output_dir(self) -> Path | None:
-        """The job's own output folder, made the first time it is asked for: a job that
-        writes nothing leaves no empty folder, and makes none (a folder costs a job more
-        than anything else kinod writes)."""
+        """The job's own output folder, made the first time it is asked for: a job whose
+        plugin writes nothing there makes no folder (on some file systems, the dearest
+        thing a job would make)."""
         folder = self.__dict__.get("_output_dir")
         if folder is not None and not self.__dict__.get("_output_dir_made"):
             os.makedirs(folder, exist_ok=True)
