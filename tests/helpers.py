@@ -152,13 +152,24 @@ def scripted(**data: Any) -> dict[str, Any]:
     return {"type": "scripted", "data": data}
 
 
+def runs_log(frames: Path, job_id: str) -> list[str]:
+    """The scripted plugin's runs.log for this job: "start <id> <unix time> <pid>" as each
+    run's generate() begins, "end ..." as it returns; none before its first run."""
+    try:
+        return (frames / job_id / "runs.log").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+
+
 def executions(daemon: DaemonProcess, job_id: str) -> int:
     """How many times the scripted plugin's generate() began for this job."""
-    try:
-        lines = (daemon.frames / job_id / "runs.log").read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    return sum(1 for line in lines if line.startswith("start "))
+    return sum(1 for line in runs_log(daemon.frames, job_id) if line.startswith("start "))
+
+
+def run_starts(frames: Path, job_id: str) -> list[float]:
+    """When each run of the scripted plugin began for this job."""
+    return [float(line.split()[2]) for line in runs_log(frames, job_id)
+            if line.startswith("start ")]
 
 
 def wait_end(daemon: DaemonProcess, job_id: str, timeout_s: float = DEFAULT_TIMEOUT_S

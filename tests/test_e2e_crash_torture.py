@@ -21,6 +21,7 @@ from tests.helpers import (
     WORKING_PLUGINS,
     DaemonProcess,
     drop_job,
+    run_starts,
     scripted,
     spool_files,
     wait_end,
@@ -76,15 +77,6 @@ class OutboxReader(threading.Thread):
     def finish(self) -> None:
         self.halt.set()
         self.join(10)
-
-
-def starts(frames: Path, job_id: str) -> list[float]:
-    """When each run of the scripted plugin began for this job (its runs.log)."""
-    try:
-        lines = (frames / job_id / "runs.log").read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    return [float(line.split()[2]) for line in lines if line.startswith("start ")]
 
 
 def test_sigkill_again_and_again_loses_nothing_and_ends_every_job_once(
@@ -156,7 +148,7 @@ def test_sigkill_again_and_again_loses_nothing_and_ends_every_job_once(
         assert sidecar is not None and sidecar["state"] == state, (job_id, sidecar)
         # Filed away exactly once, and no run began after the job had ended.
         assert spool_files(daemon, "done", job_id) == ["1.yaml"], job_id
-        began = starts(daemon.frames, job_id)
+        began = run_starts(daemon.frames, job_id)
         assert began, f"{job_id} never ran"
         assert max(began) < when(sidecar["finished_at"]).timestamp(), (job_id, began, sidecar)
         assert sidecar["attempt"] >= len(began), (job_id, sidecar["attempt"], began)

@@ -23,6 +23,7 @@ from tests.helpers import (
     DaemonProcess,
     assert_done,
     executions,
+    runs_log,
     scripted,
     wait_end,
     wait_for,
@@ -62,8 +63,8 @@ def max_overlap(intervals: list[tuple[datetime, datetime]] | list[tuple[float, f
 def plugin_run(daemon: DaemonProcess, job_id: str) -> tuple[float, float]:
     """When the scripted plugin's generate() began and returned for this job (its runs.log):
     what ``workers`` and ``max_concurrency`` limit."""
-    lines = (daemon.frames / job_id / "runs.log").read_text().splitlines()
-    times = {line.split()[0]: float(line.split()[2]) for line in lines}
+    times = {line.split()[0]: float(line.split()[2])
+             for line in runs_log(daemon.frames, job_id)}
     return times["start"], times["end"]
 
 

@@ -24,6 +24,8 @@ from tests.helpers import (
     drop_job,
     executions,
     kinod_cli,
+    run_starts,
+    runs_log,
     scripted,
     spool_files,
     wait_end,
@@ -57,21 +59,12 @@ def nodes(kinod_root: Path) -> Iterator[Callable[..., DaemonProcess]]:
             daemon.kill()
 
 
-def run_starts(daemon: DaemonProcess, job_id: str) -> list[float]:
-    """When each run of the scripted plugin began for this job."""
-    try:
-        lines = (daemon.frames / job_id / "runs.log").read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    return [float(line.split()[2]) for line in lines if line.startswith("start ")]
-
-
 def assert_ended_once(daemon: DaemonProcess, job_id: str) -> dict[str, Any]:
     """One terminal sidecar, one file in done/, and no run began after the job ended."""
     sidecar = daemon.sidecar(job_id)
     assert sidecar is not None and sidecar["state"] in TERMINAL, sidecar
     assert spool_files(daemon, "done", job_id) == ["1.yaml"], job_id
-    began = run_starts(daemon, job_id)
+    began = run_starts(daemon.frames, job_id)
     assert began and max(began) < when(sidecar["finished_at"]).timestamp(), (job_id, began)
     return sidecar
 
@@ -110,11 +103,7 @@ def test_three_nodes_run_a_thousand_jobs_each_exactly_once(
 
 def completed_runs(daemon: DaemonProcess, job_id: str) -> int:
     """Runs of the scripted plugin that reached their end (a run killed midway never does)."""
-    try:
-        lines = (daemon.frames / job_id / "runs.log").read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    return sum(1 for line in lines if line.startswith("end "))
+    return sum(1 for line in runs_log(daemon.frames, job_id) if line.startswith("end "))
 
 
 def test_a_killed_nodes_jobs_finish_on_the_others_after_its_lease(

@@ -20,6 +20,7 @@ from tests.helpers import (
     DaemonProcess,
     assert_done,
     executions,
+    runs_log,
     scripted,
     spool_files,
     wait_end,
@@ -182,9 +183,8 @@ def test_a_plugin_thread_given_up_on_never_writes_over_the_next_run(
         return s if s and s["task"]["data"]["tag"] == "second" and s["state"] == state else None
 
     wait_for(lambda: second_run("running"), 10, what="the second run to start")
-    runs_log = daemon.frames / "deaf" / "runs.log"
     first_gate.touch()  # the first run's thread wakes up and returns, long after its end
-    wait_for(lambda: any(line.startswith("end ") for line in runs_log.read_text().splitlines()),
+    wait_for(lambda: any(line.startswith("end ") for line in runs_log(daemon.frames, "deaf")),
              10, what="the first run's generate() to return")
     assert second_run("running"), daemon.sidecar("deaf")
     second_gate.touch()
