@@ -109,8 +109,8 @@ class Bench:
             f"{peer_huey.synchronous(self.farm('huey_probe'))}), its consumer running with "
             "1 or 8 thread workers, timed from the first enqueue until every result is "
             f"stored (measured up to {p.huey_max:,} jobs)."))
-        spawn = max((measure.process_per_job(self.farm("spawn"), p.spawn_jobs)
-                     for _ in range(2)), key=lambda burst: burst.rate)  # the faster run
+        spawn = _faster(measure.process_per_job(self.farm("spawn"), p.spawn_jobs),
+                        measure.process_per_job(self.farm("spawn"), p.spawn_jobs))
         runs = self._throughput_runs()
         rows = []
         for n in p.sizes:
