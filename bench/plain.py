@@ -3,6 +3,13 @@ kinod promises and nothing more. Read and parse the job, write the ``running`` s
 then the final one atomically (a temporary file renamed over; the final one flushed to
 disk), and move the job file out of the inbox.
 
+``handle_spec`` is the least file work SPEC.md asks of a job that waits its turn, which
+any daemon keeping that contract must do whatever it is written in: the same, plus a
+``queued`` sidecar first and the job's log, a line for each of its three states. It
+leaves out what is kinod's own choice (the move into ``running/<node>/`` that makes a
+claim exclusive between nodes, a ``done/<id>/`` folder for each job's runs) and all of a
+daemon's own work.
+
     python bench/plain.py once JOB OUTBOX DONE      # one job, then exit: a process per job
     python bench/plain.py watch INBOX OUTBOX DONE   # a plain inotify loop, until SIGTERM
 """
@@ -13,9 +20,14 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kinod.atomic_files import atomic_write, rename_noreplace
+from kinod.logs import append_job_line
+
+Handler = Callable[[Path, Path, Path], None]
 
 
 def handle(path: Path, outbox: Path, done: Path) -> None:
@@ -28,18 +40,34 @@ def handle(path: Path, outbox: Path, done: Path) -> None:
     rename_noreplace(path, done / path.name)
 
 
+def handle_spec(path: Path, outbox: Path, done: Path) -> None:
+    job = json.loads(path.read_bytes())
+    job_id = path.name.rsplit(".", 1)[0]
+    sidecar = {"id": job_id, "state": "queued", "task": job}
+    for state in ("queued", "running", "succeeded"):
+        sidecar["state"] = state
+        atomic_write(outbox / f"{job_id}.json", json.dumps(sidecar).encode(),
+                     durable=state == "succeeded")
+        append_job_line(outbox / f"{job_id}.log", f"job {job_id} is {state}\n")
+    rename_noreplace(path, done / path.name)
+
+
 def is_job(name: str) -> bool:
     return name.endswith(".json") and not name.startswith(".")
 
 
-def loop(inbox: Path, outbox: Path, done: Path) -> int:
-    """Every job in the inbox, one after another; returns how many."""
-    n = 0
-    for entry in os.scandir(inbox):
-        if is_job(entry.name):
-            handle(Path(entry.path), outbox, done)
-            n += 1
-    return n
+def loop(inbox: Path, outbox: Path, done: Path, handler: Handler = handle,
+         threads: int = 1) -> int:
+    """Every job in the inbox, one after another, or shared among ``threads`` threads;
+    returns how many."""
+    paths = [Path(entry.path) for entry in os.scandir(inbox) if is_job(entry.name)]
+    if threads == 1:
+        for path in paths:
+            handler(path, outbox, done)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda path: handler(path, outbox, done), paths))
+    return len(paths)
 
 
 def watch(inbox: Path, outbox: Path, done: Path) -> None:
