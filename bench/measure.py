@@ -32,7 +32,7 @@ from farm import (
     make_farm,
     write_jobs,
 )
-from plain import handle, handle_spec, loop
+from plain import handle, handle_contract, loop
 
 PLAIN = BENCH / "plain.py"
 STARTED = frozenset({"running"}) | TERMINAL
@@ -69,13 +69,13 @@ class Burst:
         return self.ended == self.jobs
 
 
-def physical(root: Path, n: int, spec: bool = False, threads: int = 1) -> Burst:
+def physical(root: Path, n: int, contract: bool = False, threads: int = 1) -> Burst:
     """The plain loop (bench/plain.py) on n jobs already in its inbox, in this process;
-    ``spec``: the least file work SPEC.md asks of a job instead, on ``threads`` threads."""
+    ``contract``: the contract floor instead, on ``threads`` threads."""
     inbox, outbox, done = _folders(root)
     write_jobs(inbox, n)
     started = time.perf_counter()
-    handled = loop(inbox, outbox, done, handle_spec if spec else handle, threads)
+    handled = loop(inbox, outbox, done, handle_contract if contract else handle, threads)
     return Burst(n, time.perf_counter() - started, handled)
 
 

@@ -3,12 +3,13 @@ kinod promises and nothing more. Read and parse the job, write the ``running`` s
 then the final one atomically (a temporary file renamed over; the final one flushed to
 disk), and move the job file out of the inbox.
 
-``handle_spec`` is the least file work SPEC.md asks of a job that waits its turn, which
-any daemon keeping that contract must do whatever it is written in: the same, plus a
-``queued`` sidecar first and the job's log, a line for each of its three states. It
-leaves out what is kinod's own choice (the move into ``running/<node>/`` that makes a
-claim exclusive between nodes, a ``done/<id>/`` folder for each job's runs) and all of a
-daemon's own work.
+``handle_contract`` is the contract floor: the least file work kinod's contract with its
+users (the sidecar's states, the job's log, the job file kept) asks of a job that waits
+its turn, which any daemon keeping that contract must do, whatever it is written in: the
+same, plus a ``queued`` sidecar first and the job's log, a line for each of its three
+states. It leaves out what is kinod's own choice (the move into ``running/<node>/`` that
+makes a claim exclusive between nodes, a ``done/<id>/`` folder for each job's runs) and
+all of a daemon's own work.
 
     python bench/plain.py once JOB OUTBOX DONE      # one job, then exit: a process per job
     python bench/plain.py watch INBOX OUTBOX DONE   # a plain inotify loop, until SIGTERM
@@ -40,7 +41,7 @@ def handle(path: Path, outbox: Path, done: Path) -> None:
     rename_noreplace(path, done / path.name)
 
 
-def handle_spec(path: Path, outbox: Path, done: Path) -> None:
+def handle_contract(path: Path, outbox: Path, done: Path) -> None:
     job = json.loads(path.read_bytes())
     job_id = path.name.rsplit(".", 1)[0]
     sidecar = {"id": job_id, "state": "queued", "task": job}

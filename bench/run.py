@@ -108,10 +108,11 @@ class Bench:
             "run kept) and given per job; huey 3.5 with SqliteHuey (`synchronous` "
             f"{peer_huey.synchronous(self.farm('huey_probe'))}), its consumer running with "
             "1 or 8 thread workers, timed from the first enqueue until every result is "
-            f"stored (measured up to {p.huey_max:,} jobs). For scale, the SPEC floor "
-            "(`handle_spec` in `bench/plain.py`): the least file work SPEC.md asks of a job "
-            "that waits its turn, whatever the daemon: the plain loop's, plus the `queued` "
-            "sidecar and the job's log, a line for each state; on 1 or 8 threads, once each "
+            f"stored (measured up to {p.huey_max:,} jobs). For scale, the contract "
+            "floor (`handle_contract` in `bench/plain.py`): the least file work kinod's "
+            "contract with its users asks of a job that waits its turn, whatever the daemon: "
+            "the plain loop's, plus the `queued` sidecar and the job's log, a line for each "
+            "state; on 1 or 8 threads, once each "
             f"after kinod's runs (up to {p.huey_max:,} jobs)."))
         spawn = _faster(measure.process_per_job(self.farm("spawn"), p.spawn_jobs),
                         measure.process_per_job(self.farm("spawn"), p.spawn_jobs))
@@ -125,8 +126,8 @@ class Bench:
                                        "kinod8")),
                          f"{k8.cpu_s / k8.jobs * 1e6:,.0f} µs", f"{k8.peak_rss_mb:.0f} MB"])
         s.extra += ["Every run (rates in jobs per second):", ""] + table(
-            ["jobs", "plain loop", f"process per job ({p.spawn_jobs})", "SPEC floor, 1 thread",
-             "SPEC floor, 8 threads", "huey, 1 worker",
+            ["jobs", "plain loop", f"process per job ({p.spawn_jobs})",
+             "contract floor, 1 thread", "contract floor, 8 threads", "huey, 1 worker",
              "huey, 8 workers", "kinod, 1 worker", "kinod, 8 workers",
              "kinod CPU per job (8 workers)", "kinod peak RSS (8 workers)"], rows)
         n = TARGET_N if TARGET_N in p.sizes else max(p.sizes)
@@ -142,8 +143,8 @@ class Bench:
                            strict=True)
             if (f"floor{workers}", n) in runs:
                 floor = runs[f"floor{workers}", n]
-                s.add(f"{n:,} jobs, {_workers(workers)}, vs the SPEC floor",
-                      f"{_rate(kinod)} jobs/s", f"{_rate(floor)} jobs/s (SPEC floor, "
+                s.add(f"{n:,} jobs, {_workers(workers)}, vs the contract floor",
+                      f"{_rate(kinod)} jobs/s", f"{_rate(floor)} jobs/s (contract floor, "
                       f"{_threads(workers)})", f"{kinod.rate / floor.rate:.2f}x")
         if ("floor1", n) in runs:
             scale = []
@@ -152,7 +153,7 @@ class Bench:
                 scale.append(f"on {_threads(w)}, {floor.rate / runs['plain', n].rate:.2f}x "
                              f"the plain loop and {floor.rate / runs[f'huey{w}', n].rate:.2f}x "
                              f"huey with {_workers(w)}")
-            s.extra += ["", f"The SPEC floor at {n:,} jobs: {'; '.join(scale)}."]
+            s.extra += ["", f"The contract floor at {n:,} jobs: {'; '.join(scale)}."]
         small, large = min(p.sizes), max(p.sizes)
         if small < large:
             for who, label, bound in (("kinod8", "kinod, 8 workers", 1.5),
@@ -191,10 +192,11 @@ class Bench:
             if n <= p.huey_max:
                 # After kinod's runs, which the inodes a floor frees would slow (see farm).
                 for threads in (1, 8):
-                    floor = measure.physical(self.farm("floor"), n, spec=True, threads=threads)
+                    floor = measure.physical(self.farm("floor"), n, contract=True,
+                                             threads=threads)
                     runs[f"floor{threads}", n] = floor
-                    print(f"  {n:,} jobs, SPEC floor on {_threads(threads)}: {_rate(floor)}/s",
-                          flush=True)
+                    print(f"  {n:,} jobs, contract floor on {_threads(threads)}: "
+                          f"{_rate(floor)}/s", flush=True)
             runs["plain", n] = self.physical(n, again=True)  # the faster of before and after
             self.clear_farms()
         return runs
