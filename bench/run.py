@@ -112,8 +112,8 @@ class Bench:
             "floor (`handle_contract` in `bench/plain.py`): the least file work kinod's "
             "contract with its users asks of a job that waits its turn, whatever the daemon: "
             "the plain loop's, plus the `queued` sidecar and the job's log, a line for each "
-            "state; on 1 or 8 threads, once each "
-            f"after kinod's runs (up to {p.huey_max:,} jobs)."))
+            f"state; on 1 or 8 threads, once each after kinod's runs (up to "
+            f"{p.huey_max:,} jobs)."))
         spawn = _faster(measure.process_per_job(self.farm("spawn"), p.spawn_jobs),
                         measure.process_per_job(self.farm("spawn"), p.spawn_jobs))
         runs = self._throughput_runs()
