@@ -32,24 +32,25 @@ Handler = Callable[[Path, Path, Path], None]
 
 
 def handle(path: Path, outbox: Path, done: Path) -> None:
-    job = json.loads(path.read_bytes())
-    job_id = path.name.rsplit(".", 1)[0]
-    sidecar = {"id": job_id, "state": "running", "task": job}
-    atomic_write(outbox / f"{job_id}.json", json.dumps(sidecar).encode())
-    sidecar["state"] = "succeeded"
-    atomic_write(outbox / f"{job_id}.json", json.dumps(sidecar).encode(), durable=True)
-    rename_noreplace(path, done / path.name)
+    _run(path, outbox, done, ("running", "succeeded"), job_log=False)
 
 
 def handle_contract(path: Path, outbox: Path, done: Path) -> None:
+    _run(path, outbox, done, ("queued", "running", "succeeded"), job_log=True)
+
+
+def _run(path: Path, outbox: Path, done: Path, states: tuple[str, ...], job_log: bool) -> None:
+    """Read the job, write a sidecar for each state (the last one flushed to disk), and a
+    line for each in the job's log if ``job_log``; then move the job file."""
     job = json.loads(path.read_bytes())
     job_id = path.name.rsplit(".", 1)[0]
-    sidecar = {"id": job_id, "state": "queued", "task": job}
-    for state in ("queued", "running", "succeeded"):
+    sidecar = {"id": job_id, "state": states[0], "task": job}
+    for state in states:
         sidecar["state"] = state
         atomic_write(outbox / f"{job_id}.json", json.dumps(sidecar).encode(),
-                     durable=state == "succeeded")
-        append_job_line(outbox / f"{job_id}.log", f"job {job_id} is {state}\n")
+                     durable=state == states[-1])
+        if job_log:
+            append_job_line(outbox / f"{job_id}.log", f"job {job_id} is {state}\n")
     rename_noreplace(path, done / path.name)
 
 
