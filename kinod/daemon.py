@@ -20,6 +20,7 @@ from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from loguru import logger
+from pydantic import ValidationError
 
 from kinod.atomic_files import flush_tree
 from kinod.config import Settings
@@ -37,6 +38,7 @@ from kinod.intake import (
     holds_bytes,
     inbox_has_job,
     read_job,
+    read_job_bytes,
     recheck,
     wait_before_reading_s,
 )
@@ -82,9 +84,10 @@ RETRY_S = 5.0
 class Job:
     """An accepted job that has not ended: queued, waiting for ``not_before``, or running.
 
-    A job waiting in the queue keeps only the job as submitted (``submitted``): its checked
-    spec and data, and its sidecar, are made again when it is claimed. Kept whole, they
-    would cost a backlog of 100,000 jobs 200 MB more.
+    A job waiting in the queue keeps none of its file (``light``): its checked spec and
+    data, and its sidecar, are made again from its file when it is claimed. Kept whole,
+    they would cost a backlog of 100,000 jobs 200 MB more, and its bytes up to
+    ``max_job_bytes`` each on every node.
     """
 
     id: str
@@ -104,7 +107,7 @@ class Job:
     stop_requested: bool = False
     fenced: bool = False  # another node took it over: its end here is never recorded
     file_identity: int | None = None  # of the file read: a claim skips rereading
-    submitted: bytes | None = None  # while waiting: the job file's bytes
+    light: bool = False  # waiting with only what a claim needs (see wait_light)
     ending: bool = False  # its run is over: no progress write may follow
     final: Sidecar | None = None  # its final sidecar, written by _settle
     settled: Verdict | None = None  # its end, settled on its plugin's thread
@@ -113,13 +116,10 @@ class Job:
     end_lock: threading.Lock | None = None
     holds_slot: bool = False  # counted against ``workers`` (see _free_slot)
 
-    def wait_light(self, raw: bytes) -> None:
-        """Keep only what a claim needs to make the rest again."""
-        self.submitted = raw
+    def wait_light(self) -> None:
+        """Keep only what a claim needs to make the rest again from the job's file."""
+        self.light = True
         self.spec = self.data = self.sidecar = None
-
-    def submitted_document(self) -> dict[str, Any]:
-        return parse_document(self.submitted, self.suffix)
 
     @property
     def name(self) -> str:
@@ -805,8 +805,7 @@ class Daemon:
             logger.bind(job_id=job_id).info("job {} waits until {}", job_id, not_before)
         else:
             self._enqueue(job)
-            if read.raw is not None:
-                job.wait_light(read.raw)
+            job.wait_light()
         if os.path.exists(stop_file := f"{self._inbox_text}/{job_id}.stop"):
             self._on_stop_file(Path(stop_file), job_id)
 
@@ -980,8 +979,6 @@ class Daemon:
         return limit is None or self._slots_held[plugin] < limit
 
     def _start(self, job: Job) -> None:
-        if job.spec is None:  # waiting light: made whole again, from the document read
-            job.spec, job.data = recheck(job.submitted_document(), job.plugin)
         claimed = self._claim(job)
         if claimed is None:
             self._claimed_elsewhere(job)
@@ -993,7 +990,11 @@ class Daemon:
             self.jobs.pop(job.id, None)
             self._file_away_ended(claimed, job.id)
             return
-        if job.file_identity is None or job.file_identity != _file_identity(claimed):
+        same_file = job.file_identity is not None and job.file_identity == _file_identity(
+            claimed)
+        if same_file and job.light:
+            same_file = self._make_whole(job, claimed)
+        if not same_file:
             # Not the file this node read: resubmitted meanwhile (done/ keeps the old file,
             # so a new one never has its inode).
             read = self._read_held(claimed)
@@ -1011,6 +1012,18 @@ class Daemon:
         except OSError:
             job.path = self.spool.requeue(claimed)  # as it was: queued
             raise
+
+    def _make_whole(self, job: Job, held: Path) -> bool:
+        """A job that waited light gets its checked spec and data again, from its file as
+        read when it was queued (checked against the plugin it was taken in with). False
+        if that file can no longer be read as valid: then it is read as a new one."""
+        try:
+            raw = read_job_bytes(held, self.settings.max_job_bytes)[0]
+            job.spec, job.data = recheck(parse_document(raw, job.suffix), job.plugin)
+        except (OSError, InvalidJob, ValidationError):
+            return False
+        job.light = False
+        return True
 
     def _claim(self, job: Job) -> Path | None:
         """The file of a waiting job, in this node's running/: claimed from queued/, or there
@@ -1030,7 +1043,7 @@ class Daemon:
             "result": None, "node": self.settings.node, "pid": os.getpid(),
         })
         self.outbox.publish(running, old if published else None)
-        job.path, job.sidecar, job.progress, job.submitted = held, running, None, None
+        job.path, job.sidecar, job.progress, job.light = held, running, None, False
         # As a retried job's last attempt left them.
         job.ending, job.final, job.settled, job.end_lock = False, None, None, threading.Lock()
         job.last_write_s = self._clock()  # the throttle counts from this write
@@ -1042,7 +1055,8 @@ class Daemon:
     def _sidecar_of(self, job: Job) -> Sidecar:
         """The sidecar on disk; else the one kept, or for a waiting job, its first again."""
         return (self.outbox.read(job.id) or job.sidecar
-                or self._first_sidecar(job.id, job.submitted_document()))
+                or self._first_sidecar(job.id, _document_of(
+                    job.path, job.suffix, self.settings.max_job_bytes)))
 
     def _claimed_elsewhere(self, job: Job) -> None:
         """Its file left queued/ before this node could claim it: another node's now, or
@@ -1352,6 +1366,14 @@ def _final_sidecar(sidecar: Sidecar, state: JobState, error: KinodError | None,
         "result": result if state is JobState.SUCCEEDED else None,
         "error": SidecarError(code=error.code, message=error.message) if error else None,
     })
+
+
+def _document_of(path: Path, suffix: str, max_bytes: int) -> dict[str, Any] | None:
+    """The document in a job file, for a sidecar's ``task``; None if it cannot be read now."""
+    try:
+        return parse_document(read_job_bytes(path, max_bytes)[0], suffix)
+    except (OSError, InvalidJob):
+        return None
 
 
 def _mtime_ns(path: Path) -> int | None:
