@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import stat
 import sys
 import threading
 from importlib.resources import files
@@ -24,8 +25,9 @@ from kinod.models import JOB_ID_RULES, Sidecar, is_valid_job_id
 from kinod.plugins.plugin_loader import PluginRegistry
 
 EXIT_OK = 0
-EXIT_FAILED = 1     # a job did not succeed, a file is invalid, a plugin failed to load
-EXIT_USAGE = 2      # bad command line or bad configuration
+EXIT_FAILED = 1     # a job did not succeed, a file is invalid, a plugin failed to load,
+                    # or a file or folder the command needs cannot be read or written
+EXIT_USAGE = 2      # bad command line or bad configuration (an inbox that is no folder)
 EXIT_NOT_FOUND = 3  # no such job
 EXIT_INTERRUPTED = 130
 
@@ -33,8 +35,9 @@ WAIT_POLL_S = 0.2
 
 EPILOG = """exit status:
   0    success
-  1    a job did not succeed, a file is invalid, or a plugin failed to load
-  2    bad command line or configuration
+  1    a job did not succeed, a file is invalid, a plugin failed to load, or a
+       file or folder the command needs cannot be read or written
+  2    bad command line or configuration (also an inbox that is missing or no folder)
   3    no such job
   130  interrupted (Ctrl-C)
 """
@@ -53,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except OSError as exc:
+        if args.func is cmd_run:
+            raise  # the daemon's own failures keep their traceback for the bug report
+        # A folder that cannot be made or read: one line naming it, not a traceback.
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        err.print(f"kinod: {where}{exc.strerror or exc}", markup=False)
+        return EXIT_FAILED
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,6 +141,21 @@ def _settings(args: argparse.Namespace, required: bool = True,
     return load_settings(path or "config.yaml", overrides=overrides)
 
 
+def _inbox(settings: Settings) -> Path:
+    """The inbox, which must be a folder already: kinod never makes it (a script's
+    ``mkdir`` would race it), so one that is missing is a setup mistake, told as such."""
+    inbox = settings.inbox
+    try:
+        if stat.S_ISDIR(os.stat(inbox).st_mode):
+            return inbox
+        reason = "not a folder"
+    except FileNotFoundError:
+        reason = "no such folder (create it with `kinod init`)"
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+    raise ConfigError(f"inbox {inbox}: {reason}")
+
+
 # --- run and init ---------------------------------------------------------
 
 
@@ -182,6 +207,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    inbox = _inbox(settings)
     submitted: dict[str, str | None] = {}  # id -> created_at of the run before this one
     status = EXIT_OK
     for path in args.files:
@@ -197,13 +223,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         current = _read_sidecar(settings, job_id) if problem is None else None
         if current is not None and not current.state.is_terminal:
             problem = f"job {job_id} is still {current.state}; not submitted again"
-        if problem is None and inbox_has_job(settings.inbox, job_id):
-            problem = f"{job_id} is already in the inbox, not yet picked up"
         if problem is None:
-            try:
-                _drop(raw, settings.inbox / f"{job_id}{path.suffix.lower()}")
-            except FileExistsError:
-                problem = f"{job_id} is already in the inbox, not yet picked up"
+            problem = _submit(raw, inbox, job_id, path.suffix.lower())
         if problem is not None:
             err.print(f"{path}: {problem}", markup=False)
             status = EXIT_FAILED
@@ -227,11 +248,25 @@ def _job_name(path: Path) -> tuple[str, str | None]:
     return name.job_id, None
 
 
+def _submit(raw: bytes, inbox: Path, job_id: str, suffix: str) -> str | None:
+    """Drop the job into the inbox; what stopped it, if anything."""
+    waiting = f"{job_id} is already in the inbox, not yet picked up"
+    try:
+        if inbox_has_job(inbox, job_id):
+            return waiting
+        _drop(raw, inbox / f"{job_id}{suffix}")
+    except FileExistsError:
+        return waiting
+    except OSError as exc:  # permissions, a full disk, a read-only mount
+        return f"not submitted: cannot write into the inbox {inbox}: {exc.strerror or exc}"
+    return None
+
+
 def _drop(raw: bytes, dst: Path) -> None:
     """Write under a name the daemon ignores, then rename into place (never replacing a file)."""
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(raw)
     try:
+        tmp.write_bytes(raw)  # a write that fails half-way leaves no temporary behind
         rename_noreplace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
@@ -243,13 +278,19 @@ def cmd_stop(args: argparse.Namespace) -> int:
     if not is_valid_job_id(job_id):
         err.print(f"{job_id!r} is not a valid job id", markup=False)
         return EXIT_USAGE
+    inbox = _inbox(settings)
     current = _read_sidecar(settings, job_id)
-    waiting_in_inbox = inbox_has_job(settings.inbox, job_id)
+    waiting_in_inbox = inbox_has_job(inbox, job_id)
     if (current is None or current.state.is_terminal) and not waiting_in_inbox:
         state = f"already {current.state}" if current else "unknown"
         err.print(f"job {job_id} is not queued or running ({state})", markup=False)
         return EXIT_NOT_FOUND
-    (settings.inbox / f"{job_id}.stop").touch()
+    try:
+        (inbox / f"{job_id}.stop").touch()
+    except OSError as exc:
+        err.print(f"cannot ask {job_id} to stop: cannot write into the inbox {inbox}: "
+                  f"{exc.strerror or exc}", markup=False)
+        return EXIT_FAILED
     out.print(f"stop requested for {job_id}", markup=False)
     if args.wait:
         previous = current.created_at.isoformat() if current and waiting_in_inbox else None
@@ -295,7 +336,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_nodes(args: argparse.Namespace) -> int:
     from kinod.cli_views import show_nodes
 
-    return show_nodes(_settings(args), args.json)
+    settings = _settings(args)
+    _inbox(settings)
+    return show_nodes(settings, args.json)
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:

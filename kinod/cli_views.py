@@ -47,7 +47,10 @@ def show_jobs(settings: Settings, as_json: bool, watch: bool, read: ReadSidecar)
             print("\t".join(row))
         return 0
     if not watch:
-        nodes = read_heartbeats(settings.inbox / ".kinod" / "nodes")
+        try:
+            nodes = read_heartbeats(settings.inbox / ".kinod" / "nodes")
+        except OSError:  # an inbox that cannot be read: the jobs, from the outbox, still show
+            nodes = []
         if len(nodes) > 1:  # several daemons share this inbox: show who is there
             out.print(_nodes_table(nodes))
         out.print(_jobs_table(sidecars()))

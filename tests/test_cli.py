@@ -473,3 +473,105 @@ def test_plugins_without_a_config_file_honours_environment_overrides(tmp_path: P
                        env={"KINOD_PLUGIN_DIRS": str(tmp_path / "plugins")})
     assert result.returncode == 0, result.stderr
     assert "fails" in {p["name"] for p in json.loads(result.stdout)["plugins"]}
+
+
+# --- folders that are missing or cannot be written: one line, never a traceback ----------
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """stderr, which must be a single line and no traceback."""
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def break_inbox(inbox: Path, how: str) -> str:
+    """Make the inbox unusable (in ways that hold for root too); the reason kinod should give."""
+    inbox.rmdir()
+    if how == "missing":
+        return "no such folder"
+    inbox.write_text("a file where the inbox should be\n")
+    return "not a folder"
+
+
+@pytest.mark.parametrize("how", ["missing", "a_file"])
+@pytest.mark.parametrize("command", [["submit", "JOB"], ["stop", "x"], ["nodes"]],
+                         ids=lambda c: c[0])
+def test_an_inbox_that_is_missing_or_not_a_folder_exits_2_naming_it(
+        kinod_root: Path, how: str, command: list[str]) -> None:
+    write_config(kinod_root)
+    job = write_job(kinod_root / "jobs", "shot.yaml", EXAMPLE_JOB)
+    inbox = kinod_root / "inbox"
+    reason = break_inbox(inbox, how)
+
+    result = cli(kinod_root, *[str(job) if arg == "JOB" else arg for arg in command])
+
+    assert result.returncode == 2, result.stderr
+    assert one_line_error(result).startswith(f"kinod: inbox {inbox}: {reason}")
+    assert how == "a_file" or not inbox.exists()  # kinod never makes the inbox itself
+
+
+def test_submit_that_cannot_write_into_the_inbox_fails_naming_it(kinod_root: Path) -> None:
+    # Root may write anywhere, so the write is made to fail by a file size limit of 0
+    # (the shell's ulimit -f): creating the file works, writing a byte into it fails.
+    write_config(kinod_root)
+    job = write_job(kinod_root / "jobs", "shot.yaml", EXAMPLE_JOB)
+    inbox = kinod_root / "inbox"
+    result = subprocess.run(
+        ["sh", "-c", 'ulimit -f 0 && exec "$@"', "sh", sys.executable, "-m", "kinod",
+         "submit", str(job), "--config", str(kinod_root / "config.yaml")],
+        capture_output=True, text=True, cwd=kinod_root, timeout=60)
+
+    assert result.returncode == 1, result.stderr
+    assert one_line_error(result) == (
+        f"{job}: not submitted: cannot write into the inbox {inbox}: File too large")
+    assert list(inbox.iterdir()) == []  # no temporary file left behind
+    assert "submitted" not in result.stdout
+
+
+def test_init_that_cannot_make_its_folders_fails_in_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder\n")
+    result = kinod_cli("init", str(blocker / "farm"), cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert one_line_error(result) == f"kinod: {blocker / 'farm' / 'inbox'}: Not a directory"
+
+
+def test_nodes_that_cannot_read_the_heartbeats_fails_in_one_line(kinod_root: Path) -> None:
+    write_config(kinod_root)
+    spool = kinod_root / "inbox" / ".kinod"
+    spool.write_text("a file where the spool should be\n")
+    result = cli(kinod_root, "nodes")
+    assert result.returncode == 1, result.stderr
+    assert one_line_error(result) == f"kinod: {spool / 'nodes'}: Not a directory"
+
+
+def test_status_shows_the_jobs_when_the_heartbeats_cannot_be_read(kinod_root: Path) -> None:
+    # In a terminal the table of nodes comes first; a spool that cannot be read must not
+    # hide the jobs, which live in the outbox.
+    write_config(kinod_root)
+    now = datetime.now(UTC)
+    sidecar = Sidecar(id="shot", type="example", state="queued", created_at=now, updated_at=now)
+    (kinod_root / "outbox" / "shot.json").write_bytes(sidecar.to_json())
+    (kinod_root / "inbox" / ".kinod").write_text("a file where the spool should be\n")
+    result = cli(kinod_root, "status", env={"TTY_COMPATIBLE": "1"})
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 0, result.stderr
+    assert "shot" in result.stdout and "queued" in result.stdout
+
+
+def test_stop_that_cannot_write_its_stop_file_fails_naming_the_inbox(kinod_root: Path) -> None:
+    write_config(kinod_root)
+    now = datetime.now(UTC)
+    running = Sidecar(id="long", type="example", state="running", created_at=now, updated_at=now)
+    (kinod_root / "outbox" / "long.json").write_bytes(running.to_json())
+    inbox = kinod_root / "inbox"
+    # A link to a folder that does not exist where the stop file goes: even root cannot
+    # write it.
+    (inbox / "long.stop").symlink_to(kinod_root / "gone" / "long.stop")
+    result = cli(kinod_root, "stop", "long")
+    assert result.returncode == 1, result.stderr
+    assert one_line_error(result).startswith(
+        f"cannot ask long to stop: cannot write into the inbox {inbox}: ")
+    assert "stop requested" not in result.stdout
