@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -419,17 +420,24 @@ def test_duplicate_keys_are_refused_not_silently_dropped(raw: bytes, suffix: str
         parse_document(raw, suffix)
 
 
+@pytest.mark.parametrize("value", [b"!!binary /w==", b"!!binary aGVsbG8="])
+def test_a_yaml_binary_value_is_refused_naming_the_field(value: bytes) -> None:
+    # The parsed document becomes the sidecar's `task`; a YAML !!binary value (bytes, UTF-8
+    # or not) cannot be written as JSON, so such a job is refused here, not later.
+    raw = b"type: example\ndata: {steps: 3, prompt: " + value + b"}\n"
+    with pytest.raises(InvalidJob) as info:
+        parse_document(raw, ".yaml")
+    assert info.value.message == "data.prompt: a binary value cannot be stored as JSON"
+
+
 def test_a_document_kinod_accepts_can_be_stored_as_the_sidecars_task() -> None:
-    # The parsed document becomes the sidecar's `task`; a YAML !!binary value (bytes that are
-    # not UTF-8) cannot be written as JSON, so such a job must be refused here, not later.
-    raw = b"type: example\ndata: {prompt: !!binary /w==}\n"
-    try:
-        document = parse_document(raw, ".yaml")
-    except InvalidJob:
-        return
+    raw = b"type: example\ndata: {prompt: caf\xc3\xa9, steps: 3, when: 2026-11-25}\n"
+    document = parse_document(raw, ".yaml")
     now = utc_now()
     sidecar = Sidecar(id="job1", state=JobState.FAILED, created_at=now, updated_at=now)
-    sidecar.model_copy(update={"task": document}).to_json()
+    written = json.loads(sidecar.model_copy(update={"task": document}).to_json())
+    assert written["task"]["data"]["prompt"] == "caf\u00e9"
+    assert written["task"]["data"]["when"] == "2026-11-25"
 
 
 def test_yaml_timestamps_and_values_come_through() -> None:
