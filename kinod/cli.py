@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import stat
 import sys
 import threading
@@ -32,6 +33,7 @@ EXIT_NOT_FOUND = 3  # no such job
 EXIT_INTERRUPTED = 130
 
 WAIT_POLL_S = 0.2
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
 
 EPILOG = """exit status:
   0    success
@@ -263,10 +265,14 @@ def _submit(raw: bytes, inbox: Path, job_id: str, suffix: str) -> str | None:
 
 
 def _drop(raw: bytes, dst: Path) -> None:
-    """Write under a name the daemon ignores, then rename into place (never replacing a file)."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    """Write under a name the daemon ignores, then rename into place (never replacing a file).
+    Others may write the inbox: the temporary name cannot be guessed, and it is made new
+    (O_EXCL), so nothing is written through a link left there."""
+    tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, _NEW_FILE | os.O_EXCL, 0o666)  # the umask decides, as for any write
     try:
-        tmp.write_bytes(raw)  # a write that fails half-way leaves no temporary behind
+        with os.fdopen(fd, "wb") as tmp_file:
+            tmp_file.write(raw)  # a write that fails half-way leaves no temporary behind
         rename_noreplace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
@@ -286,7 +292,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
         err.print(f"job {job_id} is not queued or running ({state})", markup=False)
         return EXIT_NOT_FOUND
     try:
-        (inbox / f"{job_id}.stop").touch()
+        # Never through a link left at that name: it would make a file where it points.
+        os.close(os.open(inbox / f"{job_id}.stop", _NEW_FILE | os.O_NOFOLLOW, 0o666))
     except OSError as exc:
         err.print(f"cannot ask {job_id} to stop: cannot write into the inbox {inbox}: "
                   f"{exc.strerror or exc}", markup=False)

@@ -8,6 +8,8 @@ so plugin imports never leak into the test process.
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -575,3 +577,48 @@ def test_stop_that_cannot_write_its_stop_file_fails_naming_the_inbox(kinod_root:
     assert one_line_error(result).startswith(
         f"cannot ask long to stop: cannot write into the inbox {inbox}: ")
     assert "stop requested" not in result.stdout
+
+
+# --- links others may leave in a shared inbox ---------------------------------------------
+
+
+def test_submit_never_writes_through_a_link_left_at_its_temporary_name(
+        kinod_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The inbox is shared (group-writable): anyone in the group may leave a link there. A
+    # temporary name others can guess would let them make submit write where the link points.
+    write_config(kinod_root)
+    job = write_job(kinod_root / "jobs", "shot.yaml", EXAMPLE_JOB)
+    inbox = kinod_root / "inbox"
+    victim = kinod_root / "victim"
+    victim.write_text("precious\n")
+    (inbox / f".shot.yaml.{os.getpid()}.tmp").symlink_to(victim)  # what submit once used
+
+    assert main(["submit", str(job), "--config", str(kinod_root / "config.yaml")]) == 0
+
+    assert "submitted shot" in capsys.readouterr().out
+    assert victim.read_text() == "precious\n"
+    submitted = inbox / "shot.yaml"
+    assert not submitted.is_symlink() and submitted.read_bytes() == job.read_bytes()
+    # Made as a plain write makes it: the daemon (of the farm's group) must read it.
+    assert stat.S_IMODE(submitted.stat().st_mode) == 0o666 & ~current_umask()
+
+
+def test_stop_never_makes_a_file_through_a_link_left_at_the_stop_files_name(
+        kinod_root: Path) -> None:
+    write_config(kinod_root)
+    now = datetime.now(UTC)
+    running = Sidecar(id="long", type="example", state="running", created_at=now, updated_at=now)
+    (kinod_root / "outbox" / "long.json").write_bytes(running.to_json())
+    planted = kinod_root / "elsewhere" / "planted"
+    planted.parent.mkdir()
+    (kinod_root / "inbox" / "long.stop").symlink_to(planted)
+    result = cli(kinod_root, "stop", "long")
+    assert result.returncode == 1, result.stderr
+    assert one_line_error(result).startswith("cannot ask long to stop: ")
+    assert not planted.exists()
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it (os.umask would, for every thread)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(x for x in status.splitlines() if x.startswith("Umask:")).split()[1], 8)
