@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import stat
 from dataclasses import dataclass, field
@@ -44,10 +45,25 @@ class InboxName:
         return cls("other")
 
 
+def _spellings(suffix: str) -> list[str]:
+    """Every way of writing ``suffix`` in upper and lower case (".yaml", ".YAML", ".Yaml"...)."""
+    return sorted({"".join(chars) for chars in
+                   itertools.product(*({c.lower(), c.upper()} for c in suffix))})
+
+
+# A job file's suffix may be written in any case: every spelling of each, the common ones
+# first. 40 in all, so a look for one id stays a few dozen lstat calls, never a listing of
+# an inbox that may hold 100,000 files.
+_COMMON_SPELLINGS = (*JOB_SUFFIXES, *(s.upper() for s in JOB_SUFFIXES))
+JOB_SUFFIX_SPELLINGS = (*_COMMON_SPELLINGS,
+                        *(spelling for suffix in JOB_SUFFIXES for spelling in _spellings(suffix)
+                          if spelling not in _COMMON_SPELLINGS))
+
+
 def inbox_has_job(inbox: Path, job_id: str) -> bool:
-    """A job file for ``job_id`` waits in ``inbox`` (not yet taken in by a daemon); a folder
-    of that name is no job file."""
-    for suffix in JOB_SUFFIXES:
+    """A job file for ``job_id``, its suffix in any case, waits in ``inbox`` (not yet taken in
+    by a daemon); a folder of that name is no job file."""
+    for suffix in JOB_SUFFIX_SPELLINGS:
         try:
             if not stat.S_ISDIR(os.lstat(inbox / f"{job_id}{suffix}").st_mode):
                 return True

@@ -72,8 +72,12 @@ class Spool:
 
     def accept(self, src: Path) -> Path:
         """inbox → running/<node>: this daemon alone takes the file in (FileNotFoundError if
-        another was first). It then writes the first sidecar, and ``release``s the job."""
-        dst = self.running / src.name
+        another was first). It then writes the first sidecar, and ``release``s the job.
+
+        The suffix is made lower case (``u1.YAML`` → ``u1.yaml``): every file inside the
+        spool has a lower-case suffix, so ``holds`` looks for one spelling only.
+        """
+        dst = self.running / _spool_name(src.name)
         if os.path.lexists(dst):
             self.set_aside_duplicate(dst, _job_id(dst))
         rename_noreplace(src, dst)
@@ -82,14 +86,14 @@ class Spool:
     def release(self, running: Path) -> Path:
         """running/<node> → queued, for any daemon to claim. FileExistsError (and nothing
         moved) if a file of that name is queued already: an active job of that id."""
-        dst = self.queued / running.name
+        dst = self.queued / _spool_name(running.name)
         rename_noreplace(running, dst)
         return dst
 
     def take_over(self, path: Path) -> Path | None:
         """Another node's running/ → this node's: its lease ran out. None if another live
         node took it first."""
-        dst = self.running / path.name
+        dst = self.running / _spool_name(path.name)
         try:
             rename_noreplace(path, dst)
         except (FileNotFoundError, FileExistsError):
@@ -101,6 +105,7 @@ class Spool:
 
         Running folders, queued/, then the running folders again: a file that moves
         between them meanwhile (a claim, a requeue) is seen in one of the three looks.
+        Only lower-case suffixes are looked for: every move into the spool makes them so.
         """
         # Strings, not Paths: this runs for every job taken in.
         running = self._running_folders()
@@ -132,7 +137,7 @@ class Spool:
         disk: a claim a power cut undoes puts the job back in queued/, and it runs
         again, as after any crash.
         """
-        dst = self.running / queued.name
+        dst = self.running / _spool_name(queued.name)
         if os.path.lexists(dst):
             self.set_aside_duplicate(dst, _job_id(dst))
         try:
@@ -147,7 +152,7 @@ class Spool:
         A file of the same name already in queued/ is a later submission that
         should have waited: it is set aside as a duplicate, never overwritten.
         """
-        dst = self.queued / running.name
+        dst = self.queued / _spool_name(running.name)
         while True:
             try:
                 rename_noreplace(running, dst)
@@ -229,6 +234,13 @@ class Spool:
 
 def _job_id(path: Path) -> str:
     return path.name.rpartition(".")[0]
+
+
+def _spool_name(name: str) -> str:
+    """A job file's name inside the spool: its suffix in lower case. Also on the moves
+    between spool folders, which so bring a file left by an older kinod into line."""
+    stem, dot, suffix = name.rpartition(".")
+    return f"{stem}.{suffix.lower()}" if dot else name
 
 
 def _suffix(path: Path) -> str:

@@ -717,6 +717,27 @@ def test_a_folder_named_like_a_job_is_no_job_waiting(tmp_path: Path) -> None:
     assert not inbox_has_job(tmp_path, "c")
 
 
+@pytest.mark.parametrize("name", ["a.YAML", "a.Yml", "a.JSON", "a.jSoN", "a.yaML"])
+def test_a_job_waiting_with_its_suffix_in_any_case_is_found(tmp_path: Path, name: str) -> None:
+    (tmp_path / name).write_text("type: example\n")
+    assert inbox_has_job(tmp_path, "a")
+    assert not inbox_has_job(tmp_path, "b")
+
+
+def test_a_job_waiting_is_found_without_listing_the_inbox(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The inbox may hold 100,000 files: a look for one id tries its names, one by one.
+    def no_listing(*args: Any) -> None:
+        raise AssertionError("the inbox was listed")
+
+    (tmp_path / "a.Yaml").mkdir()  # a folder is no job file: the other spellings are tried
+    (tmp_path / "a.yAmL").write_text("type: example\n")
+    monkeypatch.setattr(os, "listdir", no_listing)
+    monkeypatch.setattr(os, "scandir", no_listing)
+    assert inbox_has_job(tmp_path, "a")
+    assert not inbox_has_job(tmp_path, "b")
+
+
 def test_holds_bytes_compares_content_not_the_inode(tmp_path: Path) -> None:
     path = tmp_path / "a.json"
     path.write_bytes(b'{"v": 1}')

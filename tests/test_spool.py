@@ -315,3 +315,49 @@ def test_invalid_names_at_the_length_limit_are_set_aside_twice(tmp_path: Path) -
         (spool.inbox / name).write_text(content)
         spool.set_aside_invalid(spool.inbox / name)
     assert sorted(p.read_text() for p in spool.invalid.iterdir()) == ["first", "second"]
+
+
+# --- suffixes in any case (u1.YAML): every file inside the spool has a lower-case one -------
+
+
+def test_a_job_taken_in_under_an_upper_case_suffix_is_held_under_a_lower_case_one(
+        spool: Spool) -> None:
+    other = Spool(INBOX, "node2")
+    other.ensure_folders()
+    held = other.accept(drop("u1.YAML", "body"))
+    assert held == other.running / "u1.yaml"
+    assert held.read_text() == "body"
+    assert not (INBOX / "u1.YAML").exists()
+    # Another node sees the job active wherever its file is: taken in, queued, claimed.
+    assert spool.holds("u1")
+    queued = other.release(held)
+    assert queued == spool.queued / "u1.yaml"
+    assert spool.holds("u1")
+    assert spool.claim(queued) == spool.running / "u1.yaml"
+    assert other.holds("u1")
+
+
+@pytest.mark.parametrize("name", ["u1.YAML", "u1.Yml", "u1.JSON", "u1.jSoN"])
+def test_every_spelling_of_the_suffix_is_held_as_one_job(spool: Spool, name: str) -> None:
+    other = Spool(INBOX, "node2")
+    other.ensure_folders()
+    other.accept(drop(name))
+    assert spool.holds("u1")
+    assert not spool.holds("u2")
+
+
+def test_files_left_in_the_spool_with_upper_case_suffixes_are_moved_to_lower_case_ones(
+        spool: Spool) -> None:
+    # An older kinod kept the suffix as written: the next move brings each file into line.
+    dead = Spool(INBOX, "dead")
+    dead.ensure_folders()
+    (spool.running / "r1.YAML").write_text("r1")
+    (spool.running / "r2.Yml").write_text("r2")
+    (spool.queued / "q1.JSON").write_text("q1")
+    (dead.running / "d1.YAML").write_text("d1")
+    assert spool.release(spool.running / "r1.YAML") == spool.queued / "r1.yaml"
+    assert spool.requeue(spool.running / "r2.Yml") == spool.queued / "r2.yml"
+    assert spool.claim(spool.queued / "q1.JSON") == spool.running / "q1.json"
+    assert spool.take_over(dead.running / "d1.YAML") == spool.running / "d1.yaml"
+    assert all(spool.holds(job_id) for job_id in ("r1", "r2", "q1", "d1"))
+    assert all_contents(spool.root) == ["d1", "q1", "r1", "r2"]
