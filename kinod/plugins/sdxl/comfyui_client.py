@@ -121,12 +121,15 @@ CLOSED = object()  # put in EventStream.events once the websocket has dropped
 
 class EventStream:
     """Our client id's messages from ComfyUI's websocket, read as events by a task of its own
-    into ``events``; CLOSED follows the last one once the connection drops."""
+    into ``events``; CLOSED follows the last one once the connection drops.
 
-    def __init__(self) -> None:
+    ``connection`` is an open websocket: an async iterable of its messages, with ``close()``.
+    """
+
+    def __init__(self, connection: Any) -> None:
         self.events: asyncio.Queue[Event | object] = asyncio.Queue()
-        self._connection: Any = None
-        self._reader: asyncio.Task | None = None
+        self._connection = connection
+        self._reader = asyncio.create_task(self._read())
 
     @classmethod
     async def open(cls, url: str, client_id: str, timeout_s: float) -> EventStream:
@@ -135,12 +138,8 @@ class EventStream:
         from websockets.asyncio.client import connect
 
         ws_url = url.replace("http", "ws", 1).rstrip("/") + f"/ws?clientId={quote(client_id)}"
-        stream = cls()
-        stream._connection = await connect(
-            ws_url, open_timeout=timeout_s, close_timeout=WS_CLOSE_TIMEOUT_S,
-            max_size=WS_MAX_MESSAGE_BYTES)
-        stream._reader = asyncio.create_task(stream._read())
-        return stream
+        return cls(await connect(ws_url, open_timeout=timeout_s,
+                                 close_timeout=WS_CLOSE_TIMEOUT_S, max_size=WS_MAX_MESSAGE_BYTES))
 
     async def _read(self) -> None:
         from websockets.exceptions import ConnectionClosed
@@ -156,10 +155,8 @@ class EventStream:
             self.events.put_nowait(CLOSED)
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-        if self._connection is not None:
-            with contextlib.suppress(Exception):  # a dead server: nothing left to close
-                await self._connection.close()
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+        with contextlib.suppress(Exception):  # a dead server: nothing left to close
+            await self._connection.close()
