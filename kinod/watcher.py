@@ -112,20 +112,23 @@ NETWORK_FILE_SYSTEMS = frozenset({
 })
 
 
-def choose_watch_mode(setting: str, folder: Path) -> str:
-    """``inotify`` or ``poll``: ``auto`` polls a folder on a network file system, and
-    where there is no inotify."""
+MOUNTINFO = Path("/proc/self/mountinfo")
+
+
+def choose_watch_mode(setting: str, folder: Path, mountinfo: Path = MOUNTINFO) -> str:
+    """``inotify`` or ``poll``: ``auto`` polls a folder on a network file system (as
+    ``mountinfo``, the kernel's mount table, says), and where there is no inotify."""
     if setting != "auto":
         return setting
     if InotifyFD is None:
         return "poll"
-    fs_type = file_system_type(folder)
+    fs_type = file_system_type(folder, mountinfo)
     if fs_type is None:
         return "inotify"
     return "poll" if fs_type in NETWORK_FILE_SYSTEMS or fs_type.startswith("fuse") else "inotify"
 
 
-def file_system_type(folder: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> str | None:
+def file_system_type(folder: Path, mountinfo: Path = MOUNTINFO) -> str | None:
     """The type of the file system ``folder`` is on (``ext4``, ``nfs4``, ``fuse.sshfs``),
     from the kernel's mount table; None where there is none to read."""
     try:

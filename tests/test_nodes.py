@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from kinod import watcher
 from kinod.nodes import NodeBoard, read_heartbeats
 from kinod.watcher import choose_watch_mode, file_system_type
 from tests.helpers import Clock
@@ -93,7 +96,27 @@ def test_file_system_type_takes_the_deepest_mount(tmp_path: Path) -> None:
     assert file_system_type(Path("/x"), tmp_path / "missing") is None
 
 
-def test_watch_mode_auto_polls_network_file_systems(tmp_path: Path) -> None:
-    assert choose_watch_mode("poll", tmp_path) == "poll"
-    assert choose_watch_mode("inotify", tmp_path) == "inotify"
-    assert choose_watch_mode("auto", tmp_path) in ("inotify", "poll")
+def test_watch_mode_auto_polls_network_file_systems(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watcher, "InotifyFD", object())  # as on Linux, wherever this runs
+    info = tmp_path / "mountinfo"
+    info.write_text(MOUNTINFO + "43 22 0:38 / /mnt/smb rw - cifs //nas/farm rw\n"
+                                "44 22 0:39 / /mnt/ceph rw - ceph 10.0.0.1:/ rw\n")
+    for network in ("/srv/farm/inbox", "/mnt/with space/inbox", "/mnt/smb/inbox",
+                    "/mnt/ceph/inbox"):
+        assert choose_watch_mode("auto", Path(network), info) == "poll", network
+    for local in ("/srv/farmer/inbox", "/srv/farm/scratch/inbox"):  # ext4, tmpfs
+        assert choose_watch_mode("auto", Path(local), info) == "inotify", local
+    # No mount table to read: inotify, as on a local disk.
+    assert choose_watch_mode("auto", Path("/srv/farm/inbox"), tmp_path / "missing") == "inotify"
+    # A setting other than auto is taken as it is.
+    assert choose_watch_mode("inotify", Path("/srv/farm/inbox"), info) == "inotify"
+    assert choose_watch_mode("poll", Path("/srv/farmer/inbox"), info) == "poll"
+
+
+def test_watch_mode_auto_polls_where_there_is_no_inotify(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watcher, "InotifyFD", None)
+    info = tmp_path / "mountinfo"
+    info.write_text(MOUNTINFO)
+    assert choose_watch_mode("auto", Path("/srv/farmer/inbox"), info) == "poll"
