@@ -107,9 +107,10 @@ class ComfyUITestServer:
     """A ComfyUI server for tests (examples in tests/test_comfyui_server.py).
 
     ``with ComfyUITestServer() as srv:`` serves on ``srv.url`` until ``srv.stop()``. Steer it with
-    ``srv.behaviour`` ("ok", "fail", "stall", "die"), ``hold()``/``release()`` and
-    ``drop_websockets()``; see what clients did in ``requests``, ``interrupts``, ``deleted``,
-    ``prompts`` and ``history(prompt_id)``; ``wait_for(predicate)`` waits with a deadline.
+    ``srv.behaviour`` ("ok", "fail", "stall", "die"), ``hold()``/``release()``,
+    ``drop_websockets()`` and ``extra_messages``; see what clients did in ``requests``,
+    ``interrupts``, ``deleted``, ``prompts`` and ``history(prompt_id)``; ``wait_for(predicate)``
+    waits with a deadline.
     """
 
     def __init__(self, checkpoints: tuple[str, ...] = ("sd_xl_base_1.0.safetensors",),
@@ -125,6 +126,10 @@ class ComfyUITestServer:
         self.port = port
         self._behaviour = "ok"
         self._held = False
+        # Text frames sent to each websocket right after its "status" greeting, before any
+        # recorded message: what custom nodes and extensions send (types of their own,
+        # anything at all), which a client must read past.
+        self.extra_messages: list[str] = []
         self._lock = threading.Lock()  # guards what tests read from their own thread
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -366,6 +371,8 @@ class ComfyUITestServer:
                     try:
                         if isinstance(data, bytes):
                             await ws.send_bytes(struct.pack(">I", event) + data)
+                        elif isinstance(data, str):  # an extra message, sent as it is
+                            await ws.send_str(data)
                         else:
                             await ws.send_str(json.dumps({"type": event, "data": data}))
                     except (ConnectionError, RuntimeError, aiohttp.ClientError):
@@ -381,6 +388,8 @@ class ComfyUITestServer:
         self._sockets[sid] = (ws, request.transport)  # a reconnect replaces the old socket
         try:
             self._emit("status", {"status": self._queue_info(), "sid": sid}, sid)
+            for text in self.extra_messages:
+                self._emit(None, text, sid)
             if self._client_id == sid and self._last_node is not None:
                 self._emit("executing", {"node": self._last_node}, sid)  # reconnect mid-run
             async for _msg in ws:

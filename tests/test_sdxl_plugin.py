@@ -189,6 +189,22 @@ def test_a_dropped_websocket_falls_back_to_history_and_still_succeeds(
         assert (plugin.output_dir / result.data["images"][0]).is_file()
 
 
+def test_a_message_too_deep_to_parse_is_read_past_and_the_job_succeeds(
+        tmp_path: Path, models: Path) -> None:
+    # Deeper than any JSON parser recurses: it raises RecursionError, not a ValueError.
+    deep = '{"type": "crystools.monitor", "data": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    with ComfyUITestServer(step_delay_s=0.01) as server:
+        server.extra_messages = [deep, "not json either"]
+        plugin = make_plugin(tmp_path, models, [server.url])
+        job = run_job(plugin, SMALL_JOB)
+        result = job.join()
+        assert result.success, result.error
+        assert (plugin.output_dir / result.data["images"][0]).is_file()
+        # The websocket was read on past the messages: every sampler step came through it.
+        steps = [m for _, m in job.progress if m and m.startswith("step ")]
+        assert steps == [f"step {i}/20 on {server.url}" for i in range(1, 21)]
+
+
 # --- stopping ------------------------------------------------------------------------------
 
 def test_stopping_a_running_prompt_interrupts_it(tmp_path: Path, models: Path,

@@ -18,6 +18,7 @@ from kinod.params import check_data
 from kinod.plugins.plugin_loader import PluginRegistry
 from kinod.plugins.sdxl import explain, messages
 from kinod.plugins.sdxl.checkpoints import list_checkpoints, require_checkpoint
+from kinod.plugins.sdxl.comfyui_client import CLOSED, EventStream
 from kinod.plugins.sdxl.errors import (
     ExecutionFailed,
     Interrupted,
@@ -382,6 +383,75 @@ def test_a_success_without_images_is_an_error() -> None:
 ])
 def test_messages_that_carry_nothing_for_a_job_are_skipped(raw: str | bytes) -> None:
     assert messages.parse_ws_message(raw) is None
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # deeper than any JSON parser recurses
+
+
+@pytest.mark.parametrize("raw", [
+    DEEP,
+    '{"type": "progress", "data": {"value": 1, "max": 3, "prompt_id": "p", "x": ' + DEEP + "}}",
+    '{"type": ' + DEEP + ', "data": {}}',
+], ids=["deep", "deep_in_progress", "deep_type"])
+def test_a_message_that_cannot_be_parsed_is_skipped_and_logged_without_its_content(
+        raw: str, caplog_loguru: pytest.LogCaptureFixture) -> None:
+    assert messages.parse_ws_message(raw) is None
+    [record] = [r for r in caplog_loguru.records if "websocket message" in r.getMessage()]
+    assert record.levelname == "DEBUG"
+    assert "[[" not in record.getMessage() and len(record.getMessage()) < 200
+
+
+class ScriptedSocket:
+    """Stands in for an open websocket: yields its frames, then ends as ``end`` says (None:
+    the server closed it cleanly)."""
+
+    def __init__(self, frames: list[str | bytes], end: BaseException | None = None) -> None:
+        self.frames = frames
+        self.end = end
+        self.closed = False
+
+    def __aiter__(self) -> Any:
+        return self._messages()
+
+    async def _messages(self) -> Any:
+        for frame in self.frames:
+            await asyncio.sleep(0)
+            yield frame
+        if self.end is not None:
+            raise self.end
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def read_stream(socket: ScriptedSocket) -> list[Any]:
+    """Every event the stream reads from ``socket`` until CLOSED; then the stream is closed,
+    which must not raise."""
+    async def run() -> list[Any]:
+        stream = EventStream(socket)
+        events = []
+        while (event := await asyncio.wait_for(stream.events.get(), 5)) is not CLOSED:
+            events.append(event)
+        await stream.close()
+        return events
+    return asyncio.run(run())
+
+
+PROGRESS = '{"type": "progress", "data": {"value": 1, "max": 3, "prompt_id": "p"}}'
+
+
+def test_the_event_stream_reads_on_past_a_message_it_cannot_parse() -> None:
+    socket = ScriptedSocket([DEEP, "not json", PROGRESS])
+    assert read_stream(socket) == [Progress("p", 1, 3)]
+    assert socket.closed
+
+
+def test_an_event_stream_whose_reader_failed_closes_without_raising() -> None:
+    # Whatever ended the reader was told as CLOSED; close() at the job's end must not raise it
+    # again, or a job that succeeded through /history would fail as "unexpected".
+    socket = ScriptedSocket([PROGRESS], end=RuntimeError("the websocket library broke"))
+    assert read_stream(socket) == [Progress("p", 1, 3)]
+    assert socket.closed
 
 
 def test_newer_servers_end_with_execution_success() -> None:

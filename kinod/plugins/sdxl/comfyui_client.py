@@ -12,6 +12,7 @@ import json
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
+from loguru import logger
 from pydantic import BaseModel, ValidationError
 
 from .errors import OutputMissing, PromptRejected, UnexpectedAnswer, Unreachable
@@ -151,12 +152,15 @@ class EventStream:
                     self.events.put_nowait(event)
         except (ConnectionClosed, OSError):
             pass
+        except Exception as exc:  # noqa: BLE001 - the job goes on through /history
+            logger.warning("stopped reading the websocket: {}", type(exc).__name__)
         finally:
             self.events.put_nowait(CLOSED)
 
     async def close(self) -> None:
         self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
+        # Whatever ended the reader was told as CLOSED already: raised here, it would fail a
+        # job that went on through /history. Only a cancellation of close() itself is raised.
+        await asyncio.gather(self._reader, return_exceptions=True)
         with contextlib.suppress(Exception):  # a dead server: nothing left to close
             await self._connection.close()

@@ -10,7 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, RootModel, ValidationError
+from loguru import logger
+from pydantic import BaseModel, ConfigDict, RootModel
 
 
 class _Answer(BaseModel):
@@ -83,31 +84,40 @@ def parse_ws_message(raw: str | bytes) -> Event | None:
     if not isinstance(raw, str):
         return None
     try:
-        message = WsMessage.model_validate(json.loads(raw))
-        kind, data = message.type, message.data
-        if kind == "progress":
-            progress = ProgressData.model_validate(data)
-            if progress.prompt_id is None or progress.max <= 0:
-                return None
-            return Progress(progress.prompt_id, progress.value, progress.max)
-        if kind == "executing":
-            executing = ExecutingData.model_validate(data)
-            if executing.prompt_id is None:
-                return None
-            if executing.node is None:  # older servers' only end-of-run message
-                return Ended(executing.prompt_id, "finished")
-            return Started(executing.prompt_id)
-        if kind == "execution_start":
-            started = PromptEventData.model_validate(data)
-            return Started(started.prompt_id) if started.prompt_id else None
-        if kind in _ENDINGS:
-            failure = NodeFailureData.model_validate(data)
-            if failure.prompt_id is None:
-                return None
-            return Ended(failure.prompt_id, _ENDINGS[kind],
-                         failure if kind != "execution_success" else None)
-    except (ValueError, ValidationError):  # json's errors are ValueErrors
+        return _event_of(raw)
+    except Exception as exc:  # noqa: BLE001 - the server's text: no failure may end the job
+        # Not only ValueError and ValidationError: a deeply nested message raises
+        # RecursionError. Only the kind of failure is logged: the text is the server's, and
+        # may be huge.
+        logger.debug("skipped a websocket message that could not be read ({} characters: {})",
+                     len(raw), type(exc).__name__)
         return None
+
+
+def _event_of(raw: str) -> Event | None:
+    message = WsMessage.model_validate(json.loads(raw))
+    kind, data = message.type, message.data
+    if kind == "progress":
+        progress = ProgressData.model_validate(data)
+        if progress.prompt_id is None or progress.max <= 0:
+            return None
+        return Progress(progress.prompt_id, progress.value, progress.max)
+    if kind == "executing":
+        executing = ExecutingData.model_validate(data)
+        if executing.prompt_id is None:
+            return None
+        if executing.node is None:  # older servers' only end-of-run message
+            return Ended(executing.prompt_id, "finished")
+        return Started(executing.prompt_id)
+    if kind == "execution_start":
+        started = PromptEventData.model_validate(data)
+        return Started(started.prompt_id) if started.prompt_id else None
+    if kind in _ENDINGS:
+        failure = NodeFailureData.model_validate(data)
+        if failure.prompt_id is None:
+            return None
+        return Ended(failure.prompt_id, _ENDINGS[kind],
+                     failure if kind != "execution_success" else None)
     return None
 
 
