@@ -84,12 +84,17 @@ def build_params_model(plugin_name: str, parameters: dict[str, Any]) -> type[Bas
 def check_data(model: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
     """``data`` checked by a model from ``build_params_model``; raises ValidationError.
 
-    Defaults fill what the job left out; an optional parameter without a default stays absent.
+    A parameter given as null counts as left out: in YAML ``steps:`` with no value is
+    null, and its writer means "the default". Defaults fill what the job left out; an
+    optional parameter without a default stays absent; a required one is reported missing.
+    Null for a key that is no parameter is still an unknown key.
     """
-    checked = model.model_validate(data)
-    given = {model.model_fields[field].alias for field in checked.model_fields_set}
+    declared = {info.alias or name for name, info in model.model_fields.items()}
+    given = {name: value for name, value in data.items()
+             if value is not None or name not in declared}
+    checked = model.model_validate(given)
     return {name: value for name, value in checked.model_dump(by_alias=True).items()
-            if value is not None or name in given}
+            if value is not None}
 
 
 # pydantic's wording for the two most common mistakes, in the words of a job file.

@@ -56,7 +56,7 @@ def test_types(declared: str, good: Any, bad: Any) -> None:
 
 
 def test_any_type_takes_anything() -> None:
-    for value in ("a", 1, [1], {"a": None}, None):
+    for value in ("a", 1, [1], {"a": None}, [None]):
         assert check({"x": {"type": "any"}}, {"x": value}) == {"x": value}
     assert check({"x": {}}, {"x": 3}) == {"x": 3}  # "any" is the default type
 
@@ -84,7 +84,50 @@ def test_optional_with_and_without_default() -> None:
 def test_optional_without_default_is_absent_unless_given() -> None:
     model = build_params_model("p", {"seed": {"type": "integer"}})
     assert check_data(model, {}) == {}
-    assert check_data(model, {"seed": None}) == {"seed": None}
+    assert check_data(model, {"seed": 7}) == {"seed": 7}
+
+
+# --- null: in YAML `steps:` with no value is null, and means "the default" ------------------
+
+NULLABLE = {
+    "prompt": {"type": "string", "required": True},
+    "steps": {"type": "integer", "default": 10, "minimum": 1},
+    "cfg": {"type": "number", "default": 7.5},
+    "sampler": {"type": "string", "default": "euler", "enum": ["euler", "heun"]},
+    "tags": {"type": "array", "default": ["a"]},
+    "extra": {"type": "any", "default": {"k": 1}},
+    "seed": {"type": "integer"},  # no default
+}
+
+
+def test_a_parameter_given_as_null_counts_as_left_out() -> None:
+    nulls = {name: None for name in NULLABLE if name != "prompt"}
+    expected = {"prompt": "p", "steps": 10, "cfg": 7.5, "sampler": "euler", "tags": ["a"],
+                "extra": {"k": 1}}
+    assert check(NULLABLE, {"prompt": "p", **nulls}) == expected
+    assert check(NULLABLE, {"prompt": "p"}) == expected
+    # A default is never shared between jobs, null or not.
+    first = check(NULLABLE, {"prompt": "p", "tags": None})
+    first["tags"].append("b")
+    assert check(NULLABLE, {"prompt": "p", "tags": None})["tags"] == ["a"]
+
+
+def test_a_required_parameter_given_as_null_is_reported_required() -> None:
+    with pytest.raises(ValidationError) as info:
+        check(NULLABLE, {"prompt": None, "steps": None})
+    assert format_validation_error(info.value, prefix="data") == ["data.prompt: required"]
+
+
+def test_null_for_a_key_that_is_no_parameter_is_still_an_unknown_key() -> None:
+    with pytest.raises(ValidationError) as info:
+        check(NULLABLE, {"prompt": "p", "colour": None})
+    assert format_validation_error(info.value, prefix="data") == ["data.colour: unknown key"]
+
+
+def test_null_inside_a_value_is_kept() -> None:
+    assert check(NULLABLE, {"prompt": "p", "extra": {"k": None}, "tags": [None]}) == {
+        "prompt": "p", "steps": 10, "cfg": 7.5, "sampler": "euler", "tags": [None],
+        "extra": {"k": None}}
 
 
 def test_parameters_may_have_any_name() -> None:

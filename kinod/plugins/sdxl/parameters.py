@@ -84,14 +84,10 @@ def _params_model() -> type[BaseModel]:
 def check_parameters(data: dict[str, Any], rng: random.Random | None = None) -> JobParams:
     """``data`` checked and completed; raises InvalidJob naming every offending field."""
     try:
-        checked = check_data(_params_model(), data)
+        # A key given as null counts as left out: check_data fills in its default.
+        values = check_data(_params_model(), data)
     except ValidationError as exc:
         raise InvalidJob("; ".join(format_validation_error(exc, "data"))) from None
-    # A key given as null means "the default", as if it were left out.
-    values = {name: value for name, value in checked.items() if value is not None}
-    for name, spec in PARAMETERS.items():
-        if name not in values and "default" in spec:
-            values[name] = spec["default"]
     problems = [f"data.{name}: {values[name]} is not a multiple of {SIZE_STEP}"
                 for name in ("width", "height") if values[name] % SIZE_STEP]
     if values.get("seed", 0) > SEED_MAX:
