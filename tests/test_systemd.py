@@ -199,10 +199,13 @@ def test_the_status_is_told_again_after_the_daemon_has_been_idle(
         wait_end(daemon, round_)
         wait_for(lambda m=mark: notify.index("STATUS=0 running, 0 queued", m) > -1, 10,
                  what=f"the status to say nothing runs after the {round_} job")
-        # Two status ticks (1 s apart) and more pass with nothing to tell: the tick sleeps.
+        # Two status ticks (1 s apart) and more pass with nothing to tell: the tick sleeps,
+        # and no status line is sent meanwhile.
         told_at = time.monotonic()
         wait_for(lambda t=told_at: notify.pings_between(t, time.monotonic()) >= 25, 10,
                  what="2.5 s of watchdog pings")
+        idle = [m for at, m in list(notify.messages) if at >= told_at and "STATUS=" in m]
+        assert idle == [], f"status sent while idle after the {round_} job: {idle}"
     assert daemon.stop() == 0
 
 
