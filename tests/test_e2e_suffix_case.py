@@ -37,14 +37,14 @@ def nodes(kinod_root: Path) -> Iterator[Callable[..., DaemonProcess]]:
     """Start a daemon as node ``name`` on the shared folder, with its own settings file."""
     started: list[DaemonProcess] = []
 
-    def start(name: str, **settings: Any) -> DaemonProcess:
+    def start(name: str, env: dict[str, str] | None = None, **settings: Any) -> DaemonProcess:
         settings.setdefault("plugin_dirs", [str(WORKING_PLUGINS)])
         settings.setdefault("stop_grace", 2)
         folder = kinod_root / f"node-{name}"
         folder.mkdir(exist_ok=True)
         config = write_config(folder, node=name, inbox="../inbox", outbox="../outbox",
                               frames="../data/frames", models="../models_storage", **settings)
-        daemon = DaemonProcess(kinod_root, config)
+        daemon = DaemonProcess(kinod_root, config, env)
         daemon.log_path = folder / "daemon.log"
         started.append(daemon)
         return daemon.start()
@@ -99,11 +99,13 @@ def test_a_raw_drop_under_another_suffix_case_of_a_job_running_elsewhere_is_a_du
         kinod_root: Path, nodes: Callable[..., DaemonProcess]) -> None:
     inbox, gate = kinod_root / "inbox", kinod_root / "gate"
     # The job runs on a node that looks at the inbox only every minute, so the other
-    # node, which watches it, is the one that finds the second drop.
+    # node, which watches it, is the one that finds the second drop. As environment
+    # variables, which win over `make test-poll`'s.
     drop_job(inbox, "g.YAML", scripted(steps=0, gate=str(gate)))
-    slow = nodes("slow", workers=1, watch="poll", poll_interval_s=60, rescan_interval_s=60)
+    slow = nodes("slow", workers=1, rescan_interval_s=60,
+                 env={"KINOD_WATCH": "poll", "KINOD_POLL_INTERVAL_S": "60"})
     wait_for(lambda: executions(slow, "g") == 1, 15, what="g to start on the slow node")
-    fast = nodes("fast", workers=1, watch="inotify")
+    fast = nodes("fast", workers=1, env={"KINOD_WATCH": "inotify"})
     for n, name in enumerate(["g.yaml", "g.Yml", "g.JSON"], start=1):
         drop_job(inbox, name, scripted(steps=0, tag="again"))
         # Set aside, or (the fault) taken in as a new run of g beside the running one.
