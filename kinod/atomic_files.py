@@ -7,12 +7,19 @@ import ctypes
 import errno
 import os
 import stat
+import time
 from pathlib import Path
 
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 _libc = ctypes.CDLL(None, use_errno=True)
-_renameat2 = getattr(_libc, "renameat2", None)
+# KINOD_PORTABLE_RENAME=1 moves files the portable way (a link, then an unlink) everywhere:
+# for mounts whose renameat2 misbehaves, and for tests of that way.
+_renameat2 = (None if os.environ.get("KINOD_PORTABLE_RENAME") == "1"
+              else getattr(_libc, "renameat2", None))
+# How long a process may take between the link and the unlink of a portable move: another
+# that finds the link waits this long for it before it calls the move abandoned.
+MOVER_GRACE_S = 1.0
 # The writer's pid names its temporary files; kept, not asked for at every write.
 _pid = os.getpid()
 
@@ -72,18 +79,21 @@ def move_noreplace(src: Path, dst: Path) -> None:
     ``src`` is gone (another process took it first). Never overwrites.
 
     A hard link then an unlink is atomic about ``dst`` on every POSIX file
-    system, NFS included; a crash between the two leaves one file under two
-    names, and moving it again finishes the move. Where links are not
-    supported (some SMB mounts), a check then a rename, enough for one daemon
-    per folder.
+    system, NFS included, and of several processes moving one file, the one
+    whose unlink removes ``src`` wins (see ``_unlink_source``); a crash between
+    the two leaves one file under two names, and moving it again finishes the
+    move. Where links are not supported (some SMB mounts), a check then a
+    rename, enough for one daemon per folder.
     """
     try:
         os.link(src, dst, follow_symlinks=False)
     except FileExistsError:
-        if not _same_file(src, dst):
-            raise
-        # An earlier move was cut short after its link (or another process is halfway
-        # through this one): finish it.
+        if _same_file(src, dst):
+            _follow_move(src, dst)
+            return
+        if not os.path.lexists(src):  # another process took it meanwhile
+            raise FileNotFoundError(errno.ENOENT, "moved away", str(src)) from None
+        raise
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
             raise
@@ -91,10 +101,76 @@ def move_noreplace(src: Path, dst: Path) -> None:
             raise FileExistsError(errno.EEXIST, "destination exists", str(dst)) from None
         os.rename(src, dst)
         return
+    _unlink_source(src, dst)
+
+
+# Why only the process whose link made a name decides for it: movers of one file to one
+# name (two nodes setting a file aside) beside a mover to another name could otherwise
+# both decide, and remove the name the winning one left the file under.
+
+
+def _unlink_source(src: Path, dst: Path) -> None:
+    """The second half of a move by link, where its race is decided: of processes that each
+    linked ``src`` to a name they made, the one whose unlink of ``src`` succeeds moved the
+    file; the others take their name back and raise FileNotFoundError."""
     try:
         os.unlink(src)
+        return
     except FileNotFoundError:
         pass
+    # Someone else unlinked src: a process that moved the file to its own name (then the
+    # file has two names, theirs and ours: ours goes), or NFS retrying our own unlink, whose
+    # reply was lost (then ours is the only name left: removing it would lose the file). The
+    # link count tells them apart, read from a fresh open: NFS revalidates it there.
+    if _fresh_stat(dst).st_nlink > 1:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(dst)
+        raise FileNotFoundError(errno.ENOENT, "another process moved it first", str(src))
+
+
+def _follow_move(src: Path, dst: Path) -> None:
+    """``dst`` already names ``src``'s file: the process that linked it is about to unlink
+    ``src``, or a crash cut its move short. A live one decides for its name (raises
+    FileNotFoundError here if it lost); an abandoned move is finished."""
+    seen = os.lstat(dst)
+    deadline = time.monotonic() + MOVER_GRACE_S
+    while _same_file(src, dst):
+        if time.monotonic() > deadline:
+            try:
+                os.unlink(src)  # nobody finished it: a crash left it
+                return
+            except FileNotFoundError:
+                break  # decided just now
+        time.sleep(0.002)
+    # Decided. If another name won, dst's maker removes dst; if dst won, the other names go.
+    # The count first, then the name: its maker may remove dst between the two looks.
+    deadline = time.monotonic() + MOVER_GRACE_S
+    while True:
+        names = _fresh_stat(dst).st_nlink
+        if not _same_file(dst, seen):
+            raise FileNotFoundError(errno.ENOENT, "another process moved it first", str(src))
+        if names == 1 or time.monotonic() > deadline:
+            return
+        time.sleep(0.002)
+
+
+def _fresh_stat(path: Path) -> os.stat_result:
+    """``path``'s attributes as the file server has them now (NFS revalidates them at an
+    open); FileNotFoundError if it is gone. Closed at once: NFS unlinks an open file by
+    renaming it."""
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        return st  # a link, a FIFO, a device: never opened
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError:  # not readable by us: the attributes at hand
+        return st
+    try:
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
 
 
 def rename_noreplace(src: Path, dst: Path) -> None:
@@ -108,9 +184,8 @@ def rename_noreplace(src: Path, dst: Path) -> None:
             return
         code = ctypes.get_errno()
         if code == errno.EEXIST and _same_file(src, dst):
-            # A fallback move cut short after its link: finish it.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(src)
+            # A portable move under way, or cut short after its link: follow it.
+            _follow_move(src, dst)
             return
         # Not supported here: move the portable way. ENOENT too: the portable move raises
         # FileNotFoundError just the same if the file is gone (and sees the fake file
@@ -152,9 +227,9 @@ def fsync_dir(folder: str | Path) -> None:
         os.close(fd)
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def _same_file(a: Path, b: Path | os.stat_result) -> bool:
     try:
-        return os.path.samestat(os.lstat(a), os.lstat(b))
+        return os.path.samestat(os.lstat(a), b if isinstance(b, os.stat_result) else os.lstat(b))
     except OSError:
         return False
 

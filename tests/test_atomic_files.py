@@ -6,6 +6,8 @@ import ctypes
 import errno
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from kinod.atomic_files import (
     read_whole,
     rename_noreplace,
 )
+from tests.racing import ROUNDS, race
 
 
 def _names(folder: Path) -> list[str]:
@@ -333,6 +336,129 @@ def test_rename_noreplace_without_renameat2(tmp_path: Path,
     rename_noreplace(src, dst)
     assert dst.read_text() == "job"
     assert not os.path.lexists(src)
+
+
+# --- the portable move under real concurrency (the fallback of NFS, CephFS, FUSE) ------------
+
+
+def moved(src: Path, dst: Path) -> Path:
+    rename_noreplace(src, dst)
+    return dst
+
+
+@pytest.fixture
+def portable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Moves as where renameat2 is refused: a link, then an unlink."""
+    monkeypatch.setattr(atomic_files, "_renameat2", None)
+
+
+@pytest.mark.usefixtures("portable")
+def test_movers_to_different_names_never_both_win(tmp_path: Path) -> None:
+    src = tmp_path / "job.yaml"
+    for round_ in range(ROUNDS):
+        src.write_text(f"round {round_}")
+        dsts = [tmp_path / f"node{i}" / f"job{round_}.yaml" for i in range(4)]
+        for dst in dsts:
+            dst.parent.mkdir(exist_ok=True)
+        outcomes = race(4, lambda i, d=dsts: moved(src, d[i]))
+        assert sorted(outcomes) == ["gone", "gone", "gone", "moved"], (round_, outcomes)
+        winner = dsts[outcomes.index("moved")]
+        left = [dst for dst in [src, *dsts] if os.path.lexists(dst)]
+        assert left == [winner], (round_, outcomes, left)
+        assert winner.read_text() == f"round {round_}"
+        assert os.stat(winner).st_nlink == 1
+
+
+@pytest.mark.usefixtures("portable")
+def test_movers_to_one_name_never_lose_the_file(tmp_path: Path) -> None:
+    src, dst = tmp_path / "job.yaml", tmp_path / "invalid" / "job.yaml"
+    dst.parent.mkdir()
+    for round_ in range(ROUNDS):
+        src.write_text(f"round {round_}")
+        outcomes = race(4, lambda i: moved(src, dst))
+        assert "moved" in outcomes and "exists" not in outcomes, (round_, outcomes)
+        assert dst.read_text() == f"round {round_}", (round_, outcomes)
+        assert not os.path.lexists(src)
+        assert os.stat(dst).st_nlink == 1
+        dst.unlink()
+
+
+@pytest.mark.usefixtures("portable")
+def test_movers_to_shared_and_own_names_leave_one_file(tmp_path: Path) -> None:
+    """Two movers aim at one name, two at names of their own: one name keeps the file, and
+    only movers that aimed at it say they moved it."""
+    src = tmp_path / "job.yaml"
+    for round_ in range(ROUNDS):
+        src.write_text(f"round {round_}")
+        dsts = [tmp_path / f"{name}{round_}.yaml" for name in ("shared", "shared", "b", "c")]
+        outcomes = race(4, lambda i, d=dsts: moved(src, d[i]))
+        left = [dst for dst in {src, *dsts} if os.path.lexists(dst)]
+        assert len(left) == 1, (round_, outcomes, left)
+        assert left[0].read_text() == f"round {round_}"
+        assert os.stat(left[0]).st_nlink == 1
+        winners = {dsts[i] for i, outcome in enumerate(outcomes) if outcome == "moved"}
+        assert winners == {left[0]}, (round_, outcomes, left)
+        left[0].unlink()
+
+
+@pytest.mark.usefixtures("portable")
+def test_a_mover_that_links_but_finds_the_source_gone_takes_its_link_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src, ours, theirs = tmp_path / "job.yaml", tmp_path / "a.yaml", tmp_path / "b.yaml"
+    src.write_text("job")
+    real_link = os.link
+
+    def link_then_lose(a, b, **kwargs) -> None:
+        real_link(a, b, **kwargs)
+        real_link(src, theirs)  # another node links it too, and unlinks the source first
+        os.unlink(src)
+
+    monkeypatch.setattr(atomic_files.os, "link", link_then_lose)
+    with pytest.raises(FileNotFoundError):
+        rename_noreplace(src, ours)
+    assert not os.path.lexists(ours)
+    assert theirs.read_text() == "job" and os.stat(theirs).st_nlink == 1
+
+
+@pytest.mark.usefixtures("portable")
+def test_an_unlink_that_reports_the_source_gone_after_removing_it_still_moved(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NFS retries a request whose reply was lost: the retried unlink says ENOENT."""
+    src, dst = tmp_path / "job.yaml", tmp_path / "a.yaml"
+    src.write_text("job")
+    real_unlink = os.unlink
+
+    def retried_unlink(path, *args, **kwargs) -> None:
+        real_unlink(path, *args, **kwargs)
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+
+    monkeypatch.setattr(atomic_files.os, "unlink", retried_unlink)
+    rename_noreplace(src, dst)
+    monkeypatch.undo()
+    assert dst.read_text() == "job"
+    assert not os.path.lexists(src)
+
+
+@pytest.mark.parametrize("renameat2", [True, False])
+def test_a_move_abandoned_after_its_link_is_finished_after_the_grace(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, renameat2: bool) -> None:
+    if not renameat2:
+        monkeypatch.setattr(atomic_files, "_renameat2", None)
+    monkeypatch.setattr(atomic_files, "MOVER_GRACE_S", 0.05)
+    src, dst = tmp_path / "job.yaml", tmp_path / "a.yaml"
+    src.write_text("job")
+    os.link(src, dst)  # a mover killed between its link and its unlink
+    rename_noreplace(src, dst)
+    assert dst.read_text() == "job" and os.stat(dst).st_nlink == 1
+    assert not os.path.lexists(src)
+
+
+def test_kinod_portable_rename_forces_the_portable_move(tmp_path: Path) -> None:
+    code = "from kinod import atomic_files; print(atomic_files._renameat2 is None)"
+    for value, forced in (("1", "True"), ("", "False")):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                env={**os.environ, "KINOD_PORTABLE_RENAME": value}, timeout=60)
+        assert result.stdout.strip() == forced, result.stderr
 
 
 def test_read_whole_reads_a_file_of_any_size_and_raises_for_a_missing_one(

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from kinod import atomic_files
 from kinod.spool import Spool
+from tests.racing import ROUNDS, race
 
 INBOX = Path("/farm/inbox")
 
@@ -58,14 +60,30 @@ def test_accept_takes_the_file_into_this_nodes_running_folder(spool: Spool) -> N
     assert paths(spool.running_files()) == [os.fspath(held)]
 
 
-def test_accept_on_two_nodes_only_one_wins(spool: Spool) -> None:
-    other = Spool(INBOX, "node2")
-    other.ensure_folders()
-    src = drop("job1.yaml", "body")
-    assert spool.accept(src) == spool.running / "job1.yaml"
-    with pytest.raises(FileNotFoundError):
-        other.accept(src)
-    assert other.running_files() == []
+@pytest.fixture(params=["renameat2", "portable"])
+def moves(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways a file moves: one renameat2, or (NFS, CephFS, FUSE) a link, then an unlink."""
+    if request.param == "portable":
+        monkeypatch.setattr(atomic_files, "_renameat2", None)
+    return request.param
+
+
+@pytest.mark.usefixtures("moves")
+def test_accept_on_two_nodes_only_one_wins(tmp_path: Path) -> None:
+    """Four nodes take in one dropped file at the same moment: one holds it, every time."""
+    nodes = [Spool(tmp_path, f"node{i}") for i in range(4)]
+    for node in nodes:
+        node.ensure_folders()
+    for round_ in range(ROUNDS):
+        src = tmp_path / f"job{round_}.yaml"
+        src.write_text(f"round {round_}")
+        outcomes = race(4, lambda i, s=src: nodes[i].accept(s))
+        assert sorted(outcomes) == ["gone", "gone", "gone", "moved"], (round_, outcomes)
+        held = [path for node in nodes for path in node.running_files()]
+        assert held == [nodes[outcomes.index("moved")].running / src.name], (round_, held)
+        assert held[0].read_text() == f"round {round_}" and not src.exists()
+        assert os.stat(held[0]).st_nlink == 1
+        held[0].unlink()
 
 
 def test_accept_completes_a_half_done_move(spool: Spool) -> None:
@@ -104,16 +122,24 @@ def test_holds_sees_queued_and_every_nodes_running_files(spool: Spool) -> None:
     assert paths(spool.running_files_of("node2")) == [os.fspath(other.running / "b.json")]
 
 
-def test_take_over_moves_another_nodes_file_once(spool: Spool) -> None:
-    dead = Spool(INBOX, "dead")
-    dead.ensure_folders()
-    third = Spool(INBOX, "node3")
-    third.ensure_folders()
-    held = dead.accept(drop("job1.yaml", "body"))
-    taken = spool.take_over(held)
-    assert taken == spool.running / "job1.yaml"
-    assert third.take_over(held) is None
-    assert taken.read_text() == "body"
+@pytest.mark.usefixtures("moves")
+def test_take_over_moves_another_nodes_file_once(tmp_path: Path) -> None:
+    """Three live nodes take a dead node's running job back at the same moment: one gets it,
+    every time."""
+    dead = Spool(tmp_path, "dead")
+    nodes = [Spool(tmp_path, f"node{i}") for i in range(3)]
+    for node in (dead, *nodes):
+        node.ensure_folders()
+    for round_ in range(ROUNDS):
+        (tmp_path / f"job{round_}.yaml").write_text(f"round {round_}")
+        held = dead.accept(tmp_path / f"job{round_}.yaml")
+        outcomes = race(3, lambda i, h=held: nodes[i].take_over(h))
+        assert sorted(outcomes) == ["gone", "gone", "moved"], (round_, outcomes)
+        taken = [path for node in nodes for path in node.running_files()]
+        assert taken == [nodes[outcomes.index("moved")].running / held.name], (round_, taken)
+        assert taken[0].read_text() == f"round {round_}" and not held.exists()
+        assert os.stat(taken[0]).st_nlink == 1
+        taken[0].unlink()
 
 
 def test_accept_of_a_vanished_file_raises_file_not_found(spool: Spool) -> None:
