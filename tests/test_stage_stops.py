@@ -1,0 +1,88 @@
+"""The stops stage alone: what an ``inbox/<id>.stop`` file means for the job it names. The
+scheduler, running and ending stages are fakes; the inbox and spool are real folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kinod.models import JobState
+from kinod.stages.job import Job
+from kinod.stages.stops import Stops
+from tests.stage_fakes import OTHER_NODE, Rig, job_of, make_rig, sidecar_in, write_job
+
+
+def stops_rig(tmp_path: Path) -> tuple[Rig, Stops, Path]:
+    rig = make_rig(tmp_path)
+    rig.ctx.stops = stops = Stops(rig.ctx)
+    stop = rig.inbox / "j.stop"
+    stop.touch()
+    return rig, stops, stop
+
+
+def waiting_job(rig: Rig) -> Job:
+    job = job_of(rig.ctx, write_job(rig.spool.queued, "j"))
+    rig.scheduler.held["j"] = job
+    return job
+
+
+def test_a_stop_for_an_id_with_no_job_anywhere_is_removed(tmp_path: Path) -> None:
+    rig, stops, stop = stops_rig(tmp_path)
+    stops.on_stop_file(stop, "j")
+    assert not stop.exists() and rig.ending.calls == []
+
+
+@pytest.mark.parametrize("where", ["still in the inbox", "held by another node"])
+def test_a_stop_for_a_job_this_node_does_not_hold_is_left_for_it(tmp_path: Path,
+                                                                 where: str) -> None:
+    rig, stops, stop = stops_rig(tmp_path)
+    if where == "still in the inbox":
+        write_job(rig.inbox, "j", suffix=".YAML")  # not taken in yet: any suffix case
+    else:
+        write_job(rig.spool.running_root / OTHER_NODE, "j")
+    stops.on_stop_file(stop, "j")
+    assert stop.exists() and rig.ending.calls == []
+
+
+def test_a_stop_for_a_running_job_reaches_its_run(tmp_path: Path) -> None:
+    rig, stops, stop = stops_rig(tmp_path)
+    job = waiting_job(rig)
+    rig.running.running["j"] = job
+    stops.on_stop_file(stop, "j")
+    assert rig.running.called("stop") == [(job,)]
+    assert stop.exists() and rig.ending.calls == []  # removed once the job has ended
+
+
+def test_a_stop_for_a_job_already_stopping_is_not_passed_on_again(tmp_path: Path) -> None:
+    rig, stops, stop = stops_rig(tmp_path)
+    job = waiting_job(rig)
+    rig.running.running["j"] = job
+    job.stop_requested = True
+    stops.on_stop_file(stop, "j")
+    assert rig.running.calls == [] and rig.ending.calls == []
+
+
+def test_a_stop_for_a_waiting_job_claims_it_and_ends_it_stopped(tmp_path: Path) -> None:
+    rig, stops, stop = stops_rig(tmp_path)
+    job = waiting_job(rig)
+    claimed = rig.spool.running / "j.json"
+    rig.running.claimed["j"] = claimed
+    rig.ending.sidecars["j"] = sidecar = sidecar_in(JobState.QUEUED, "j", started=False)
+    stops.on_stop_file(stop, "j")
+    assert rig.running.called("claim") == [(job,)] and job.path == claimed
+    assert rig.scheduler.called("unqueue") == [("j",)]
+    (end,) = rig.ending.ends()
+    assert (end.job_id, end.path, end.sidecar, end.state) == ("j", claimed, sidecar,
+                                                              JobState.STOPPED)
+    assert end.error.code == "stopped"
+
+
+def test_a_stop_for_a_waiting_job_another_node_claimed_is_left_to_that_node(
+        tmp_path: Path) -> None:
+    rig, stops, stop = stops_rig(tmp_path)
+    job = waiting_job(rig)
+    rig.running.claimed["j"] = None  # the claim lost the race
+    stops.on_stop_file(stop, "j")
+    assert rig.ending.called("claimed_elsewhere") == [(job,)] and rig.ending.ends() == []
+    assert stop.exists()
