@@ -22,6 +22,7 @@ from pyfakefs.fake_filesystem import FakeFilesystem
 from pyfakefs.fake_filesystem_unittest import Patcher
 
 import kinod.daemon as daemon_module
+import kinod.stages.running as running_stage
 from kinod.config import Settings
 from kinod.daemon import Daemon
 from kinod.plugins.plugin_loader import PluginRegistry
@@ -260,7 +261,7 @@ def test_a_success_is_recorded_only_once_its_output_is_on_disk(
         flushed.append((folder, farm.state("flushed")))
         return 0
 
-    monkeypatch.setattr(daemon_module, "flush_tree", recording_flush)
+    monkeypatch.setattr(running_stage, "flush_tree", recording_flush)
     farm.drop("flushed", scripted(steps=1, step_s=0))
     farm.wait_state("flushed", "succeeded")
     assert flushed == [(ROOT / "frames" / "flushed", "running")]
@@ -271,7 +272,7 @@ def test_output_that_cannot_be_flushed_fails_the_job(
     def failing_flush(folder: Path) -> int:
         raise OSError(errno.EIO, "Input/output error", str(folder))
 
-    monkeypatch.setattr(daemon_module, "flush_tree", failing_flush)
+    monkeypatch.setattr(running_stage, "flush_tree", failing_flush)
     farm.drop("unflushed", scripted(steps=1, step_s=0))
     sidecar = farm.wait_state("unflushed", "failed")
     assert "its output could not be flushed to disk" in sidecar["error"]["message"]

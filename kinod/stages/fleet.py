@@ -1,0 +1,158 @@
+"""The fleet: this node among the others on one inbox. It writes this node's heartbeat,
+knows whether the node serves the inbox alone (then jobs wait in its own running/),
+fences runs another node took over, and takes back the jobs of nodes whose lease ran
+out."""
+
+from __future__ import annotations
+
+import os
+
+from loguru import logger
+
+from kinod.intake import InboxName
+from kinod.nodes import NodeBoard
+from kinod.stages.context import Context
+from kinod.stages.job import Job, file_identity
+
+
+class Fleet:
+    def __init__(self, ctx: Context, polling: bool) -> None:
+        self._ctx = ctx
+        # Polling sees another node's start only a heartbeat late: it never waits alone.
+        self._polling = polling
+        self._board = NodeBoard(ctx.spool.nodes, ctx.node, ctx.settings.lease, ctx.clock)
+        # No other node's heartbeat moves: jobs taken in wait in this node's running/
+        # (_waiting_here: some may), not in queued/.
+        self._alone = False
+        self._waiting_here = False
+        self.own_lock = f"{ctx.node}.lock"
+
+    def set_lease(self, lease: float) -> None:
+        self._board.lease = lease
+
+    async def heartbeat(self) -> None:
+        self.beat()
+        for job in self._ctx.running.jobs():
+            if self.taken_over(job):
+                self.fence(job)
+        self._take_over_expired()
+        self._alone = self._no_other_node()
+        if self._waiting_here and not self._alone:
+            self.release_waiting()
+
+    def start(self) -> None:
+        """The first beat, and whether this node starts alone."""
+        self.beat()
+        self._alone = self._no_other_node()
+
+    def stop(self) -> None:
+        """Shutdown: jobs waiting here go where other nodes (and this one's next start)
+        claim them, and the last beat says this node stopped."""
+        if self._waiting_here:
+            self.release_waiting()
+        self.beat(stopped=True)
+
+    def beat(self, stopped: bool = False) -> None:
+        ctx = self._ctx
+        settings = ctx.settings
+        serves = sorted(ctx.registry.plugins if settings.serves is None else settings.serves)
+        try:
+            held_up_s = self._board.beat(serves, settings.workers, len(ctx.running),
+                                         ctx.scheduler.queued(), stopped)
+        except OSError as exc:
+            logger.error("cannot write this node's heartbeat: {}", exc)
+            return
+        if held_up_s is not None and held_up_s > settings.lease:
+            logger.warning("this node was held up {:.0f} s, past its lease of {:g} s: other "
+                           "nodes may have taken its jobs over", held_up_s, settings.lease)
+
+    # --- alone or shared ----------------------------------------------------------------
+
+    def _no_other_node(self) -> bool:
+        """No other node's heartbeat moves. Only where inotify reports another node's start
+        at once (see another_node_started); a polling node would see it a heartbeat late."""
+        return not self._polling and self._board.alive().keys() <= {self._ctx.node}
+
+    def another_node_started(self) -> None:
+        """Its lock file was written: the jobs waiting here go where it can claim them."""
+        if not self._alone:
+            return
+        self._alone = False  # until a heartbeat finds it gone again
+        if self._waiting_here:
+            self.release_waiting()
+
+    def waits_here(self, plugin: str) -> bool:
+        """A job taken in for ``plugin`` waits in this node's running/, not in queued/: no
+        other node is there to claim it, and the two renames through queued/ are saved.
+        The caller lets it wait here: this node then has jobs waiting here."""
+        if self._alone and self._ctx.serves(plugin):
+            self._waiting_here = True
+            return True
+        return False
+
+    def release_waiting(self) -> None:
+        """Jobs waiting in this node's running/ go to queued/, where every node claims: another
+        node serves the inbox now, or this one stops."""
+        ctx = self._ctx
+        for job in ctx.scheduler.jobs():
+            if (ctx.running.is_running(job.id) or ctx.ending.is_unrecorded(job.id)
+                    or job.folder != ctx.spool.running):
+                continue  # running, or ended with its end not yet recorded
+            try:
+                job.path = ctx.spool.requeue(job.path)
+            except FileNotFoundError:
+                ctx.ending.claimed_elsewhere(job)  # taken over while this node was held up
+                continue
+            except OSError as exc:
+                logger.error("cannot move the jobs waiting here to {}: {}; trying again at "
+                             "the next heartbeat", ctx.spool.queued, exc)
+                return
+            job.file_identity = file_identity(job.path)
+        self._waiting_here = False
+
+    def served_elsewhere(self, plugin: object) -> bool:
+        """A job names a plugin this node has not loaded, but a live node serves."""
+        ctx = self._ctx
+        if not isinstance(plugin, str) or ctx.registry.get(plugin) is not None:
+            return False
+        return any(plugin in heartbeat.serves
+                   for node, heartbeat in self._board.alive().items() if node != ctx.node)
+
+    # --- other nodes' jobs --------------------------------------------------------------
+
+    def _take_over_expired(self) -> None:
+        """Take back the running jobs of nodes whose lease ran out, as their next attempt."""
+        ctx = self._ctx
+        for node in ctx.spool.other_nodes():
+            if not self._board.expired(node):
+                continue
+            for path in ctx.spool.running_files_of(node):
+                taken = ctx.spool.take_over(path)
+                if taken is not None:
+                    logger.warning("node {} lost its lease (no heartbeat for {:g} s); its job "
+                                   "{} is taken back", node, ctx.settings.lease,
+                                   InboxName.of(path.name).job_id)
+                    ctx.recovery.guarded(ctx.recovery.recover_running, taken)
+
+    def taken_over(self, job: Job) -> bool:
+        """This node no longer holds the job's file, and another node has it (or ran it)."""
+        if os.path.lexists(job.path):
+            return False
+        ctx = self._ctx
+        if ctx.spool.holds(job.id):
+            return True
+        sidecar = ctx.outbox.read(job.id)
+        return sidecar is not None and (sidecar.node, sidecar.attempt) != (
+            ctx.node, job.sidecar.attempt)
+
+    def fence(self, job: Job) -> None:
+        """Another node took this job over while this one was held up: stop it here and
+        never write its sidecar again; the other node's run is the job's."""
+        if job.fenced:
+            return
+        job.fenced = True
+        logger.bind(job_id=job.id).warning(
+            "job {}: another node took it over while this node was held up; stopping it "
+            "here, its end is not recorded", job.id)
+        if job.run is not None:
+            job.run.force_stop()

@@ -1,0 +1,143 @@
+"""A job this node holds, as the stages hand it to each other, and the small facts about
+its file and sidecar that several stages need."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kinod.errors import InvalidJob, KinodError
+from kinod.intake import read_job_bytes
+from kinod.job_document import parse_document
+from kinod.models import JobSpec, JobState, Sidecar, SidecarError, utc_now
+from kinod.outcome import Verdict
+from kinod.plugins.plugin_loader import LoadedPlugin
+from kinod.runner import SupervisedRun
+
+
+@dataclass(slots=True)
+class Job:
+    """An accepted job that has not ended: queued, waiting for ``not_before``, or running.
+
+    A job waiting in the queue keeps none of its file (``light``): its checked spec and
+    data, and its sidecar, are made again from its file when it is claimed. Kept whole,
+    they would cost a backlog of 100,000 jobs 200 MB more, and its bytes up to
+    ``max_job_bytes`` each on every node.
+    """
+
+    id: str
+    folder: Path  # where its file is now (queued/ or running/<node>/): one object for all
+    suffix: str  # its file's name is id + suffix; one object for all of a kind
+    spec: JobSpec | None
+    plugin: LoadedPlugin
+    data: dict[str, Any] | None
+    sidecar: Sidecar | None
+    submitted_ns: int
+    run: SupervisedRun | None = None
+    task: asyncio.Task | None = None
+    progress: tuple[float, str | None] | None = None  # latest report, not yet written
+    progress_pending: bool = False
+    progress_timer: asyncio.TimerHandle | None = None
+    last_write_s: float = 0.0
+    stop_requested: bool = False
+    fenced: bool = False  # another node took it over: its end here is never recorded
+    file_identity: int | None = None  # of the file read: a claim skips rereading
+    light: bool = False  # waiting with only what a claim needs (see wait_light)
+    ending: bool = False  # its run is over: no progress write may follow
+    final: Sidecar | None = None  # its final sidecar, written by the run's settling
+    settled: Verdict | None = None  # its end, settled on its plugin's thread
+    # Held while its end or a progress report is written: its plugin's thread may write its
+    # end while the loop writes progress. Made when it starts: a waiting job needs none.
+    end_lock: threading.Lock | None = None
+    holds_slot: bool = False  # counted against ``workers`` (see Scheduler.free_slot)
+
+    def wait_light(self) -> None:
+        """Keep only what a claim needs to make the rest again from the job's file."""
+        self.light = True
+        self.spec = self.data = self.sidecar = None
+
+    @property
+    def name(self) -> str:
+        return self.id + self.suffix
+
+    @property
+    def path(self) -> Path:
+        return self.folder / self.name
+
+    @path.setter
+    def path(self, path: Path) -> None:
+        self.folder, self.suffix = place(path)
+
+
+def first_sidecar(job_id: str, task: dict[str, Any] | None, node: str) -> Sidecar:
+    """A new run's queued sidecar, with the job as submitted."""
+    now = utc_now()
+    document = task or {}
+    return Sidecar(
+        id=job_id, state=JobState.QUEUED, created_at=now, updated_at=now,
+        task=task, node=node, pid=os.getpid(),
+        # Taken from the file even when it is invalid, where they are text.
+        **{key: value for key in ("name", "type")
+           if isinstance(value := document.get(key), str)})
+
+
+def final_sidecar(sidecar: Sidecar, state: JobState, error: KinodError | None,
+                  result: dict | None) -> Sidecar:
+    now = utc_now()
+    return sidecar.model_copy(update={
+        "state": state, "finished_at": now, "updated_at": now,
+        "progress": 100.0 if state is JobState.SUCCEEDED else sidecar.progress,
+        "result": result if state is JobState.SUCCEEDED else None,
+        "error": SidecarError(code=error.code, message=error.message) if error else None,
+    })
+
+
+def document_of(path: Path, suffix: str, max_bytes: int) -> dict[str, Any] | None:
+    """The document in a job file, for a sidecar's ``task``; None if it cannot be read now."""
+    try:
+        return parse_document(read_job_bytes(path, max_bytes)[0], suffix)
+    except (OSError, InvalidJob):
+        return None
+
+
+def file_identity(path: Path) -> int | None:
+    """Which file (and version) ``path`` is: a hash of its inode, mtime and size."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return hash((st.st_ino, st.st_mtime_ns, st.st_size))
+
+
+def mtime_ns(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
+def unlink(path: str | Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+# The folders job files are in (queued/, running/<node>/) and their suffixes, one object
+# each: a backlog of 100,000 jobs shares them.
+_folders: dict[str, Path] = {}
+_suffixes: dict[str, str] = {}
+
+
+def place(path: Path) -> tuple[Path, str]:
+    """A job file's folder and suffix (what follows its id: the last dot on)."""
+    folder, name = os.path.split(path)  # as text: Path.parent and .name cost more
+    suffix = "." + name.rpartition(".")[2]
+    shared = _folders.get(folder)
+    if shared is None:  # of the path's own class: equal to the spool's Paths, which made it
+        shared = _folders[folder] = path.parent
+    return shared, _suffixes.setdefault(suffix, suffix)

@@ -1,0 +1,142 @@
+"""Recovery: picking up jobs no run of this daemon took in. At start-up, what the last
+daemon on this node left in its running/; then, at every rescan, queued jobs other
+nodes took in, and files whose taking in a crash or a disk fault cut short."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from kinod.errors import DaemonCrashed
+from kinod.intake import InboxName
+from kinod.models import JobState, utc_now
+from kinod.stages.context import RETRY_S, Context
+from kinod.stages.job import file_identity, first_sidecar, mtime_ns
+
+
+class Recovery:
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+        # Queued files this node passed over (not for it): their mtime, to look again
+        # only once one changes.
+        self._passed_over: dict[Path, int | None] = {}
+
+    def recover(self) -> None:
+        """Pick up where the last daemon on this node left off, and take in what is queued."""
+        for path in self._ctx.spool.running_files():
+            self.guarded(self.recover_running, path)
+        self.adopt_queued()
+
+    def guarded(self, action: Callable[..., None], path: Path, *args: Any) -> None:
+        """One file that cannot be recovered is left where it is, and never stops the start."""
+        try:
+            action(path, *args)
+        except FileNotFoundError:
+            logger.debug("{}: taken by another node meanwhile", path)
+        except OSError as exc:  # a disk fault: the sweeps try again
+            logger.error("{}: cannot be taken up now: {}; trying again in {:g} s", path, exc,
+                         RETRY_S)
+            self._ctx.retry_soon()
+        except Exception:  # noqa: BLE001
+            logger.opt(exception=True).error("{}: could not be recovered; left in place", path)
+
+    def recover_running(self, path: Path) -> None:
+        """A file in this node's running/ whose daemon died (this node's last one, or another
+        node whose lease ran out): file it away if its run had ended, else queue it again.
+
+        A terminal sidecar beside it means the run ended and only the move to done/
+        was cut short, so it is filed away, never run again.
+        """
+        ctx = self._ctx
+        job_id = InboxName.of(path.name).job_id
+        sidecar = ctx.outbox.read(job_id)
+        if not os.path.lexists(path):
+            return  # another node took it over meanwhile
+        if sidecar is not None and sidecar.state.is_terminal:
+            ctx.ending.file_away(path, job_id)
+            return
+        if sidecar is None or sidecar.started_at is None:  # being taken in, or waiting
+            read = ctx.intake.read_held(path)
+            if sidecar is None or read.error is not None:
+                ctx.intake.take_in(path, job_id, read)  # its taking in was cut short
+            else:
+                ctx.intake.let_wait(path, job_id, read, sidecar)
+            return
+        crashes = ctx.spool.count(job_id, "crashes")
+        if crashes >= ctx.settings.max_crash_attempts:
+            ctx.ending.end(job_id, path, sidecar, JobState.FAILED, error=DaemonCrashed(
+                f"the daemon died {crashes} times while running this job"))
+            return
+        was = sidecar.node or "?"
+        queued = sidecar.model_copy(update={
+            "state": JobState.QUEUED, "updated_at": utc_now(),
+            "message": f"back in the queue: the daemon on {was} died while running it"})
+        ctx.outbox.publish(queued, sidecar)  # while this node still holds it
+        ctx.spool.requeue(path)
+        logger.bind(job_id=job_id).warning(
+            "job {} was running when the daemon on {} died; it runs again", job_id, was)
+
+    def recover_orphans(self) -> None:
+        """Files in this node's running/ that no job here stands for: their taking in or
+        requeueing was cut short by a disk fault. Done again."""
+        ctx = self._ctx
+        for name in ctx.spool.running_names():  # names: 100,000 waiting here cost no Paths
+            job_id = InboxName.of(name).job_id
+            job = ctx.scheduler.get(job_id)
+            if ((job is None or job.folder != ctx.spool.running)
+                    and not ctx.ending.is_unrecorded(job_id)
+                    and not ctx.ending.is_unfiled(job_id)):
+                self.guarded(self.recover_running, ctx.spool.running / name)
+
+    # --- queued jobs --------------------------------------------------------------------
+
+    def adopt_queued(self) -> None:
+        """Keep every queued job no job here stands for: taken in by another node, or by
+        this one before a disk fault or a restart."""
+        ctx = self._ctx
+        names, folder = ctx.spool.queued_names(), ctx.spool.queued
+        self._passed_over = {p: m for p, m in self._passed_over.items() if p.name in names}
+        for job in ctx.scheduler.jobs():  # queued here, claimed by another node since
+            if job.folder != folder or job.name in names:
+                continue
+            if not os.path.lexists(job.path):
+                ctx.ending.claimed_elsewhere(job)
+        for name in sorted(names):
+            job_id = InboxName.of(name).job_id
+            if job_id in ctx.scheduler:
+                continue
+            path = folder / name
+            if self._passed_over.get(path, 0) != mtime_ns(path):
+                self.guarded(self.adopt, path, job_id)
+
+    def on_queued(self, path: Path, job_id: str) -> None:
+        """Another node took a job in: keep it here too, to claim when a worker is free."""
+        if job_id not in self._ctx.scheduler and os.path.lexists(path):
+            self.guarded(self.adopt, path, job_id)
+            self._ctx.wake()
+
+    def adopt(self, path: Path, job_id: str) -> None:
+        ctx = self._ctx
+        identity = file_identity(path)  # before reading: a later change shows at the claim
+        read = ctx.intake.read(path)
+        if read is None:
+            return  # claimed by another node meanwhile
+        sidecar = ctx.outbox.read(job_id)
+        if read.error is not None or read.plugin is None or not ctx.serves(read.plugin.name):
+            self.pass_over(path, read.mtime_ns)  # not for this node: look again if changed
+            return
+        if sidecar is None:  # its first sidecar is being written, or a power cut lost it
+            sidecar = first_sidecar(job_id, read.document, ctx.node)
+        ctx.intake.admit(path, job_id, read, sidecar, identity)
+
+    def pass_over(self, path: Path, mtime: int | None) -> None:
+        """A queued job for other nodes: looked at again only once its file changes."""
+        self._passed_over[path] = mtime
+
+    def forget_passed_over(self) -> None:
+        """After a reload: this node may serve those plugins now."""
+        self._passed_over.clear()

@@ -1,0 +1,43 @@
+"""Stop requests: an ``inbox/<id>.stop`` file. A running job is asked to stop; a waiting
+one ends as stopped before it starts; a request for no job this node or another holds
+is removed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loguru import logger
+
+from kinod.errors import JobStopped
+from kinod.intake import inbox_has_job
+from kinod.models import JobState
+from kinod.stages.context import Context
+from kinod.stages.job import unlink
+
+
+class Stops:
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+
+    def on_stop_file(self, path: Path, job_id: str) -> None:
+        ctx = self._ctx
+        job = ctx.scheduler.get(job_id)
+        if job is None:
+            if inbox_has_job(ctx.settings.inbox, job_id) or ctx.spool.holds(job_id):
+                return  # not taken in yet, or another node's: acted on where it runs
+            logger.warning("{}: no queued or running job {}; stop request removed", path, job_id)
+            unlink(path)
+            return
+        if job.stop_requested:
+            return
+        if ctx.running.is_running(job_id):
+            ctx.running.stop(job)
+            return  # the .stop file goes once the job has ended
+        claimed = ctx.running.claim(job)  # so that no other node starts it meanwhile
+        if claimed is None:
+            ctx.ending.claimed_elsewhere(job)  # its node acts on the .stop
+            return
+        job.path = claimed
+        ctx.scheduler.unqueue(job_id)
+        ctx.ending.end(job_id, claimed, ctx.ending.sidecar_of(job), JobState.STOPPED,
+                       error=JobStopped("stopped on request before it started"))
