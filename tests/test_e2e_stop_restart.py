@@ -72,6 +72,25 @@ def test_stop_on_a_queued_job_means_it_never_starts(
     assert daemon.stop() == 0
 
 
+def test_a_stop_file_with_its_suffix_in_capitals_is_acted_on_and_removed(
+        kinod_root: Path, start_daemon: Callable[..., DaemonProcess]) -> None:
+    # Rescans far apart: what is left in the inbox is left by the stop's own handling.
+    daemon = start_daemon(workers=1, rescan_interval_s=300)
+    gate = kinod_root / "gate"
+    daemon.drop("occupier.yaml", scripted(steps=0, gate=str(gate)))
+    daemon.wait_state("occupier", "running")
+    daemon.drop("victim.yaml", scripted(steps=1))
+    daemon.wait_state("victim", "queued")
+    (daemon.inbox / "victim.STOP").touch()
+    (daemon.inbox / "occupier.Stop").touch()
+    assert wait_end(daemon, "victim", timeout_s=10)["state"] == "stopped"
+    assert wait_end(daemon, "occupier", timeout_s=10)["state"] == "stopped"
+    wait_for(lambda: job_files_in_inbox(daemon) == [], 5,
+             what="both stop files to be removed with their jobs' ends")
+    assert "no queued or running job" not in daemon.log()
+    assert daemon.stop() == 0
+
+
 def test_stop_reaches_jobs_that_are_waiting_or_still_being_written(
         start_daemon: Callable[..., DaemonProcess]) -> None:
     daemon = start_daemon(settle_s=1.0)

@@ -291,7 +291,8 @@ class Intake:
         except FileNotFoundError:
             return
         state = ("running" if ctx.running.is_running(job_id)
-                 else "ending" if ctx.ending.is_unfiled(job_id) else "queued")
+                 else "ending" if ctx.ending.is_unfiled(job_id)
+                 else "queued" if job_id in ctx.scheduler else "active on another node")
         logger.bind(job_id=job_id).warning(
             "{}: job {} is still {}; this resubmission was set aside as {}", path, job_id, state,
             moved)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from loguru import logger
 
+from kinod.atomic_files import rename_noreplace
 from kinod.errors import JobStopped
 from kinod.intake import inbox_has_job
 from kinod.models import JobState
@@ -21,6 +22,9 @@ class Stops:
 
     def on_stop_file(self, path: Path, job_id: str) -> None:
         ctx = self._ctx
+        path = _named_as_looked_for(path, job_id)
+        if path is None:
+            return  # another node renamed it first: it acts on it
         job = ctx.scheduler.get(job_id)
         if job is None:
             if inbox_has_job(ctx.settings.inbox, job_id) or ctx.spool.holds(job_id):
@@ -41,3 +45,18 @@ class Stops:
         ctx.scheduler.unqueue(job_id)
         ctx.ending.end(job_id, claimed, ctx.ending.sidecar_of(job), JobState.STOPPED,
                        error=JobStopped("stopped on request before it started"))
+
+
+def _named_as_looked_for(path: Path, job_id: str) -> Path | None:
+    """``<id>.STOP`` (the suffix in any case) renamed ``<id>.stop``, the one name the other
+    stages look for and remove when the job ends. None if it is gone meanwhile."""
+    if path.name.endswith(".stop"):
+        return path
+    canonical = path.with_name(f"{job_id}.stop")
+    try:
+        rename_noreplace(path, canonical)
+    except FileExistsError:  # asked twice: the one already there stands
+        unlink(path)
+    except FileNotFoundError:
+        return None
+    return canonical
