@@ -54,6 +54,16 @@ def test_a_stop_for_a_running_job_reaches_its_run(tmp_path: Path) -> None:
     assert stop.exists() and rig.ending.calls == []  # removed once the job has ended
 
 
+def test_a_stop_file_in_capitals_is_renamed_stop_before_it_is_acted_on(tmp_path: Path) -> None:
+    rig, stops, stop = stops_rig(tmp_path)
+    stop.rename(upper := rig.inbox / "j.STOP")
+    job = waiting_job(rig)
+    rig.running.running["j"] = job
+    stops.on_stop_file(upper, "j")
+    assert stop.exists() and not upper.exists()  # the one name the ending stage removes
+    assert rig.running.called("stop") == [(job,)]
+
+
 def test_a_stop_for_a_job_already_stopping_is_not_passed_on_again(tmp_path: Path) -> None:
     rig, stops, stop = stops_rig(tmp_path)
     job = waiting_job(rig)
