@@ -99,11 +99,6 @@ def test_a_disk_fault_at_start_requeues_the_job_and_holds_starts_until_resume(
     assert started(rig) == ["full", "full", "later"]
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "dispatch re-queues a job whose start raised OSError with enqueue(), which reads "
-    "job.spec.priority; a job admitted to the queue waits light (spec None), so a disk "
-    "fault at its claim (spool.claim raising e.g. EROFS) raises AttributeError out of "
-    "dispatch instead of waiting for the retry"))
 def test_a_disk_fault_at_the_claim_of_a_light_job_requeues_it(tmp_path: Path) -> None:
     rig, scheduler = scheduler_rig(tmp_path, workers=1)
     scheduler.admit(bare_job(rig.ctx, "light"))  # waits light, as every queued job does

@@ -47,6 +47,7 @@ class Job:
     fenced: bool = False  # another node took it over: its end here is never recorded
     file_identity: int | None = None  # of the file read: a claim skips rereading
     light: bool = False  # waiting with only what a claim needs (see wait_light)
+    priority: int = 0  # kept while it waits light: a claim the disk refused queues it again
     ending: bool = False  # its run is over: no progress write may follow
     final: Sidecar | None = None  # its final sidecar, written by the run's settling
     settled: Verdict | None = None  # its end, settled on its plugin's thread
@@ -58,6 +59,7 @@ class Job:
     def wait_light(self) -> None:
         """Keep only what a claim needs to make the rest again from the job's file."""
         self.light = True
+        self.priority = self.spec.priority
         self.spec = self.data = self.sidecar = None
 
     @property

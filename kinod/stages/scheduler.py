@@ -87,7 +87,8 @@ class Scheduler:
             job.wait_light()
 
     def enqueue(self, job: Job) -> None:
-        self._queue.push(job.id, job.plugin.name, job.spec.priority, job.submitted_ns)
+        priority = job.priority if job.spec is None else job.spec.priority
+        self._queue.push(job.id, job.plugin.name, priority, job.submitted_ns)
         self._ctx.wake()
 
     async def _release(self, job_id: str) -> None:
