@@ -98,11 +98,6 @@ def test_a_stop_for_a_waiting_job_another_node_claimed_is_left_to_that_node(
     assert stop.exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Stops does not ask ending.is_unrecorded: a job whose run has ended but whose end the "
-    "disk refused a moment ago is still held and no longer running, so a .stop claims it "
-    "and ends it STOPPED; the ending stage's retry then records its real end over that "
-    "(fleet.release_waiting and recovery.recover_orphans both leave such a job alone)"))
 def test_a_stop_for_a_job_whose_end_is_not_yet_recorded_leaves_that_end_alone(
         tmp_path: Path) -> None:
     rig, stops, stop = stops_rig(tmp_path)

@@ -32,8 +32,8 @@ class Stops:
             logger.warning("{}: no queued or running job {}; stop request removed", path, job_id)
             unlink(path)
             return
-        if job.stop_requested:
-            return
+        if job.stop_requested or ctx.ending.is_unrecorded(job_id):
+            return  # asked already; or its run ended, and that end removes the .stop
         if ctx.running.is_running(job_id):
             ctx.running.stop(job)
             return  # the .stop file goes once the job has ended
