@@ -147,11 +147,6 @@ def test_record_of_a_stopping_daemons_job_puts_it_back_in_the_queue(tmp_path: Pa
     assert rig.scheduler.called("enqueue") == []  # the next start takes it up
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "when the disk refuses the queued sidecar of a job going back to the queue, "
-    "_record_end has already replaced job.sidecar with it, so the retry publishes it with "
-    "a queued 'previous' and the running -> queued change is never logged (the README: "
-    "every change of state goes through Outbox.publish, and is logged once)"))
 def test_a_requeue_the_disk_refused_at_first_is_logged_once_recorded(tmp_path: Path) -> None:
     rig, ending = ending_rig(tmp_path)
     job = running_job(rig, "flaky")

@@ -93,23 +93,26 @@ class Ending:
             return
         sidecar = job.sidecar.with_progress(job.progress)  # the last report may be unwritten
         if verdict.state is None:  # the daemon is stopping: back to the queue for next time
-            job.sidecar = sidecar.model_copy(update={
-                "state": JobState.QUEUED, "updated_at": utc_now(),
-                "message": f"back in the queue: the daemon on {ctx.node} stopped"})
-            ctx.outbox.publish(job.sidecar, sidecar)
+            self._back_in_queue(job, sidecar, f"back in the queue: the daemon on {ctx.node} "
+                                              "stopped")
             ctx.spool.requeue(job.path)
             ctx.scheduler.remove(job.id)
         elif again:
-            job.sidecar = sidecar.model_copy(update={
-                "state": JobState.QUEUED, "updated_at": utc_now(),
-                "message": f"attempt {sidecar.attempt} failed ({verdict.error.message}); "
-                           "it runs again"})
-            ctx.outbox.publish(job.sidecar, sidecar)
+            self._back_in_queue(job, sidecar, f"attempt {sidecar.attempt} failed "
+                                              f"({verdict.error.message}); it runs again")
             job.path = ctx.spool.requeue(job.path)
             ctx.scheduler.enqueue(job)
         else:
             self.end(job.id, job.path, sidecar, verdict.state, error=verdict.error,
                      result=verdict.result, written=job.final)
+
+    def _back_in_queue(self, job: Job, sidecar: Sidecar, message: str) -> None:
+        """Its queued sidecar, kept as the job's once on disk: were the disk to refuse it,
+        the next try must still log the change from the state it had."""
+        queued = sidecar.model_copy(update={
+            "state": JobState.QUEUED, "updated_at": utc_now(), "message": message})
+        self._ctx.outbox.publish(queued, sidecar)
+        job.sidecar = queued
 
     # --- the one way a job ends -----------------------------------------------------------
 
