@@ -67,12 +67,6 @@ def test_a_job_that_was_running_is_requeued_and_counted_as_a_crash(tmp_path: Pat
     assert rig.ending.calls == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "recover_running tells a job that never began from one that ran by started_at, not by "
-    "its state: a job back in the queue after an earlier attempt (started_at kept) that "
-    "was claimed into running/ when the daemon died, before its running sidecar, is "
-    "counted as a crash and requeued as 'died while running it' (max_crash_attempts: the "
-    "daemon died while running it)"))
 def test_a_claimed_job_that_had_not_begun_again_is_no_crash(tmp_path: Path) -> None:
     rig, recovery = recovery_rig(tmp_path)
     path = write_job(rig.spool.running, "again")
@@ -140,10 +134,6 @@ def test_adopt_queued_passes_over_unserved_plugins_until_their_file_changes(
     assert len(rig.intake.called("read")) == 3
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a queued file refused before it is read (over max_job_bytes, a link) is passed over "
-    "with mtime 0 (ReadJob.mtime_ns), which never equals its mtime, so it is read again "
-    "at every rescan instead of 'only once its file changes' (Recovery.pass_over)"))
 def test_a_queued_file_too_big_for_this_node_is_passed_over_until_it_changes(
         tmp_path: Path) -> None:
     rig, recovery = recovery_rig(tmp_path, max_job_bytes=10)

@@ -59,7 +59,9 @@ class Recovery:
         if sidecar is not None and sidecar.state.is_terminal:
             ctx.ending.file_away(path, job_id)
             return
-        if sidecar is None or sidecar.started_at is None:  # being taken in, or waiting
+        # Being taken in, or waiting (the running sidecar is written before a run begins:
+        # a queued one, even after an earlier attempt, means this attempt never began).
+        if sidecar is None or sidecar.state is JobState.QUEUED:
             read = ctx.intake.read_held(path)
             if sidecar is None or read.error is not None:
                 ctx.intake.take_in(path, job_id, read)  # its taking in was cut short
@@ -127,7 +129,9 @@ class Recovery:
             return  # claimed by another node meanwhile
         sidecar = ctx.outbox.read(job_id)
         if read.error is not None or read.plugin is None or not ctx.serves(read.plugin.name):
-            self.pass_over(path, read.mtime_ns)  # not for this node: look again if changed
+            # Not for this node: looked at again once it changes. A file refused before it
+            # was read (too big, a link) has no mtime read: take it from the file.
+            self.pass_over(path, read.mtime_ns or mtime_ns(path))
             return
         if sidecar is None:  # its first sidecar is being written, or a power cut lost it
             sidecar = first_sidecar(job_id, read.document, ctx.node)
