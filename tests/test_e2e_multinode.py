@@ -1,13 +1,16 @@
 """End to end: several daemons, each its own node, on one shared folder.
 
 Every job must run exactly once (counted by the plugin's own runs, not only by
-sidecars), spread over the nodes; a node killed mid-run has its jobs finished by
-the others once its lease runs out; a node paused past its lease and resumed
-clobbers nothing.
+sidecars), spread over the nodes, and a sidecar that says a job ended is never followed by
+another state; a node killed mid-run has its jobs finished by the others once its lease
+runs out; a node paused past its lease and resumed clobbers nothing. Job files end in
+.yaml, .YAML, .yml, .Yml, .json and .JSON, as users write them; files move by renameat2, or
+(KINOD_PORTABLE_RENAME=1, as on NFS, CephFS and FUSE) by a link and an unlink.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections import Counter
@@ -16,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from kinod.config import ENV_NOT_SETTINGS
 from tests.helpers import (
     TERMINAL,
     WORKING_PLUGINS,
@@ -24,6 +29,7 @@ from tests.helpers import (
     drop_job,
     executions,
     kinod_cli,
+    read_sidecar,
     run_starts,
     runs_log,
     scripted,
@@ -40,14 +46,14 @@ def nodes(kinod_root: Path) -> Iterator[Callable[..., DaemonProcess]]:
     """Start a daemon as node ``name`` on the shared folder, with its own settings file."""
     started: list[DaemonProcess] = []
 
-    def start(name: str, **settings: Any) -> DaemonProcess:
+    def start(name: str, env: dict[str, str] | None = None, **settings: Any) -> DaemonProcess:
         settings.setdefault("plugin_dirs", [str(WORKING_PLUGINS)])
         settings.setdefault("stop_grace", 2)
         folder = kinod_root / f"node-{name}"
         folder.mkdir(exist_ok=True)
         config = write_config(folder, node=name, inbox="../inbox", outbox="../outbox",
                               frames="../data/frames", models="../models_storage", **settings)
-        daemon = DaemonProcess(kinod_root, config)
+        daemon = DaemonProcess(kinod_root, config, env)
         daemon.log_path = folder / f"daemon{len(started)}.log"
         started.append(daemon)
         return daemon.start()
@@ -59,31 +65,84 @@ def nodes(kinod_root: Path) -> Iterator[Callable[..., DaemonProcess]]:
             daemon.kill()
 
 
-def assert_ended_once(daemon: DaemonProcess, job_id: str) -> dict[str, Any]:
+# As users write them; the spool keeps each in lower case.
+SUFFIXES = (".yaml", ".YAML", ".yml", ".json", ".Yml", ".JSON")
+
+
+def drop_as(inbox: Path, job_id: str, body: dict[str, Any], n: int) -> str:
+    """Drop the job under the n-th of SUFFIXES; the suffix its file keeps in the spool."""
+    suffix = SUFFIXES[n % len(SUFFIXES)]
+    text = json.dumps(body) if suffix.lower() == ".json" else yaml.safe_dump(body)
+    drop_job(inbox, job_id + suffix, text)
+    return suffix.lower()
+
+
+class OutboxWatch:
+    """Every job's sidecar, read again and again while the jobs run, as a pipeline polling
+    the outbox would; each job's states in the order seen."""
+
+    def __init__(self, outbox: Path, ids: list[str]) -> None:
+        self.outbox = outbox
+        self.seen: dict[str, list[tuple[str, str | None]]] = {job_id: [] for job_id in ids}
+
+    def look(self) -> bool:
+        """One read of every sidecar; True once every job has ended."""
+        ended = 0
+        for job_id, states in self.seen.items():
+            sidecar = read_sidecar(self.outbox, job_id)
+            if sidecar is None:
+                continue
+            state = (sidecar["state"], sidecar["finished_at"])
+            if not states or states[-1] != state:
+                states.append(state)
+            ended += state[0] in TERMINAL
+        return ended == len(self.seen)
+
+    def wait_all_ended(self, timeout_s: float) -> None:
+        wait_for(self.look, timeout_s, interval_s=0.05, what="every job to end")
+
+    def changed_after_their_end(self) -> dict[str, list[tuple[str, str | None]]]:
+        """The jobs whose sidecar said something else after it said the job ended."""
+        return {job_id: states for job_id, states in self.seen.items()
+                if any(state in TERMINAL for state, _ in states[:-1])}
+
+
+def assert_ended_once(daemon: DaemonProcess, job_id: str, suffix: str = ".yaml"
+                      ) -> dict[str, Any]:
     """One terminal sidecar, one file in done/, and no run began after the job ended."""
     sidecar = daemon.sidecar(job_id)
     assert sidecar is not None and sidecar["state"] in TERMINAL, sidecar
-    assert spool_files(daemon, "done", job_id) == ["1.yaml"], job_id
+    assert spool_files(daemon, "done", job_id) == [f"1{suffix}"], job_id
     began = run_starts(daemon.frames, job_id)
     assert began and max(began) < when(sidecar["finished_at"]).timestamp(), (job_id, began)
     return sidecar
 
 
+PORTABLE = pytest.param(True, id="portable", marks=pytest.mark.skipif(
+    "KINOD_PORTABLE_RENAME" not in ENV_NOT_SETTINGS,
+    reason="the daemon takes KINOD_PORTABLE_RENAME for a setting it does not know"))
+
+
+@pytest.mark.parametrize("portable", [pytest.param(False, id="renameat2"), PORTABLE])
 def test_three_nodes_run_a_thousand_jobs_each_exactly_once(
-        kinod_root: Path, nodes: Callable[..., DaemonProcess]) -> None:
+        kinod_root: Path, nodes: Callable[..., DaemonProcess], portable: bool) -> None:
     inbox = kinod_root / "inbox"
+    env = {"KINOD_PORTABLE_RENAME": "1"} if portable else {}
     ids = [f"j{i:04d}" for i in range(1000)]
-    for job_id in ids[:400]:  # waiting before any node starts: all three race for them
-        drop_job(inbox, f"{job_id}.yaml", scripted(steps=0))
-    daemons = [nodes(name, workers=4) for name in ("a", "b", "c")]
-    for job_id in ids[400:]:
-        drop_job(inbox, f"{job_id}.yaml", scripted(steps=0))
+    suffixes: dict[str, str] = {}
+    for n, job_id in enumerate(ids[:400]):  # waiting before any node starts: all race for them
+        suffixes[job_id] = drop_as(inbox, job_id, scripted(steps=0), n)
+    daemons = [nodes(name, env=env, workers=4) for name in ("a", "b", "c")]
+    watch = OutboxWatch(kinod_root / "outbox", ids)
+    for n, job_id in enumerate(ids[400:], start=400):
+        suffixes[job_id] = drop_as(inbox, job_id, scripted(steps=0), n)
+        if n % 50 == 0:
+            watch.look()
     first = daemons[0]
-    for job_id in ids:
-        wait_end(first, job_id, timeout_s=120)
+    watch.wait_all_ended(120)
     ran_on: Counter[str] = Counter()
     for job_id in ids:
-        sidecar = assert_ended_once(first, job_id)
+        sidecar = assert_ended_once(first, job_id, suffixes[job_id])
         assert sidecar["state"] == "succeeded", sidecar
         assert executions(first, job_id) == 1, job_id
         assert sidecar["result"]["executions"] == 1
@@ -99,6 +158,8 @@ def test_three_nodes_run_a_thousand_jobs_each_exactly_once(
     assert sorted((row[0], row[1]) for row in rows) == [("a", "up"), ("b", "up"), ("c", "up")]
     for daemon in daemons:
         assert daemon.stop() == 0
+    watch.look()
+    assert watch.changed_after_their_end() == {}
 
 
 def completed_runs(daemon: DaemonProcess, job_id: str) -> int:
@@ -114,24 +175,25 @@ def test_a_killed_nodes_jobs_finish_on_the_others_after_its_lease(
     gate = kinod_root / "gate"
     doomed = nodes("doomed", workers=4, lease=lease)
     held = [f"held{i}" for i in range(3)]  # running on the doomed node when it is killed
-    for job_id in held:
-        drop_job(inbox, f"{job_id}.yaml", scripted(steps=0, gate=str(gate)))
+    suffixes: dict[str, str] = {}
+    for n, job_id in enumerate(held, start=1):
+        suffixes[job_id] = drop_as(inbox, job_id, scripted(steps=0, gate=str(gate)), n)
     for job_id in held:
         wait_for(lambda j=job_id: executions(doomed, j) == 1, 15, what=f"{job_id} to start")
     survivors = [nodes(name, workers=4, lease=lease) for name in ("b", "c")]
     ids = [f"k{i:04d}" for i in range(1000)]
-    for job_id in ids:
-        drop_job(inbox, f"{job_id}.yaml", scripted(steps=1, step_s=0.01))
+    for n, job_id in enumerate(ids):
+        suffixes[job_id] = drop_as(inbox, job_id, scripted(steps=1, step_s=0.01), n)
+    watch = OutboxWatch(kinod_root / "outbox", held + ids)
     wait_for(lambda: sum(1 for j in ids[:300] if survivors[0].sidecar(j) and
                          survivors[0].sidecar(j)["state"] == "succeeded") >= 100, 60,
              what="work under way on every node")
     doomed.kill()
     gate.touch()
-    for job_id in held + ids:
-        wait_end(survivors[0], job_id, timeout_s=120)
+    watch.wait_all_ended(120)  # while the others take the doomed node's jobs back
     taken_back = 0
     for job_id in held + ids:
-        sidecar = assert_ended_once(doomed, job_id)
+        sidecar = assert_ended_once(doomed, job_id, suffixes[job_id])
         assert sidecar["state"] == "succeeded", sidecar
         # The run recorded is the last one to begin: nothing ran after the job ended.
         assert sidecar["result"]["executions"] == executions(doomed, job_id), job_id
@@ -151,6 +213,8 @@ def test_a_killed_nodes_jobs_finish_on_the_others_after_its_lease(
     assert "node doomed lost its lease" in log
     for daemon in survivors:
         assert daemon.stop() == 0
+    watch.look()
+    assert watch.changed_after_their_end() == {}
 
 
 def start_alone_with_a_backlog(kinod_root: Path, nodes: Callable[..., DaemonProcess],
@@ -247,9 +311,9 @@ def test_a_node_only_claims_jobs_of_the_plugins_it_serves(
     cpu = nodes("cpu", serves=["example"])
     gpu = nodes("gpu", serves=["scripted"])
     for i in range(10):
-        drop_job(kinod_root / "inbox", f"s{i}.yaml", scripted(steps=0))
-        drop_job(kinod_root / "inbox", f"e{i}.yaml",
-                 {"type": "example", "data": {"prompt": "p", "steps": 1}})
+        drop_as(kinod_root / "inbox", f"s{i}", scripted(steps=0), i)
+        drop_as(kinod_root / "inbox", f"e{i}", {"type": "example",
+                                                "data": {"prompt": "p", "steps": 1}}, i + 3)
     for i in range(10):
         assert wait_end(cpu, f"s{i}")["node"] == "gpu"
         assert wait_end(cpu, f"e{i}")["node"] == "cpu"
