@@ -129,8 +129,10 @@ def add_job_log_sink(outbox: Path) -> int:
     def sink(message) -> None:
         append_job_line(outbox / f"{message.record['extra']['job_id']}.log", message)
 
+    # diagnose=False: a plugin's traceback must not print its local variables (tokens,
+    # passwords, job data) into a file everyone who submits jobs can read.
     return logger.add(sink, level="DEBUG", format=JOB_LINE_FORMAT,
-                      filter=_for_job_log, catch=True)
+                      filter=_for_job_log, catch=True, diagnose=False)
 
 
 def _for_job_log(record) -> bool:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 from loguru import logger
 
-from kinod.logs import TEXT_FORMAT, escape_controls
+from kinod.logs import TEXT_FORMAT, add_job_log_sink, escape_controls
 
 
 def test_control_characters_in_a_message_are_escaped() -> None:
@@ -29,3 +30,23 @@ def test_plain_text_and_unicode_pass_unchanged() -> None:
     record = {"message": "job ünï-ß 日本 ended: ok"}
     escape_controls(record)
     assert record["message"] == "job ünï-ß 日本 ended: ok"
+
+
+def _plugin_call(token: str) -> None:
+    raise RuntimeError(f"the server refused a token of {len(token)} characters")
+
+
+def test_a_traceback_in_a_jobs_log_never_shows_local_values(tmp_path: Path) -> None:
+    sink = add_job_log_sink(tmp_path)
+    try:
+        token = "s3cr3t-TOKEN"  # a plugin's credential, in the failing frame and the caller's
+        try:
+            _plugin_call(token)
+        except RuntimeError:
+            logger.bind(job_id="j1").exception("job j1: the plugin raised")
+    finally:
+        logger.remove(sink)
+    log = (tmp_path / "j1.log").read_text()
+    assert "job j1: the plugin raised" in log
+    assert "RuntimeError: the server refused a token of 12 characters" in log  # still there
+    assert "s3cr3t-TOKEN" not in log
