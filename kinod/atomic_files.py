@@ -20,16 +20,8 @@ _renameat2 = (None if os.environ.get("KINOD_PORTABLE_RENAME") == "1"
 # How long a process may take between the link and the unlink of a portable move: another
 # that finds the link waits this long for it before it calls the move abandoned.
 MOVER_GRACE_S = 1.0
-# The writer's pid names its temporary files; kept, not asked for at every write.
-_pid = os.getpid()
-
-
-def _forked() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=_forked)
+# A temporary file is always a new one: never an existing file, nor a link's target.
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def atomic_write(path: str | Path, data: bytes, *, durable: bool = False) -> None:
@@ -39,8 +31,7 @@ def atomic_write(path: str | Path, data: bytes, *, durable: bool = False) -> Non
     content survives a power cut (not only a crash of this process).
     """
     folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.{_pid}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    fd, tmp = _new_temporary(folder, name)
     try:
         view = memoryview(data)
         while view:
@@ -59,6 +50,19 @@ def atomic_write(path: str | Path, data: bytes, *, durable: bool = False) -> Non
         raise
     if durable:
         fsync_dir(folder)
+
+
+def _new_temporary(folder: str, name: str) -> tuple[int, str]:
+    """A new hidden file beside ``name`` (readers skip dot-names), under a name nobody can
+    guess: others who may write the folder cannot plant a link there for us to write
+    through. Not tempfile.mkstemp: its files are 0600, and ours are 0644 less the umask."""
+    for _ in range(100):
+        tmp = os.path.join(folder, f".{name}.{os.urandom(8).hex()}.tmp")
+        try:
+            return os.open(tmp, _NEW_FILE, 0o644), tmp
+        except FileExistsError:
+            continue  # planted, or a chance in 2**64: another name
+    raise FileExistsError(errno.EEXIST, "no free temporary name", folder)
 
 
 def read_whole(path: str | Path) -> bytes:

@@ -110,10 +110,15 @@ def _utc_stamp() -> str:
     return f"{_last_second[1]}.{int((now - second) * 1000):03d}Z"
 
 
+# One O_APPEND write per line: no buffered file object to build for each line, and lines
+# from several threads never interleave. The outbox may be writable by others: a link
+# planted as a job's log is never written through (ELOOP), nor does a FIFO block (ENXIO).
+_JOB_LOG_FLAGS = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                  | os.O_CLOEXEC)
+
+
 def append_job_line(path: str | Path, line: str) -> None:
-    # One O_APPEND write per line: no buffered file object to build for each line, and
-    # lines from several threads never interleave.
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, _JOB_LOG_FLAGS, 0o644)
     try:
         os.write(fd, line.encode("utf-8", "backslashreplace"))
     finally:

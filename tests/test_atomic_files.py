@@ -122,6 +122,67 @@ def test_failed_rename_removes_the_temporary(fs) -> None:
     assert target.is_dir()
 
 
+def test_atomic_write_never_writes_through_a_link_planted_at_a_temporary_name(
+        tmp_path: Path) -> None:
+    """A shared outbox: anyone who may write there plants links at the names a writer
+    would use for its temporary file (its pid made them guessable)."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    for pid in {os.getpid(), atomic_files.__dict__.get("_pid", 0)}:
+        os.symlink(victim, outbox / f".a.json.{pid}.tmp")
+    atomic_write(outbox / "a.json", b"new")
+    assert victim.read_text() == "precious"
+    assert not os.path.islink(outbox / "a.json")
+    assert (outbox / "a.json").read_bytes() == b"new"
+
+
+TOKEN_BYTES = 8  # atomic_write's temporary names carry 8 random bytes
+
+
+def test_atomic_write_takes_a_new_hidden_name_where_one_is_taken(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    guessed, fresh = b"\x01" * 16, b"\x02" * 16
+    tokens = iter([guessed, fresh])
+    monkeypatch.setattr(atomic_files.os, "urandom", lambda n: next(tokens)[:n])
+    taken = tmp_path / f".a.json.{guessed[:TOKEN_BYTES].hex()}.tmp"
+    os.symlink(victim, taken)
+    names: list[str] = []
+    real_replace = os.replace
+
+    def recording_replace(src, dst) -> None:
+        names.append(os.path.basename(src))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic_files.os, "replace", recording_replace)
+    atomic_write(tmp_path / "a.json", b"new")
+    monkeypatch.undo()
+    assert names == [f".a.json.{fresh[:TOKEN_BYTES].hex()}.tmp"]
+    assert victim.read_text() == "precious" and os.path.islink(taken)
+    assert (tmp_path / "a.json").read_bytes() == b"new"
+
+
+def test_atomic_write_uses_a_new_temporary_name_each_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    names: list[str] = []
+    real_replace = os.replace
+
+    def recording_replace(src, dst) -> None:
+        names.append(os.path.basename(src))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic_files.os, "replace", recording_replace)
+    for _ in range(3):
+        atomic_write(tmp_path / "a.json", b"{}")
+    monkeypatch.undo()
+    assert len(set(names)) == 3, names
+    assert all(name.startswith(".a.json.") and name.endswith(".tmp") for name in names), names
+    assert str(os.getpid()) not in "".join(names)
+
+
 @pytest.fixture
 def fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Records every os.fsync as "file" or "dir", on the real file system."""

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import errno
 import io
+import os
+import threading
 from pathlib import Path
 
+import pytest
 from loguru import logger
 
-from kinod.logs import TEXT_FORMAT, add_job_log_sink, escape_controls
+from kinod.logs import (
+    TEXT_FORMAT,
+    add_job_log_sink,
+    append_job_line,
+    escape_controls,
+    log_job_event,
+)
 
 
 def test_control_characters_in_a_message_are_escaped() -> None:
@@ -50,3 +60,36 @@ def test_a_traceback_in_a_jobs_log_never_shows_local_values(tmp_path: Path) -> N
     assert "job j1: the plugin raised" in log
     assert "RuntimeError: the server refused a token of 12 characters" in log  # still there
     assert "s3cr3t-TOKEN" not in log
+
+
+def test_a_link_planted_as_a_jobs_log_is_never_written_through(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    os.symlink(victim, outbox / "j1.log")
+    with pytest.raises(OSError) as info:
+        append_job_line(outbox / "j1.log", "a line\n")
+    assert info.value.errno == errno.ELOOP
+    log_job_event(outbox, "j1", "INFO", "job j1 queued")  # the line is lost, nothing raised
+    assert victim.read_text() == "precious\n"
+    assert os.readlink(outbox / "j1.log") == str(victim)
+
+
+def test_a_fifo_planted_as_a_jobs_log_never_blocks_the_writer(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "j1.log")
+    writer = threading.Thread(target=log_job_event, args=(tmp_path, "j1", "INFO", "queued"),
+                              name="log-writer")
+    writer.start()
+    writer.join(5)
+    blocked = writer.is_alive()
+    if blocked:  # let it go: a reader opens the FIFO
+        os.close(os.open(tmp_path / "j1.log", os.O_RDONLY | os.O_NONBLOCK))
+        writer.join(5)
+    assert not blocked
+
+
+def test_a_jobs_log_is_appended_to_line_by_line(tmp_path: Path) -> None:
+    append_job_line(tmp_path / "j1.log", "one\n")
+    append_job_line(tmp_path / "j1.log", "two\n")
+    assert (tmp_path / "j1.log").read_text() == "one\ntwo\n"
