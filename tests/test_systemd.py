@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -299,3 +300,64 @@ def test_units_ask_for_what_kinod_does(unit: str) -> None:
     if unit == "kinod@.service":
         assert "Environment=CUDA_VISIBLE_DEVICES=%i" in text
         assert "Environment=KINOD_NODE=%H-gpu%i" in text
+
+
+# --- folders and permissions ------------------------------------------------------------------
+# The kinod group are the people who submit jobs. Whoever can write config.yaml or a plugin
+# folder runs code as kinod (plugin_dirs); whoever can write the spool's state (inbox/.kinod)
+# forges any job's. The group may write the inbox alone, sticky so that only kinod renames or
+# deletes what is in it (.kinod, or the jobs others dropped).
+
+TMPFILES = UNITS / "kinod.tmpfiles.conf"
+INBOX = "/srv/kinod/inbox"
+
+
+def tmpfiles_modes() -> dict[str, int]:
+    """kinod.tmpfiles.conf: each path's mode."""
+    modes = {}
+    for line in TMPFILES.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            _, path, mode, *_ = line.split()
+            modes[path] = int(mode.lstrip("~"), 8)
+    return modes
+
+
+def test_only_the_inbox_is_writable_by_those_who_submit_jobs() -> None:
+    modes = tmpfiles_modes()
+    assert {"/srv/kinod", INBOX, "/srv/kinod/outbox", "/srv/kinod/data/frames",
+            "/srv/kinod/models_storage", "/srv/kinod/config.yaml"} <= set(modes), modes
+    inbox = modes.pop(INBOX)
+    assert inbox & stat.S_IWGRP and inbox & stat.S_ISGID, oct(inbox)  # drops keep the group
+    assert inbox & stat.S_ISVTX, oct(inbox)  # sticky: .kinod and others' files stay put
+    assert not inbox & stat.S_IWOTH, oct(inbox)
+    for path, mode in modes.items():
+        assert not mode & (stat.S_IWGRP | stat.S_IWOTH), (path, oct(mode))
+
+
+@pytest.mark.parametrize("unit", ["kinod.service", "kinod@.service"])
+def test_what_the_daemon_makes_the_kinod_group_cannot_write(unit: str) -> None:
+    """inbox/.kinod and its folders, sidecars, frames: made under the unit's umask."""
+    umasks = [line.split("=", 1)[1] for line in (UNITS / unit).read_text().splitlines()
+              if line.startswith("UMask=")]
+    assert len(umasks) == 1, umasks
+    assert int(umasks[0], 8) & 0o022 == 0o022, umasks
+
+
+@pytest.mark.skipif(shutil.which("systemd-tmpfiles") is None or os.geteuid() != 0,
+                    reason="needs systemd-tmpfiles, and root to give files to kinod")
+def test_systemd_tmpfiles_sets_these_modes_on_new_and_old_installs(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "passwd").write_text("kinod:x:990:990::/srv/kinod:/usr/sbin/nologin\n")
+    (tmp_path / "etc" / "group").write_text("kinod:x:990:\n")
+    root = tmp_path / "srv" / "kinod"
+    (root / "outbox").mkdir(parents=True)  # as an older install left them: group-writable
+    (root / "config.yaml").write_text("workers: 1\n")
+    for path, mode in ((root, 0o2775), (root / "outbox", 0o2775), (root / "config.yaml", 0o664)):
+        os.chmod(path, mode)
+        os.chown(path, 990, 990)  # the install gives it all to kinod
+    result = subprocess.run(["systemd-tmpfiles", "--create", f"--root={tmp_path}", str(TMPFILES)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    for path, mode in tmpfiles_modes().items():
+        st = os.lstat(tmp_path / path.lstrip("/"))
+        assert (stat.S_IMODE(st.st_mode), st.st_uid) == (mode, 990), path
