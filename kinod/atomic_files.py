@@ -108,9 +108,14 @@ def move_noreplace(src: Path, dst: Path) -> None:
     _unlink_source(src, dst)
 
 
-# Why only the process whose link made a name decides for it: movers of one file to one
-# name (two nodes setting a file aside) beside a mover to another name could otherwise
-# both decide, and remove the name the winning one left the file under.
+# Several processes moving one file by link and unlink: each links src to its dst, and the
+# one whose unlink of src succeeds has moved the file (_unlink_source). Only a process whose
+# link made a name decides for that name; one that finds its dst already linked to src
+# follows the decision of the process that made it (_follow_move). Were both to decide,
+# movers of one file to one name (two nodes setting it aside) beside a mover to another
+# name could each remove a name the winner left the file under, its last one included.
+# Limits: a mover held up longer than MOVER_GRACE_S between its link and its unlink is
+# taken for dead; two NFS unlinks both retried after a lost reply read as both lost.
 
 
 def _unlink_source(src: Path, dst: Path) -> None:
@@ -135,7 +140,8 @@ def _unlink_source(src: Path, dst: Path) -> None:
 def _follow_move(src: Path, dst: Path) -> None:
     """``dst`` already names ``src``'s file: the process that linked it is about to unlink
     ``src``, or a crash cut its move short. A live one decides for its name (raises
-    FileNotFoundError here if it lost); an abandoned move is finished."""
+    FileNotFoundError here if it lost); an abandoned move is finished. Other names still
+    there after the grace (a dead mover's, a hard link made outside) leave ours standing."""
     seen = os.lstat(dst)
     deadline = time.monotonic() + MOVER_GRACE_S
     while _same_file(src, dst):
