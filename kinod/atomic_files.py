@@ -92,7 +92,7 @@ def move_noreplace(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst, follow_symlinks=False)
     except FileExistsError:
-        if _same_file(src, dst):
+        if same_file(src, dst):
             _follow_move(src, dst)
             return
         if not os.path.lexists(src):  # another process took it meanwhile
@@ -144,7 +144,7 @@ def _follow_move(src: Path, dst: Path) -> None:
     there after the grace (a dead mover's, a hard link made outside) leave ours standing."""
     seen = os.lstat(dst)
     deadline = time.monotonic() + MOVER_GRACE_S
-    while _same_file(src, dst):
+    while same_file(src, dst):
         if time.monotonic() > deadline:
             try:
                 os.unlink(src)  # nobody finished it: a crash left it
@@ -157,7 +157,7 @@ def _follow_move(src: Path, dst: Path) -> None:
     deadline = time.monotonic() + MOVER_GRACE_S
     while True:
         names = _fresh_stat(dst).st_nlink
-        if not _same_file(dst, seen):
+        if not same_file(dst, seen):
             raise FileNotFoundError(errno.ENOENT, "another process moved it first", str(src))
         if names == 1 or time.monotonic() > deadline:
             return
@@ -193,7 +193,7 @@ def rename_noreplace(src: Path, dst: Path) -> None:
                       _RENAME_NOREPLACE) == 0:
             return
         code = ctypes.get_errno()
-        if code == errno.EEXIST and _same_file(src, dst):
+        if code == errno.EEXIST and same_file(src, dst):
             # A portable move under way, or cut short after its link: follow it.
             _follow_move(src, dst)
             return
@@ -237,7 +237,7 @@ def fsync_dir(folder: str | Path) -> None:
         os.close(fd)
 
 
-def _same_file(a: Path, b: Path | os.stat_result) -> bool:
+def same_file(a: Path, b: Path | os.stat_result) -> bool:
     try:
         return os.path.samestat(os.lstat(a), b if isinstance(b, os.stat_result) else os.lstat(b))
     except OSError:

@@ -15,7 +15,8 @@ from kinod.params import format_validation_error
 
 ENV_PREFIX = "KINOD_"
 # Environment variables with this prefix that are not settings.
-ENV_NOT_SETTINGS = {"KINOD_CONFIG"}
+# Read by kinod elsewhere: KINOD_PORTABLE_RENAME by kinod.atomic_files.
+ENV_NOT_SETTINGS = {"KINOD_CONFIG", "KINOD_PORTABLE_RENAME"}
 
 
 class PluginSettings(BaseModel):

@@ -25,7 +25,7 @@ import json
 import os
 from pathlib import Path
 
-from kinod.atomic_files import atomic_write, rename_noreplace
+from kinod.atomic_files import atomic_write, rename_noreplace, same_file
 from kinod.errors import ConfigError
 from kinod.intake import JOB_SUFFIXES
 
@@ -101,7 +101,12 @@ class Spool:
         return dst
 
     def holds(self, job_id: str) -> bool:
-        """A file of ``job_id`` is queued or running on some node: the job is active.
+        """A file of ``job_id`` is queued or running on some node: the job is active."""
+        return self.held_file(job_id) is not None
+
+    def held_file(self, job_id: str) -> str | None:
+        """The path of the file of ``job_id`` queued or running on some node; None if the
+        job is not active.
 
         Running folders, queued/, then the running folders again: a file that moves
         between them meanwhile (a claim, a requeue) is seen in one of the three looks.
@@ -110,8 +115,22 @@ class Spool:
         # Strings, not Paths: this runs for every job taken in.
         running = self._running_folders()
         names = [job_id + suffix for suffix in JOB_SUFFIXES]
-        return any(os.path.lexists(f"{folder}/{name}")
-                   for folder in (*running, self._queued, *running) for name in names)
+        for folder in (*running, self._queued, *running):
+            for name in names:
+                if os.path.lexists(path := f"{folder}/{name}"):
+                    return path
+        return None
+
+    def ended_run_of(self, path: Path, job_id: str) -> str | None:
+        """The file in done/<id>/ that ``path`` is another name of, if any: a move into the
+        spool by link and unlink that a crash cut short, whose job has ended since."""
+        folder = f"{self.done}/{job_id}"
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            return None
+        return next((f"{folder}/{name}" for name in names
+                     if same_file(path, f"{folder}/{name}")), None)
 
     def other_nodes(self) -> list[str]:
         """Nodes other than this one with a running/ folder."""

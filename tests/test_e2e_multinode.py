@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 import yaml
 
-from kinod.config import ENV_NOT_SETTINGS
 from tests.helpers import (
     TERMINAL,
     WORKING_PLUGINS,
@@ -118,12 +117,7 @@ def assert_ended_once(daemon: DaemonProcess, job_id: str, suffix: str = ".yaml"
     return sidecar
 
 
-PORTABLE = pytest.param(True, id="portable", marks=pytest.mark.skipif(
-    "KINOD_PORTABLE_RENAME" not in ENV_NOT_SETTINGS,
-    reason="the daemon takes KINOD_PORTABLE_RENAME for a setting it does not know"))
-
-
-@pytest.mark.parametrize("portable", [pytest.param(False, id="renameat2"), PORTABLE])
+@pytest.mark.parametrize("portable", [False, True], ids=["renameat2", "portable"])
 def test_three_nodes_run_a_thousand_jobs_each_exactly_once(
         kinod_root: Path, nodes: Callable[..., DaemonProcess], portable: bool) -> None:
     inbox = kinod_root / "inbox"

@@ -12,6 +12,7 @@ from typing import Any
 
 from loguru import logger
 
+from kinod.atomic_files import MOVER_GRACE_S, same_file
 from kinod.errors import InvalidJob
 from kinod.intake import InboxName, ReadJob, holds_bytes, read_job, wait_before_reading_s
 from kinod.models import JOB_ID_RULES, JobState, Sidecar, is_valid_job_id
@@ -24,6 +25,8 @@ INTAKE_BATCH = 256
 TURN_BUDGET_S = 0.05
 # An invalid file written in place is failed only once quiet this many times settle_s.
 INCOMPLETE_GRACE = 3
+# An inbox name of a file the spool holds, left this long, is a move a crash cut short.
+MOVE_CUT_SHORT_S = 5 * MOVER_GRACE_S
 
 
 class Intake:
@@ -38,6 +41,9 @@ class Intake:
         self._warned: set[str] = set()
         # New runs of ended jobs whose file is not in done/ yet: taken in once it is.
         self._resubmitted: dict[str, str] = {}
+        # Inbox names of a file the spool holds (a move by link and unlink under way): when
+        # first seen so.
+        self._moving: dict[str, float] = {}
 
     # --- paths to look at ---------------------------------------------------------------
 
@@ -104,6 +110,7 @@ class Intake:
             st = os.lstat(path)
         except FileNotFoundError:
             self._unchanged.pop(path, None)
+            self._moving.pop(str(path), None)
             return
         if stat.S_ISDIR(st.st_mode):
             self._warn_once(path.name, "{}: a folder, not a job file; left alone", path)
@@ -118,7 +125,7 @@ class Intake:
             return
         if self._wait_until_settled(path, st, renamed):
             return
-        self._intake(path, name.job_id, renamed)
+        self._intake(path, name.job_id, renamed, st)
 
     def _wait_until_settled(self, path: Path, st: os.stat_result, renamed: bool) -> bool:
         """True (and a look again planned) while the file may still be being written."""
@@ -132,8 +139,7 @@ class Intake:
         if wait_s > 0:
             self._look_again_later(path, wait_s)
             return True
-        del self._unchanged[path]
-        return False
+        return False  # _intake forgets it, or keeps it for an invalid file's grace
 
     def _look_again_later(self, path: Path, wait_s: float) -> None:
         key = str(path)
@@ -155,10 +161,11 @@ class Intake:
 
     # --- taking a job in ----------------------------------------------------------------
 
-    def _intake(self, path: Path, job_id: str, renamed: bool) -> None:
+    def _intake(self, path: Path, job_id: str, renamed: bool, st: os.stat_result) -> None:
         """inbox/<id>.<ext> -> running/<node>/ (this daemon alone takes it in), its first
         sidecar (queued, or failed if invalid), then queued/ for any daemon to claim."""
         ctx = self._ctx
+        unchanged = self._unchanged.pop(path)
         if self._is_active(job_id):
             if ctx.ending.has_ended(job_id):
                 # Resubmitted on seeing the final sidecar, a moment before the file of the
@@ -168,16 +175,28 @@ class Intake:
                                                  "ends; taken in once that is filed away",
                                                  path, job_id)
                 return
-            self._set_aside_duplicate(path, job_id)
+            if not self._being_moved(path, job_id):
+                self._set_aside_duplicate(path, job_id)
+            return
+        if st.st_nlink > 1 and (ended := ctx.spool.ended_run_of(path, job_id)) is not None:
+            # The inbox name of a run that has ended, left by a move a crash cut short:
+            # taken in, it would run again.
+            moved = ctx.spool.set_aside_duplicate(path, job_id)
+            logger.bind(job_id=job_id).warning("{}: another name of {}, a run that has ended "
+                                               "(a move cut short); set aside as {}", path,
+                                               ended, moved)
             return
         read = self.read(path)
         if read is None:
             return
         if read.error is not None and not renamed and not read.finished_writing:
             # Written in place and invalid: perhaps a slow writer paused longer than settle_s.
-            # Give it INCOMPLETE_GRACE times as long before calling it invalid.
-            wait_s = ctx.settings.settle_s * INCOMPLETE_GRACE - read.age_s
+            # Give it INCOMPLETE_GRACE times as long, quiet by its mtime or as seen here
+            # (a file server's clock may run ahead of ours), before calling it invalid.
+            quiet_s = max(read.age_s, ctx.clock() - unchanged[1])
+            wait_s = ctx.settings.settle_s * INCOMPLETE_GRACE - quiet_s
             if wait_s > 0:
+                self._unchanged[path] = unchanged  # still counting
                 self._look_again_later(path, wait_s)
                 return
         if read.error is not None and ctx.fleet.served_elsewhere(_plugin_named(read)):
@@ -204,6 +223,24 @@ class Intake:
                 return True
             ctx.ending.claimed_elsewhere(job)  # or removed by someone: then it fails as lost
         return ctx.ending.is_unfiled(job_id) or ctx.spool.holds(job_id)
+
+    def _being_moved(self, path: Path, job_id: str) -> bool:
+        """``path`` is the very file the spool holds for ``job_id``: a node moving it in by
+        a link and an unlink (NFS) is between the two. Set aside now, the set-aside could
+        win that node's race and leave the job only in duplicates/: it is looked at again
+        once the mover has had its time; still so long after, a crash cut the move short,
+        and the inbox name, a second name of a file the spool holds, is set aside."""
+        ctx = self._ctx
+        key, held = str(path), ctx.spool.held_file(job_id)
+        if held is None or not same_file(path, held):
+            self._moving.pop(key, None)
+            return False
+        first_s = self._moving.setdefault(key, ctx.clock())
+        if ctx.clock() - first_s > MOVE_CUT_SHORT_S:
+            del self._moving[key]
+            return False
+        self._look_again_later(path, MOVER_GRACE_S)
+        return True
 
     def read(self, path: Path) -> ReadJob | None:
         """Read and check a job file; None if it is gone, changed while read, or unreadable
