@@ -12,6 +12,9 @@
 
 Everything lives inside the inbox, on the same file system, so every move is
 an atomic rename: a crash leaves each file in exactly one of these places.
+(Where renameat2 is refused, NFS among them, a move is a link then an unlink,
+and a crash between the two leaves a file under two names; recovery and the
+next move of the file finish it: see kinod.atomic_files.)
 Several daemons may share the inbox: the rename that takes a file into
 running/<node>/ succeeds for one of them only, and only the daemon holding a
 job's file there writes the job's sidecar.
@@ -25,7 +28,7 @@ import json
 import os
 from pathlib import Path
 
-from kinod.atomic_files import atomic_write, rename_noreplace, same_file
+from kinod.atomic_files import atomic_write, rename_noreplace
 from kinod.errors import ConfigError
 from kinod.intake import JOB_SUFFIXES
 
@@ -120,17 +123,6 @@ class Spool:
                 if os.path.lexists(path := f"{folder}/{name}"):
                     return path
         return None
-
-    def ended_run_of(self, path: Path, job_id: str) -> str | None:
-        """The file in done/<id>/ that ``path`` is another name of, if any: a move into the
-        spool by link and unlink that a crash cut short, whose job has ended since."""
-        folder = f"{self.done}/{job_id}"
-        try:
-            names = os.listdir(folder)
-        except FileNotFoundError:
-            return None
-        return next((f"{folder}/{name}" for name in names
-                     if same_file(path, f"{folder}/{name}")), None)
 
     def other_nodes(self) -> list[str]:
         """Nodes other than this one with a running/ folder."""

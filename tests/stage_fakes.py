@@ -93,7 +93,7 @@ class FakeIntake(Fake):
         ctx = self._ctx
         return read_job(path, ctx.settings.max_job_bytes, ctx.registry, ctx.wall_clock())
 
-    def read(self, path: Path) -> ReadJob | None:
+    def read(self, path: Path, look_again: bool = True) -> ReadJob | None:
         self._record("read", path)
         return self._read(path) if os.path.lexists(path) else None
 
@@ -270,8 +270,8 @@ class FakeFleet(Fake):
     def served_elsewhere(self, plugin: object) -> bool:
         return plugin in self.elsewhere
 
-    def waits_here(self, plugin: str) -> bool:
-        self._record("waits_here", plugin)
+    def let_wait_here(self, plugin: str) -> bool:
+        self._record("let_wait_here", plugin)
         return self.alone
 
     def taken_over(self, job: Job) -> bool:

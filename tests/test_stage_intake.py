@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kinod.models import JobState
-from kinod.stages.intake import INTAKE_BATCH, MOVE_CUT_SHORT_S, TURN_BUDGET_S, Intake
+from kinod.stages.intake import INTAKE_BATCH, TURN_BUDGET_S, Intake
 from kinod.stages.job import file_identity
 from tests.helpers import Clock
 from tests.stage_fakes import (
@@ -232,8 +232,9 @@ def test_the_inbox_name_of_a_file_another_node_is_moving_in_is_left_to_that_node
         look_at(intake, path)
         assert path.exists() and not rig.spool.duplicates.joinpath("moving").exists()
         assert not intake.idle()  # looked at again once the mover has had its time
+        look_at(intake, path)  # the mover is slow: still left to it
+        assert path.exists() and not rig.spool.duplicates.joinpath("moving").exists()
         path.unlink()  # the mover's unlink: the race is decided, nothing is left to do
-        rig.clock.now += MOVE_CUT_SHORT_S + 1
         look_at(intake, path)
         assert held.exists() and not rig.spool.duplicates.joinpath("moving").exists()
 
@@ -241,35 +242,20 @@ def test_the_inbox_name_of_a_file_another_node_is_moving_in_is_left_to_that_node
     assert begun(rig) == [] and rig.ending.calls == []
 
 
-def test_the_inbox_name_left_by_a_move_a_crash_cut_short_is_set_aside(
+def test_a_job_file_hard_linked_from_elsewhere_is_taken_in_every_time(
         tmp_path: Path) -> None:
-    rig, intake = intake_rig(tmp_path)
-    held = write_job(rig.spool.running_root / OTHER_NODE, "cut")
-    path = rig.inbox / "cut.json"
-    os.link(held, path)
-
-    async def body() -> None:
-        rig.ctx.loop = asyncio.get_running_loop()
-        look_at(intake, path)
-        assert path.exists()
-        rig.clock.now += MOVE_CUT_SHORT_S + 1  # no mover would take this long
-        look_at(intake, path)
-
-    asyncio.run(body())
-    assert not path.exists() and held.exists()
-    assert (rig.spool.duplicates / "cut" / "1.json").exists()
-
-
-def test_the_inbox_name_of_a_run_that_has_ended_is_never_taken_in_again(
-        tmp_path: Path) -> None:
+    # A pipeline may link one template into the inbox again and again.
     rig, intake = intake_rig(tmp_path)
     rig.scheduler.can_start = True
-    ended = rig.spool.finish(write_job(rig.spool.running, "over"), "over")
-    path = rig.inbox / "over.json"
-    os.link(ended, path)  # a move into the spool cut short, its job run and ended since
-    look_at(intake, path)
-    assert begun(rig) == [] and rig.sidecar("over") is None
-    assert not path.exists() and (rig.spool.duplicates / "over" / "1.json").exists()
+    template = write_job(tmp_path, "template")
+    os.link(template, rig.inbox / "linked.json")
+    look_at(intake, rig.inbox / "linked.json")
+    rig.spool.finish(rig.spool.running / "linked.json", "linked")  # its run ended
+    del rig.scheduler.held["linked"]
+    os.link(template, rig.inbox / "linked.json")
+    look_at(intake, rig.inbox / "linked.json")
+    assert begun(rig) == ["linked", "linked"]
+    assert not rig.spool.duplicates.joinpath("linked").exists()
 
 
 def test_a_resubmission_as_its_last_run_ends_waits_and_is_taken_in_once_filed_away(

@@ -55,6 +55,18 @@ def test_a_running_file_that_never_ran_goes_back_to_intake(
     assert path.exists() and rig.ending.calls == []
 
 
+def test_a_move_into_the_spool_a_crash_cut_short_is_finished(tmp_path: Path) -> None:
+    # A link, then a crash before the unlink (NFS): the inbox name beside the held file.
+    rig, recovery = recovery_rig(tmp_path)
+    path = left_running(rig, "cut")
+    inbox_name = rig.inbox / "cut.JSON"  # the suffix as the user wrote it
+    os.link(path, inbox_name)
+    unrelated = write_job(rig.inbox, "other")
+    recovery.recover_running(path)
+    assert not inbox_name.exists() and path.exists() and unrelated.exists()
+    assert [call[0] for call in rig.intake.calls if call[0] != "read_held"] == ["take_in"]
+
+
 def test_a_job_that_was_running_is_requeued_and_counted_as_a_crash(tmp_path: Path) -> None:
     rig, recovery = recovery_rig(tmp_path)
     path = left_running(rig, "crashed", JobState.RUNNING)

@@ -25,8 +25,6 @@ INTAKE_BATCH = 256
 TURN_BUDGET_S = 0.05
 # An invalid file written in place is failed only once quiet this many times settle_s.
 INCOMPLETE_GRACE = 3
-# An inbox name of a file the spool holds, left this long, is a move a crash cut short.
-MOVE_CUT_SHORT_S = 5 * MOVER_GRACE_S
 
 
 class Intake:
@@ -41,9 +39,6 @@ class Intake:
         self._warned: set[str] = set()
         # New runs of ended jobs whose file is not in done/ yet: taken in once it is.
         self._resubmitted: dict[str, str] = {}
-        # Inbox names of a file the spool holds (a move by link and unlink under way): when
-        # first seen so.
-        self._moving: dict[str, float] = {}
 
     # --- paths to look at ---------------------------------------------------------------
 
@@ -110,7 +105,6 @@ class Intake:
             st = os.lstat(path)
         except FileNotFoundError:
             self._unchanged.pop(path, None)
-            self._moving.pop(str(path), None)
             return
         if stat.S_ISDIR(st.st_mode):
             self._warn_once(path.name, "{}: a folder, not a job file; left alone", path)
@@ -178,14 +172,6 @@ class Intake:
             if not self._being_moved(path, job_id):
                 self._set_aside_duplicate(path, job_id)
             return
-        if st.st_nlink > 1 and (ended := ctx.spool.ended_run_of(path, job_id)) is not None:
-            # The inbox name of a run that has ended, left by a move a crash cut short:
-            # taken in, it would run again.
-            moved = ctx.spool.set_aside_duplicate(path, job_id)
-            logger.bind(job_id=job_id).warning("{}: another name of {}, a run that has ended "
-                                               "(a move cut short); set aside as {}", path,
-                                               ended, moved)
-            return
         read = self.read(path)
         if read is None:
             return
@@ -228,23 +214,17 @@ class Intake:
         """``path`` is the very file the spool holds for ``job_id``: a node moving it in by
         a link and an unlink (NFS) is between the two. Set aside now, the set-aside could
         win that node's race and leave the job only in duplicates/: it is looked at again
-        once the mover has had its time; still so long after, a crash cut the move short,
-        and the inbox name, a second name of a file the spool holds, is set aside."""
-        ctx = self._ctx
-        key, held = str(path), ctx.spool.held_file(job_id)
+        once the mover has had its time. (A move a crash cut short there is finished by
+        the recovery of the file it left in running/.)"""
+        held = self._ctx.spool.held_file(job_id)
         if held is None or not same_file(path, held):
-            self._moving.pop(key, None)
-            return False
-        first_s = self._moving.setdefault(key, ctx.clock())
-        if ctx.clock() - first_s > MOVE_CUT_SHORT_S:
-            del self._moving[key]
             return False
         self._look_again_later(path, MOVER_GRACE_S)
         return True
 
-    def read(self, path: Path) -> ReadJob | None:
-        """Read and check a job file; None if it is gone, changed while read, or unreadable
-        now."""
+    def read(self, path: Path, look_again: bool = True) -> ReadJob | None:
+        """Read and check a job file; None if it is gone, changed while read (then, with
+        ``look_again``, looked at again once settled), or unreadable now."""
         ctx = self._ctx
         try:
             read = read_job(path, ctx.settings.max_job_bytes, ctx.registry, ctx.wall_clock())
@@ -254,7 +234,8 @@ class Intake:
             logger.error("{}: cannot read: {}; will try again", path, exc)
             return None
         if read.changed:
-            self._look_again_later(path, ctx.settings.settle_s)
+            if look_again:
+                self._look_again_later(path, ctx.settings.settle_s)
             return None
         return read
 
@@ -293,7 +274,7 @@ class Intake:
         no other node could run it, else in queued/ (also where a job of a plugin only other
         nodes serve is left for them)."""
         ctx = self._ctx
-        if read.error is None and ctx.fleet.waits_here(read.plugin.name):
+        if read.error is None and ctx.fleet.let_wait_here(read.plugin.name):
             self.admit(held, job_id, read, sidecar, file_identity(held))
             return
         try:
@@ -318,7 +299,7 @@ class Intake:
                   read.mtime_ns)
         job.file_identity = identity
         ctx.scheduler.admit(job)
-        if os.path.exists(stop_file := ctx.stop_file(job_id)):
+        if os.path.lexists(stop_file := ctx.stop_file(job_id)):
             ctx.stops.on_stop_file(Path(stop_file), job_id)
 
     def _set_aside_duplicate(self, path: Path, job_id: str) -> None:

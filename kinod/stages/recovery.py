@@ -11,11 +11,12 @@ from typing import Any
 
 from loguru import logger
 
+from kinod.atomic_files import same_file
 from kinod.errors import DaemonCrashed
-from kinod.intake import InboxName
-from kinod.models import JobState, utc_now
+from kinod.intake import JOB_SUFFIX_SPELLINGS, InboxName
+from kinod.models import JobState
 from kinod.stages.context import RETRY_S, Context
-from kinod.stages.job import file_identity, first_sidecar, mtime_ns
+from kinod.stages.job import file_identity, first_sidecar, mtime_ns, queued_again, unlink
 
 
 class Recovery:
@@ -56,6 +57,7 @@ class Recovery:
         sidecar = ctx.outbox.read(job_id)
         if not os.path.lexists(path):
             return  # another node took it over meanwhile
+        _finish_move_in(ctx.settings.inbox, path, job_id)
         if sidecar is not None and sidecar.state.is_terminal:
             ctx.ending.file_away(path, job_id)
             return
@@ -74,9 +76,8 @@ class Recovery:
                 f"the daemon died {crashes} times while running this job"))
             return
         was = sidecar.node or "?"
-        queued = sidecar.model_copy(update={
-            "state": JobState.QUEUED, "updated_at": utc_now(),
-            "message": f"back in the queue: the daemon on {was} died while running it"})
+        queued = queued_again(sidecar, f"back in the queue: the daemon on {was} died while "
+                                       "running it")
         ctx.outbox.publish(queued, sidecar)  # while this node still holds it
         ctx.spool.requeue(path)
         logger.bind(job_id=job_id).warning(
@@ -124,9 +125,11 @@ class Recovery:
     def adopt(self, path: Path, job_id: str) -> None:
         ctx = self._ctx
         identity = file_identity(path)  # before reading: a later change shows at the claim
-        read = ctx.intake.read(path)
+        # A queued file is never looked at as an inbox path: rescans and queued/ events
+        # bring it back if it changed while read.
+        read = ctx.intake.read(path, look_again=False)
         if read is None:
-            return  # claimed by another node meanwhile
+            return  # claimed by another node meanwhile, or changed while read
         sidecar = ctx.outbox.read(job_id)
         if read.error is not None or read.plugin is None or not ctx.serves(read.plugin.name):
             # Not for this node: looked at again once it changes. A file refused before it
@@ -144,3 +147,17 @@ class Recovery:
     def forget_passed_over(self) -> None:
         """After a reload: this node may serve those plugins now."""
         self._passed_over.clear()
+
+
+def _finish_move_in(inbox: Path, held: Path, job_id: str) -> None:
+    """A move into the spool by a link and an unlink (NFS) that a crash cut short leaves
+    the job's inbox name beside the file in running/: unlinked, as the move would have.
+    No live mover is left to race: other nodes leave such a name to the node holding it."""
+    if os.lstat(held).st_nlink < 2:
+        return  # the common case, told by one lstat, not by looking for 40 names
+    for suffix in JOB_SUFFIX_SPELLINGS:
+        name = inbox / f"{job_id}{suffix}"
+        if same_file(name, held):
+            unlink(name)
+            logger.bind(job_id=job_id).info("{}: a move into the spool was cut short; "
+                                            "finished", name)
