@@ -55,8 +55,6 @@ class Daemon:
         self._retry_timer: asyncio.TimerHandle | None = None
         self._inbox_identity: tuple[int, int] | None = None  # to notice it replaced
         self._node_lock: int | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._scheduler: AsyncIOScheduler | None = None
         registry = registry if registry is not None else PluginRegistry(settings.plugin_dirs)
         spool = Spool(settings.inbox, settings.node)
         self.ctx = ctx = Context(settings, registry, spool, Outbox(settings.outbox), clock,
@@ -83,32 +81,32 @@ class Daemon:
     async def run(self, burst: bool = False) -> None:
         """Serve until SIGTERM/SIGINT (or, with ``burst``, until there is nothing left to do)."""
         ctx = self.ctx
-        self._loop = ctx.loop = asyncio.get_running_loop()
+        ctx.loop = asyncio.get_running_loop()
         self._install_signal_handlers()
         self._prepare_folders()
         self._inbox_identity = _identity(self.settings.inbox)
         self._node_lock = ctx.spool.lock_node()
         self._log_start()
         # UTC, like every time kinod keeps: nothing depends on the host's time zone files.
-        self._scheduler = ctx.timers = AsyncIOScheduler(event_loop=self._loop, timezone=UTC)
+        ctx.timers = AsyncIOScheduler(event_loop=ctx.loop, timezone=UTC)
         polling = self._watch_mode == "poll"
-        self._scheduler.add_job(
+        self.ctx.timers.add_job(
             self._rescan, "interval", id="rescan", coalesce=True, max_instances=1,
             seconds=self.settings.poll_interval_s if polling else self.settings.rescan_interval_s)
         # Four beats a lease: a node is given up on only after several missed ones.
-        self._scheduler.add_job(ctx.fleet.heartbeat, "interval", seconds=self.settings.lease / 4,
+        self.ctx.timers.add_job(ctx.fleet.heartbeat, "interval", seconds=self.settings.lease / 4,
                                 id="heartbeat", coalesce=True, max_instances=1)
         ctx.fleet.start()
         ctx.recovery.recover()  # may schedule not_before releases: the timers exist by now
         if not polling:
-            self._watcher.start(self._loop)
-        self._scheduler.add_job(self._tell_status, "interval", seconds=STATUS_INTERVAL_S,
+            self._watcher.start(self.ctx.loop)
+        self.ctx.timers.add_job(self._tell_status, "interval", seconds=STATUS_INTERVAL_S,
                                 id="status", coalesce=True, max_instances=1)
         if self._notifier.watchdog_s:
             # From the loop itself: a loop that hangs stops the pings, and systemd restarts it.
-            self._scheduler.add_job(self._notifier.watchdog, "interval", id="watchdog",
+            self.ctx.timers.add_job(self._notifier.watchdog, "interval", id="watchdog",
                                     seconds=self._notifier.watchdog_s / 2, coalesce=True)
-        self._scheduler.start()
+        self.ctx.timers.start()
         self._rescan_now()
         logger.info("kinod ready on node {}: {} queued, watching by {}", self.settings.node,
                     len(ctx.scheduler), self._watch_mode)
@@ -155,14 +153,14 @@ class Daemon:
                     signal.SIGHUP: self.reload}
         for sig, handler in handlers.items():
             try:
-                self._loop.add_signal_handler(sig, handler)
+                self.ctx.loop.add_signal_handler(sig, handler)
             except (RuntimeError, ValueError):  # not the main thread (tests run it in one)
                 return
 
     async def _stop_everything(self) -> None:
         self._watcher.stop()
-        if self._scheduler is not None:
-            self._scheduler.shutdown(wait=False)
+        if self.ctx.timers is not None:
+            self.ctx.timers.shutdown(wait=False)
         self.ctx.intake.cancel_timers()
         if self._retry_timer is not None:
             self._retry_timer.cancel()
@@ -193,7 +191,7 @@ class Daemon:
         # Every change to the counts is followed by a turn (a job's end wakes the loop).
         if self._status_paused and self._status() != self._last_status:
             self._status_paused = False
-            self._scheduler.resume_job("status")
+            self.ctx.timers.resume_job("status")
         if intake.has_pending():
             await asyncio.sleep(0)
 
@@ -238,9 +236,9 @@ class Daemon:
             add_job_log_sink(new.outbox)
         if (new.rescan_interval_s, new.poll_interval_s, new.lease) != (
                 old.rescan_interval_s, old.poll_interval_s, old.lease):
-            self._scheduler.reschedule_job("rescan", trigger="interval", seconds=(
+            self.ctx.timers.reschedule_job("rescan", trigger="interval", seconds=(
                 new.poll_interval_s if self._watch_mode == "poll" else new.rescan_interval_s))
-            self._scheduler.reschedule_job("heartbeat", trigger="interval",
+            self.ctx.timers.reschedule_job("heartbeat", trigger="interval",
                                            seconds=new.lease / 4)
         logger.info("reloaded; plugins: {}", ", ".join(sorted(registry.plugins)) or "none")
         ctx.recovery.forget_passed_over()  # queued jobs of plugins this node serves now
@@ -258,7 +256,7 @@ class Daemon:
             self._last_status = status
             self._notifier.status(status)
         else:
-            self._scheduler.pause_job("status")
+            self.ctx.timers.pause_job("status")
             self._status_paused = True
 
     # --- finding files ----------------------------------------------------------------
@@ -321,7 +319,7 @@ class Daemon:
             self._node_lock = self.ctx.spool.lock_node()
             if self._watch_mode != "poll":
                 self._watcher.stop()
-                self._watcher.start(self._loop)
+                self._watcher.start(self.ctx.loop)
             self._inbox_identity = identity
         return True
 
@@ -330,7 +328,7 @@ class Daemon:
     def _retry_soon(self) -> None:
         """Try again what the disk refused, in RETRY_S (one timer for everything)."""
         if self._retry_timer is None and not self._shutdown.is_set():
-            self._retry_timer = self._loop.call_later(RETRY_S, self._retry_now)
+            self._retry_timer = self.ctx.loop.call_later(RETRY_S, self._retry_now)
 
     def _retry_now(self) -> None:
         self._retry_timer = None

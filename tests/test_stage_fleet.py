@@ -62,7 +62,7 @@ def test_jobs_wait_here_only_while_this_node_serves_the_inbox_alone(
     if case.startswith("another node"):
         other_node(rig, stopped=case.endswith("stopped"))
     fleet.start()
-    assert fleet.waits_here("scripted") is waits
+    assert fleet.let_wait_here("scripted") is waits
     assert read_heartbeat(rig.spool.nodes / f"{NODE}.json") is not None
 
 
@@ -70,7 +70,7 @@ def test_another_node_started_releases_the_jobs_waiting_here_into_queued(
         tmp_path: Path) -> None:
     rig, fleet = fleet_rig(tmp_path)
     fleet.start()
-    assert fleet.waits_here("scripted")
+    assert fleet.let_wait_here("scripted")
     waiting, busy, unrecorded, gone = (held_here(rig, job_id) for job_id in
                                        ("waiting", "busy", "unrecorded", "gone"))
     rig.running.running["busy"] = busy
@@ -82,14 +82,14 @@ def test_another_node_started_releases_the_jobs_waiting_here_into_queued(
     assert busy.path.exists() and busy.folder == rig.spool.running
     assert unrecorded.path.exists() and unrecorded.folder == rig.spool.running
     assert rig.ending.called("claimed_elsewhere") == [(gone,)]
-    assert not fleet.waits_here("scripted")
+    assert not fleet.let_wait_here("scripted")
 
 
 def test_a_heartbeat_that_finds_another_node_releases_the_jobs_waiting_here(
         tmp_path: Path) -> None:
     rig, fleet = fleet_rig(tmp_path)
     fleet.start()
-    assert fleet.waits_here("scripted")
+    assert fleet.let_wait_here("scripted")
     waiting = held_here(rig, "waiting")
     other_node(rig)
     asyncio.run(fleet.heartbeat())
@@ -99,7 +99,7 @@ def test_a_heartbeat_that_finds_another_node_releases_the_jobs_waiting_here(
 def test_stop_releases_the_jobs_waiting_here_and_beats_stopped(tmp_path: Path) -> None:
     rig, fleet = fleet_rig(tmp_path)
     fleet.start()
-    assert fleet.waits_here("scripted")
+    assert fleet.let_wait_here("scripted")
     waiting = held_here(rig, "waiting")
     fleet.stop()
     assert waiting.path == rig.spool.queued / "waiting.json" and waiting.path.exists()

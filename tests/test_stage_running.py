@@ -158,7 +158,7 @@ def test_a_light_job_is_made_whole_from_its_file_at_claim(tmp_path: Path,
         job = queued_job(rig, "light", {"type": "scripted", "data": {"steps": 2}})
         job.wait_light()  # as it waited in the queue
         running.start(job)
-        assert not job.light and job.spec is not None and job.sidecar is not None
+        assert job.spec is not None and job.sidecar is not None
         assert job.data["steps"] == 2 and job.data["step_s"] == 0.05  # defaults filled in
         assert rig.intake.called("read_held") == []  # the file read at intake: not read anew
         run = await run_of(runs, "light")

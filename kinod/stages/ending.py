@@ -10,10 +10,17 @@ from pathlib import Path
 from loguru import logger
 
 from kinod.errors import JobLost, KinodError
-from kinod.models import JobState, Sidecar, utc_now
+from kinod.models import JobState, Sidecar
 from kinod.outcome import Verdict
 from kinod.stages.context import RETRY_S, Context
-from kinod.stages.job import Job, document_of, final_sidecar, first_sidecar, unlink
+from kinod.stages.job import (
+    Job,
+    document_of,
+    final_sidecar,
+    first_sidecar,
+    queued_again,
+    unlink,
+)
 
 
 class Ending:
@@ -109,8 +116,7 @@ class Ending:
     def _back_in_queue(self, job: Job, sidecar: Sidecar, message: str) -> None:
         """Its queued sidecar, kept as the job's once on disk: were the disk to refuse it,
         the next try must still log the change from the state it had."""
-        queued = sidecar.model_copy(update={
-            "state": JobState.QUEUED, "updated_at": utc_now(), "message": message})
+        queued = queued_again(sidecar, message)
         self._ctx.outbox.publish(queued, sidecar)
         job.sidecar = queued
 

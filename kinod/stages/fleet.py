@@ -81,10 +81,10 @@ class Fleet:
         if self._waiting_here:
             self.release_waiting()
 
-    def waits_here(self, plugin: str) -> bool:
-        """A job taken in for ``plugin`` waits in this node's running/, not in queued/: no
-        other node is there to claim it, and the two renames through queued/ are saved.
-        The caller lets it wait here: this node then has jobs waiting here."""
+    def let_wait_here(self, plugin: str) -> bool:
+        """Whether a job taken in for ``plugin`` waits in this node's running/, not in
+        queued/: no other node is there to claim it, and the two renames through queued/
+        are saved. True also notes that jobs wait here, to release them when that ends."""
         if self._alone and self._ctx.serves(plugin):
             self._waiting_here = True
             return True

@@ -23,7 +23,7 @@ from kinod.runner import SupervisedRun
 class Job:
     """An accepted job that has not ended: queued, waiting for ``not_before``, or running.
 
-    A job waiting in the queue keeps none of its file (``light``): its checked spec and
+    A job waiting in the queue keeps none of its file (light, ``spec`` None): its checked spec and
     data, and its sidecar, are made again from its file when it is claimed. Kept whole,
     they would cost a backlog of 100,000 jobs 200 MB more, and its bytes up to
     ``max_job_bytes`` each on every node.
@@ -46,7 +46,6 @@ class Job:
     stop_requested: bool = False
     fenced: bool = False  # another node took it over: its end here is never recorded
     file_identity: int | None = None  # of the file read: a claim skips rereading
-    light: bool = False  # waiting with only what a claim needs (see wait_light)
     priority: int = 0  # kept while it waits light: a claim the disk refused queues it again
     ending: bool = False  # its run is over: no progress write may follow
     final: Sidecar | None = None  # its final sidecar, written by the run's settling
@@ -58,7 +57,6 @@ class Job:
 
     def wait_light(self) -> None:
         """Keep only what a claim needs to make the rest again from the job's file."""
-        self.light = True
         self.priority = self.spec.priority
         self.spec = self.data = self.sidecar = None
 
@@ -85,6 +83,12 @@ def first_sidecar(job_id: str, task: dict[str, Any] | None, node: str) -> Sideca
         # Taken from the file even when it is invalid, where they are text.
         **{key: value for key in ("name", "type")
            if isinstance(value := document.get(key), str)})
+
+
+def queued_again(sidecar: Sidecar, message: str) -> Sidecar:
+    """The sidecar of a run going back to the queue (a retry, a shutdown, a crash)."""
+    return sidecar.model_copy(update={
+        "state": JobState.QUEUED, "updated_at": utc_now(), "message": message})
 
 
 def final_sidecar(sidecar: Sidecar, state: JobState, error: KinodError | None,

@@ -66,7 +66,7 @@ class Running:
             return
         same_file = job.file_identity is not None and job.file_identity == file_identity(
             claimed)
-        if same_file and job.light:
+        if same_file and job.spec is None:  # it waited light
             same_file = self._make_whole(job, claimed)
         if not same_file:
             # Not the file this node read: resubmitted meanwhile (done/ keeps the old file,
@@ -96,7 +96,6 @@ class Running:
             job.spec, job.data = recheck(parse_document(raw, job.suffix), job.plugin)
         except (OSError, InvalidJob, ValidationError):
             return False
-        job.light = False
         return True
 
     def claim(self, job: Job) -> Path | None:
@@ -119,7 +118,7 @@ class Running:
             "result": None, "node": ctx.node, "pid": os.getpid(),
         })
         ctx.outbox.publish(running, old if published else None)
-        job.path, job.sidecar, job.progress, job.light = held, running, None, False
+        job.path, job.sidecar, job.progress = held, running, None
         # As a retried job's last attempt left them.
         job.ending, job.final, job.settled, job.end_lock = False, None, None, threading.Lock()
         job.last_write_s = ctx.clock()  # the throttle counts from this write

@@ -32,8 +32,13 @@ class Stops:
             logger.warning("{}: no queued or running job {}; stop request removed", path, job_id)
             unlink(path)
             return
-        if job.stop_requested or ctx.ending.is_unrecorded(job_id):
-            return  # asked already; or its run ended, and that end removes the .stop
+        if job.stop_requested:
+            return
+        if ctx.ending.is_unrecorded(job_id):
+            # Its run has ended, its end not yet recorded: that end stands. Should it be a
+            # retry, the next run is stopped as it starts; a final end removes the .stop.
+            job.stop_requested = True
+            return
         if ctx.running.is_running(job_id):
             ctx.running.stop(job)
             return  # the .stop file goes once the job has ended
