@@ -85,9 +85,11 @@ def move_noreplace(src: Path, dst: Path) -> None:
     A hard link then an unlink is atomic about ``dst`` on every POSIX file
     system, NFS included, and of several processes moving one file, the one
     whose unlink removes ``src`` wins (see ``_unlink_source``); a crash between
-    the two leaves one file under two names, and moving it again finishes the
-    move. Where links are not supported (some SMB mounts), a check then a
-    rename, enough for one daemon per folder.
+    the two leaves one file under two names, and moving it again to the same
+    place finishes the move. Where links are refused (some SMB mounts, or
+    ``fs.protected_hardlinks`` with another user's file), a check then a
+    rename: a rename of one name still succeeds once, so a move to a name only
+    this process writes stays exclusive.
     """
     try:
         os.link(src, dst, follow_symlinks=False)
@@ -115,7 +117,10 @@ def move_noreplace(src: Path, dst: Path) -> None:
 # movers of one file to one name (two nodes setting it aside) beside a mover to another
 # name could each remove a name the winner left the file under, its last one included.
 # Limits: a mover held up longer than MOVER_GRACE_S between its link and its unlink is
-# taken for dead; two NFS unlinks both retried after a lost reply read as both lost.
+# taken for dead; an NFS unlink of src retried after its reply was lost (and not answered
+# from the server's duplicate request cache) reads as lost, and if a loser counts the
+# names at that moment, or the file has a hard link made outside kinod, both take their
+# names back and the file is gone from the spool.
 
 
 def _unlink_source(src: Path, dst: Path) -> None:
