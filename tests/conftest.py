@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -70,3 +71,28 @@ def start_daemon(kinod_root: Path) -> Iterator[Callable[..., DaemonProcess]]:
     for proc in started:
         if proc.proc is not None and proc.proc.poll() is None:
             proc.kill()
+
+
+@pytest.fixture
+def nodes(kinod_root: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    """Start a daemon as node ``name`` on the shared folder, with its own settings file (several
+    nodes on one inbox); each is killed after the test, resumed first if it was stopped."""
+    started: list[DaemonProcess] = []
+
+    def start(name: str, env: dict[str, str] | None = None, **settings: Any) -> DaemonProcess:
+        settings.setdefault("plugin_dirs", [str(WORKING_PLUGINS)])
+        settings.setdefault("stop_grace", 2)
+        folder = kinod_root / f"node-{name}"
+        folder.mkdir(exist_ok=True)
+        config = write_config(folder, node=name, inbox="../inbox", outbox="../outbox",
+                              frames="../data/frames", models="../models_storage", **settings)
+        daemon = DaemonProcess(kinod_root, config, env)
+        daemon.log_path = folder / f"daemon{len(started)}.log"
+        started.append(daemon)
+        return daemon.start()
+
+    yield start
+    for daemon in started:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.proc.send_signal(signal.SIGCONT)
+            daemon.kill()

@@ -199,3 +199,33 @@ def assert_done(daemon: DaemonProcess, job_id: str, expected: list[str]) -> None
                  what=f"done/{job_id}/ to hold {expected}")
     except AssertionError as exc:
         raise AssertionError(f"{exc}; it holds {spool_files(daemon, 'done', job_id)}") from None
+
+
+class OutboxWatch:
+    """Every job's sidecar, read again and again while the jobs run, as a pipeline polling
+    the outbox would; each job's states in the order seen."""
+
+    def __init__(self, outbox: Path, ids: list[str]) -> None:
+        self.outbox = outbox
+        self.seen: dict[str, list[tuple[str, str | None]]] = {job_id: [] for job_id in ids}
+
+    def look(self) -> bool:
+        """One read of every sidecar; True once every job has ended."""
+        ended = 0
+        for job_id, states in self.seen.items():
+            sidecar = read_sidecar(self.outbox, job_id)
+            if sidecar is None:
+                continue
+            state = (sidecar["state"], sidecar["finished_at"])
+            if not states or states[-1] != state:
+                states.append(state)
+            ended += state[0] in TERMINAL
+        return ended == len(self.seen)
+
+    def wait_all_ended(self, timeout_s: float) -> None:
+        wait_for(self.look, timeout_s, interval_s=0.05, what="every job to end")
+
+    def changed_after_their_end(self) -> dict[str, list[tuple[str, str | None]]]:
+        """The jobs whose sidecar said something else after it said the job ended."""
+        return {job_id: states for job_id, states in self.seen.items()
+                if any(state in TERMINAL for state, _ in states[:-1])}

@@ -14,7 +14,7 @@ import json
 import os
 import signal
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +23,11 @@ import yaml
 
 from tests.helpers import (
     TERMINAL,
-    WORKING_PLUGINS,
     DaemonProcess,
+    OutboxWatch,
     drop_job,
     executions,
     kinod_cli,
-    read_sidecar,
     run_starts,
     runs_log,
     scripted,
@@ -36,33 +35,7 @@ from tests.helpers import (
     wait_end,
     wait_for,
     when,
-    write_config,
 )
-
-
-@pytest.fixture
-def nodes(kinod_root: Path) -> Iterator[Callable[..., DaemonProcess]]:
-    """Start a daemon as node ``name`` on the shared folder, with its own settings file."""
-    started: list[DaemonProcess] = []
-
-    def start(name: str, env: dict[str, str] | None = None, **settings: Any) -> DaemonProcess:
-        settings.setdefault("plugin_dirs", [str(WORKING_PLUGINS)])
-        settings.setdefault("stop_grace", 2)
-        folder = kinod_root / f"node-{name}"
-        folder.mkdir(exist_ok=True)
-        config = write_config(folder, node=name, inbox="../inbox", outbox="../outbox",
-                              frames="../data/frames", models="../models_storage", **settings)
-        daemon = DaemonProcess(kinod_root, config, env)
-        daemon.log_path = folder / f"daemon{len(started)}.log"
-        started.append(daemon)
-        return daemon.start()
-
-    yield start
-    for daemon in started:
-        if daemon.proc is not None and daemon.proc.poll() is None:
-            daemon.proc.send_signal(signal.SIGCONT)
-            daemon.kill()
-
 
 # As users write them; the spool keeps each in lower case.
 SUFFIXES = (".yaml", ".YAML", ".yml", ".json", ".Yml", ".JSON")
@@ -74,36 +47,6 @@ def drop_as(inbox: Path, job_id: str, body: dict[str, Any], n: int) -> str:
     text = json.dumps(body) if suffix.lower() == ".json" else yaml.safe_dump(body)
     drop_job(inbox, job_id + suffix, text)
     return suffix.lower()
-
-
-class OutboxWatch:
-    """Every job's sidecar, read again and again while the jobs run, as a pipeline polling
-    the outbox would; each job's states in the order seen."""
-
-    def __init__(self, outbox: Path, ids: list[str]) -> None:
-        self.outbox = outbox
-        self.seen: dict[str, list[tuple[str, str | None]]] = {job_id: [] for job_id in ids}
-
-    def look(self) -> bool:
-        """One read of every sidecar; True once every job has ended."""
-        ended = 0
-        for job_id, states in self.seen.items():
-            sidecar = read_sidecar(self.outbox, job_id)
-            if sidecar is None:
-                continue
-            state = (sidecar["state"], sidecar["finished_at"])
-            if not states or states[-1] != state:
-                states.append(state)
-            ended += state[0] in TERMINAL
-        return ended == len(self.seen)
-
-    def wait_all_ended(self, timeout_s: float) -> None:
-        wait_for(self.look, timeout_s, interval_s=0.05, what="every job to end")
-
-    def changed_after_their_end(self) -> dict[str, list[tuple[str, str | None]]]:
-        """The jobs whose sidecar said something else after it said the job ended."""
-        return {job_id: states for job_id, states in self.seen.items()
-                if any(state in TERMINAL for state, _ in states[:-1])}
 
 
 def assert_ended_once(daemon: DaemonProcess, job_id: str, suffix: str = ".yaml"

@@ -9,51 +9,20 @@ another spelling of the suffix must be set aside as a duplicate of the running j
 
 from __future__ import annotations
 
-import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import pytest
 
 from tests.helpers import (
-    TERMINAL,
-    WORKING_PLUGINS,
     DaemonProcess,
+    OutboxWatch,
     drop_job,
     executions,
-    read_sidecar,
     runs_log,
     scripted,
     spool_files,
     wait_end,
     wait_for,
-    write_config,
 )
-
-
-@pytest.fixture
-def nodes(kinod_root: Path) -> Iterator[Callable[..., DaemonProcess]]:
-    """Start a daemon as node ``name`` on the shared folder, with its own settings file."""
-    started: list[DaemonProcess] = []
-
-    def start(name: str, env: dict[str, str] | None = None, **settings: Any) -> DaemonProcess:
-        settings.setdefault("plugin_dirs", [str(WORKING_PLUGINS)])
-        settings.setdefault("stop_grace", 2)
-        folder = kinod_root / f"node-{name}"
-        folder.mkdir(exist_ok=True)
-        config = write_config(folder, node=name, inbox="../inbox", outbox="../outbox",
-                              frames="../data/frames", models="../models_storage", **settings)
-        daemon = DaemonProcess(kinod_root, config, env)
-        daemon.log_path = folder / "daemon.log"
-        started.append(daemon)
-        return daemon.start()
-
-    yield start
-    for daemon in started:
-        if daemon.proc is not None and daemon.proc.poll() is None:
-            daemon.proc.send_signal(signal.SIGCONT)
-            daemon.kill()
 
 
 def test_upper_case_suffixes_on_two_nodes_end_once_and_never_change_after_their_end(
@@ -65,28 +34,22 @@ def test_upper_case_suffixes_on_two_nodes_end_once_and_never_change_after_their_
         drop_job(inbox, f"{job_id}.YAML", scripted(steps=3, step_s=0.05))
     # Every sidecar read while the jobs run: once one says the job ended, no later one may
     # say anything else (a `failed` then a `succeeded` is the fault this guards against).
-    history: dict[str, list[tuple[str, str | None]]] = {job_id: [] for job_id in ids}
+    watch = OutboxWatch(outbox, ids)
 
-    def look() -> bool:
-        for job_id in ids:
-            sidecar = read_sidecar(outbox, job_id)
-            if sidecar is not None:
-                seen = (sidecar["state"], sidecar["finished_at"])
-                if not history[job_id] or history[job_id][-1] != seen:
-                    history[job_id].append(seen)
+    def finished() -> bool:
+        watch.look()
         # Done when every run has returned and every file is filed away for good.
         return all(spool_files(daemons[0], "done", job_id)
                    and any(line.startswith("end ") for line in runs_log(daemons[0].frames, job_id))
                    for job_id in ids)
 
-    wait_for(look, 60, interval_s=0.005, what="every job to run and be filed away")
-    look()  # one more look, after the last file was filed
+    wait_for(finished, 60, interval_s=0.005, what="every job to run and be filed away")
+    watch.look()  # one more look, after the last file was filed
+    assert watch.changed_after_their_end() == {}
     for job_id in ids:
-        states = history[job_id]
-        ends = [i for i, (state, _) in enumerate(states) if state in TERMINAL]
-        assert ends, (job_id, states)
-        assert ends[0] == len(states) - 1, f"{job_id}: changed after its end: {states}"
-        assert states[-1][0] == "succeeded", (job_id, states, daemons[0].log()[-3000:])
+        states = watch.seen[job_id]
+        assert states and states[-1][0] == "succeeded", (job_id, states,
+                                                          daemons[0].log()[-3000:])
         assert executions(daemons[0], job_id) == 1, job_id
         assert spool_files(daemons[0], "done", job_id) == ["1.yaml"]
     assert spool_files(daemons[0], "duplicates") == []
