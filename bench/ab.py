@@ -1,7 +1,7 @@
 """Two commits of kinod measured in one run, turn about: did a change make it slower?
 
-    python bench/ab.py BEFORE AFTER [--rounds 3] [--jobs 10000] [--pickup-jobs 300]
-                       [--backlog-jobs 100000] [--out FILE]
+    python bench/ab.py BEFORE AFTER [--rounds 3] [--only throughput,latency,backlog]
+                       [--jobs 10000] [--pickup-jobs 300] [--backlog-jobs 100000] [--out FILE]
 
 BEFORE and AFTER are git revisions (``HEAD`` and the working tree's ``WORKTREE`` too). Each
 is exported to a folder of its own and put first on PYTHONPATH for its daemons. Every
@@ -46,22 +46,24 @@ def export(rev: str, folder: Path) -> Path:
 Figures = dict[str, tuple[float, str, bool]]
 
 
-def measure_once(work: Path, jobs: int, pickup_jobs: int, backlog_jobs: int) -> Figures:
+def measure_once(work: Path, sections: list[str], jobs: int, pickup_jobs: int,
+                 backlog_jobs: int) -> Figures:
+    """Farms stay until the run ends: on ext4 without a journal, files freed in the last
+    minute make creating new ones dearer, and would tax whichever tree comes next."""
     figures: Figures = {}
-    for workers in (8, 1):
-        burst = measure.kinod_throughput(work / f"throughput{workers}", jobs, workers, 900)
-        name = f"throughput, {jobs:,} jobs, {workers} worker{'s' * (workers > 1)}"
-        figures[name] = (burst.rate, "jobs/s", True)
-    shutil.rmtree(work / "throughput8")
-    shutil.rmtree(work / "throughput1")
-    latencies = measure.pickup(work / "pickup", pickup_jobs, "inotify", 2, limit_s=600)
-    for q in (50, 99):
-        figures[f"pickup, inotify, p{q}"] = (measure.percentile(latencies, q), "ms", False)
-    shutil.rmtree(work / "pickup")
-    big = measure.backlog(work / "backlog", backlog_jobs, 8, 900)
-    figures[f"backlog of {backlog_jobs:,}: first job running"] = (big.first_s, "s", False)
-    figures[f"backlog of {backlog_jobs:,}: peak RSS"] = (big.peak_rss_mb, "MB", False)
-    shutil.rmtree(work / "backlog")
+    if "throughput" in sections:
+        for workers in (8, 1):
+            burst = measure.kinod_throughput(work / f"throughput{workers}", jobs, workers, 900)
+            name = f"throughput, {jobs:,} jobs, {workers} worker{'s' * (workers > 1)}"
+            figures[name] = (burst.rate, "jobs/s", True)
+    if "latency" in sections:
+        latencies = measure.pickup(work / "pickup", pickup_jobs, "inotify", 2, limit_s=600)
+        for q in (50, 99):
+            figures[f"pickup, inotify, p{q}"] = (measure.percentile(latencies, q), "ms", False)
+    if "backlog" in sections:
+        big = measure.backlog(work / "backlog", backlog_jobs, 8, 900)
+        figures[f"backlog of {backlog_jobs:,}: first job running"] = (big.first_s, "s", False)
+        figures[f"backlog of {backlog_jobs:,}: peak RSS"] = (big.peak_rss_mb, "MB", False)
     return figures
 
 
@@ -100,6 +102,8 @@ def main() -> None:
     parser.add_argument("before")
     parser.add_argument("after")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", default="throughput,latency,backlog",
+                        help="sections to measure, of throughput, latency, backlog")
     parser.add_argument("--jobs", type=int, default=10_000)
     parser.add_argument("--pickup-jobs", type=int, default=300)
     parser.add_argument("--backlog-jobs", type=int, default=100_000)
@@ -111,8 +115,8 @@ def main() -> None:
         trees = {rev: export(rev, work / f"tree-{i}")
                  for i, rev in enumerate((args.before, args.after))}
         results = run(trees, args.rounds, work,
-                      lambda folder: measure_once(folder, args.jobs, args.pickup_jobs,
-                                                  args.backlog_jobs))
+                      lambda folder: measure_once(folder, args.only.split(","), args.jobs,
+                                                  args.pickup_jobs, args.backlog_jobs))
         text = report(results, args.before, args.after,
                       "python bench/ab.py " + " ".join(sys.argv[1:]), machine(work))
     args.out.write_text(text)
