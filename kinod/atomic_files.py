@@ -31,7 +31,7 @@ def atomic_write(path: str | Path, data: bytes, *, durable: bool = False) -> Non
     content survives a power cut (not only a crash of this process).
     """
     folder, name = os.path.split(path)
-    fd, tmp = _new_temporary(folder, name)
+    fd, tmp = new_temporary(folder, name)
     try:
         view = memoryview(data)
         while view:
@@ -52,14 +52,15 @@ def atomic_write(path: str | Path, data: bytes, *, durable: bool = False) -> Non
         fsync_dir(folder)
 
 
-def _new_temporary(folder: str, name: str) -> tuple[int, str]:
+def new_temporary(folder: str, name: str, mode: int = 0o644) -> tuple[int, str]:
     """A new hidden file beside ``name`` (readers skip dot-names), under a name nobody can
     guess: others who may write the folder cannot plant a link there for us to write
-    through. Not tempfile.mkstemp: its files are 0600, and ours are 0644 less the umask."""
+    through. Not tempfile.mkstemp: its files are 0600, and ours are ``mode`` less the
+    umask. Returns its descriptor, open for writing, and its path."""
     for _ in range(100):
         tmp = os.path.join(folder, f".{name}.{os.urandom(8).hex()}.tmp")
         try:
-            return os.open(tmp, _NEW_FILE, 0o644), tmp
+            return os.open(tmp, _NEW_FILE, mode), tmp
         except FileExistsError:
             continue  # planted, or a chance in 2**64: another name
     raise FileExistsError(errno.EEXIST, "no free temporary name", folder)

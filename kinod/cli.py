@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import secrets
 import stat
 import sys
 import threading
@@ -16,7 +15,7 @@ from loguru import logger
 from rich.console import Console
 
 from kinod import __version__
-from kinod.atomic_files import rename_noreplace
+from kinod.atomic_files import new_temporary, rename_noreplace
 from kinod.config import Settings, load_settings
 from kinod.errors import ConfigError, InvalidJob
 from kinod.intake import InboxName, check_job, inbox_has_job, read_job_bytes
@@ -33,7 +32,6 @@ EXIT_NOT_FOUND = 3  # no such job
 EXIT_INTERRUPTED = 130
 
 WAIT_POLL_S = 0.2
-_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
 
 EPILOG = """exit status:
   0    success
@@ -267,9 +265,9 @@ def _submit(raw: bytes, inbox: Path, job_id: str, suffix: str) -> str | None:
 def _drop(raw: bytes, dst: Path) -> None:
     """Write under a name the daemon ignores, then rename into place (never replacing a file).
     Others may write the inbox: the temporary name cannot be guessed, and it is made new
-    (O_EXCL), so nothing is written through a link left there."""
-    tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, _NEW_FILE | os.O_EXCL, 0o666)  # the umask decides, as for any write
+    (``new_temporary``), so nothing is written through a link left there."""
+    fd, tmp_name = new_temporary(str(dst.parent), dst.name, 0o666)  # the umask decides
+    tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as tmp_file:
             tmp_file.write(raw)  # a write that fails half-way leaves no temporary behind
@@ -293,7 +291,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
         return EXIT_NOT_FOUND
     try:
         # Never through a link left at that name: it would make a file where it points.
-        os.close(os.open(inbox / f"{job_id}.stop", _NEW_FILE | os.O_NOFOLLOW, 0o666))
+        os.close(os.open(inbox / f"{job_id}.stop",
+                         os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666))
     except OSError as exc:
         err.print(f"cannot ask {job_id} to stop: cannot write into the inbox {inbox}: "
                   f"{exc.strerror or exc}", markup=False)

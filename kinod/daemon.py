@@ -69,7 +69,7 @@ class Daemon:
         # node starting writes its pid into its lock file.
         self._watcher = InboxWatcher([settings.inbox, spool.queued, spool.running_root],
                                      self._on_inbox_event)
-        self._inbox_text, self._spool_text = str(settings.inbox), str(spool.root)
+        self._spool_text = str(spool.root)
         self._queued_text, self._running_root_text = str(spool.queued), str(spool.running_root)
 
     @property
@@ -263,7 +263,7 @@ class Daemon:
 
     def _on_inbox_event(self, path: str, renamed: bool) -> None:
         """The watcher's paths, handed to the stage they concern."""
-        if path in (self._inbox_text, self._spool_text):  # deleted: is the inbox still there?
+        if path in (self.ctx.inbox_text, self._spool_text):  # deleted: is the inbox still there?
             self._rescan_now()
             self._retry_soon()  # and again in a moment: it may be halfway through deletion
             return
@@ -275,7 +275,7 @@ class Daemon:
         if folder == self._queued_text:  # another node took a job in
             self.ctx.recovery.on_queued(Path(path), InboxName.of(name).job_id)
             return
-        if folder == self._inbox_text:
+        if folder == self.ctx.inbox_text:
             self.ctx.intake.arrived(path, renamed)
 
     async def _rescan(self) -> None:

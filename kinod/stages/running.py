@@ -17,16 +17,15 @@ from loguru import logger
 from pydantic import ValidationError
 
 from kinod.atomic_files import flush_tree
-from kinod.errors import InvalidJob, KinodError
-from kinod.intake import read_job_bytes, recheck
+from kinod.errors import KinodError
+from kinod.intake import recheck
 from kinod.isolation import ProcessRun
-from kinod.job_document import parse_document
 from kinod.models import JobState, Sidecar, utc_now
 from kinod.outcome import Outcome, StopReason, Verdict, judge
 from kinod.plugins.base_plugin import BasePlugin
 from kinod.runner import PluginRun, new_plugin
 from kinod.stages.context import Context
-from kinod.stages.job import Job, file_identity, final_sidecar
+from kinod.stages.job import Job, document_of, file_identity, final_sidecar
 
 
 class Running:
@@ -91,10 +90,12 @@ class Running:
         """A job that waited light gets its checked spec and data again, from its file as
         read when it was queued (checked against the plugin it was taken in with). False
         if that file can no longer be read as valid: then it is read as a new one."""
+        document = document_of(held, job.suffix, self._ctx.settings.max_job_bytes)
+        if document is None:
+            return False
         try:
-            raw = read_job_bytes(held, self._ctx.settings.max_job_bytes)[0]
-            job.spec, job.data = recheck(parse_document(raw, job.suffix), job.plugin)
-        except (OSError, InvalidJob, ValidationError):
+            job.spec, job.data = recheck(document, job.plugin)
+        except ValidationError:
             return False
         return True
 
