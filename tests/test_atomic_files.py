@@ -141,6 +141,19 @@ def test_atomic_write_never_writes_through_a_link_planted_at_a_temporary_name(
 TOKEN_BYTES = 8  # atomic_write's temporary names carry 8 random bytes
 
 
+def temporaries_replaced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the temporary files atomic_write renames into place, from now on."""
+    names: list[str] = []
+    real_replace = os.replace
+
+    def recording_replace(src, dst) -> None:
+        names.append(os.path.basename(src))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic_files.os, "replace", recording_replace)
+    return names
+
+
 def test_atomic_write_takes_a_new_hidden_name_where_one_is_taken(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     victim = tmp_path / "victim.txt"
@@ -150,14 +163,7 @@ def test_atomic_write_takes_a_new_hidden_name_where_one_is_taken(
     monkeypatch.setattr(atomic_files.os, "urandom", lambda n: next(tokens)[:n])
     taken = tmp_path / f".a.json.{guessed[:TOKEN_BYTES].hex()}.tmp"
     os.symlink(victim, taken)
-    names: list[str] = []
-    real_replace = os.replace
-
-    def recording_replace(src, dst) -> None:
-        names.append(os.path.basename(src))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(atomic_files.os, "replace", recording_replace)
+    names = temporaries_replaced(monkeypatch)
     atomic_write(tmp_path / "a.json", b"new")
     monkeypatch.undo()
     assert names == [f".a.json.{fresh[:TOKEN_BYTES].hex()}.tmp"]
@@ -167,14 +173,7 @@ def test_atomic_write_takes_a_new_hidden_name_where_one_is_taken(
 
 def test_atomic_write_uses_a_new_temporary_name_each_time(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    names: list[str] = []
-    real_replace = os.replace
-
-    def recording_replace(src, dst) -> None:
-        names.append(os.path.basename(src))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(atomic_files.os, "replace", recording_replace)
+    names = temporaries_replaced(monkeypatch)
     for _ in range(3):
         atomic_write(tmp_path / "a.json", b"{}")
     monkeypatch.undo()

@@ -5,6 +5,8 @@ the job's slot."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import UTC, timedelta
 from pathlib import Path
 
@@ -20,6 +22,18 @@ def scheduler_rig(tmp_path: Path, **settings: object) -> tuple[Rig, Scheduler]:
     rig = make_rig(tmp_path, **settings)
     rig.ctx.scheduler = scheduler = Scheduler(rig.ctx)
     return rig, scheduler
+
+
+@contextlib.asynccontextmanager
+async def running_timers(rig: Rig) -> AsyncIterator[AsyncIOScheduler]:
+    """The context's timers, started on the running loop, as the daemon starts them."""
+    rig.ctx.timers = timers = AsyncIOScheduler(event_loop=asyncio.get_running_loop(),
+                                               timezone=UTC)
+    timers.start()
+    try:
+        yield timers
+    finally:
+        timers.shutdown(wait=False)
 
 
 def started(rig: Rig) -> list[str]:
@@ -111,10 +125,7 @@ def test_not_before_keeps_a_job_out_of_the_queue_until_its_time(tmp_path: Path) 
     rig, scheduler = scheduler_rig(tmp_path)
 
     async def body() -> None:
-        rig.ctx.timers = timers = AsyncIOScheduler(event_loop=asyncio.get_running_loop(),
-                                                   timezone=UTC)
-        timers.start()
-        try:
+        async with running_timers(rig):
             job = bare_job(rig.ctx, "later", not_before=utc_now() + timedelta(seconds=0.3))
             scheduler.admit(job)
             assert "later" in scheduler and scheduler.queued() == 0
@@ -124,8 +135,6 @@ def test_not_before_keeps_a_job_out_of_the_queue_until_its_time(tmp_path: Path) 
             assert job.spec is not None  # released whole: nothing to make again at claim
             scheduler.dispatch()
             assert started(rig) == ["later"]
-        finally:
-            timers.shutdown(wait=False)
 
     asyncio.run(body())
 
@@ -134,10 +143,7 @@ def test_forget_drops_a_job_from_the_queue_and_its_not_before_timer(tmp_path: Pa
     rig, scheduler = scheduler_rig(tmp_path)
 
     async def body() -> None:
-        rig.ctx.timers = timers = AsyncIOScheduler(event_loop=asyncio.get_running_loop(),
-                                                   timezone=UTC)
-        timers.start()
-        try:
+        async with running_timers(rig) as timers:
             queued = bare_job(rig.ctx, "queued")
             waiting = bare_job(rig.ctx, "waiting", not_before=utc_now() + timedelta(hours=1))
             scheduler.admit(queued)
@@ -148,8 +154,6 @@ def test_forget_drops_a_job_from_the_queue_and_its_not_before_timer(tmp_path: Pa
             assert timers.get_job("not_before:waiting") is None
             scheduler.dispatch()
             assert started(rig) == []
-        finally:
-            timers.shutdown(wait=False)
 
     asyncio.run(body())
 
