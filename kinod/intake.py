@@ -6,6 +6,7 @@ import errno
 import itertools
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,13 +64,18 @@ JOB_SUFFIX_SPELLINGS = (*_COMMON_SPELLINGS,
 def inbox_has_job(inbox: Path, job_id: str) -> bool:
     """A job file for ``job_id``, its suffix in any case, waits in ``inbox`` (not yet taken in
     by a daemon); a folder of that name is no job file."""
+    return any(not stat.S_ISDIR(st.st_mode) for _, st in inbox_names_of(inbox, job_id))
+
+
+def inbox_names_of(inbox: Path, job_id: str) -> Iterator[tuple[Path, os.stat_result]]:
+    """The names in ``inbox`` of ``job_id`` with a job file's suffix in any case, and what
+    each is (its lstat), the common spellings first."""
     for suffix in JOB_SUFFIX_SPELLINGS:
+        path = inbox / f"{job_id}{suffix}"
         try:
-            if not stat.S_ISDIR(os.lstat(inbox / f"{job_id}{suffix}").st_mode):
-                return True
+            yield path, os.lstat(path)
         except FileNotFoundError:
             continue
-    return False
 
 
 def wait_before_reading_s(st: os.stat_result, now_s: float, settle_s: float,

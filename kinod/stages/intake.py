@@ -4,6 +4,7 @@ duplicates, and moves the rest into the spool, where it waits or starts at once.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import stat
@@ -33,7 +34,7 @@ class Intake:
         # Inbox paths to look at -> arrived by rename. Text, not Paths: a start-up scan of
         # 100,000 files holds them all at once.
         self._pending: dict[str, bool] = {}
-        self._settling: dict[str, Any] = {}  # path -> the timer that looks at it again
+        self._settling: dict[str, asyncio.TimerHandle] = {}  # path -> its look again
         # Files being written in place: (mtime_ns, size) and when first seen so.
         self._unchanged: dict[Path, tuple[tuple[int, int], float]] = {}
         self._warned: set[str] = set()
@@ -119,7 +120,7 @@ class Intake:
             return
         if self._wait_until_settled(path, st, renamed):
             return
-        self._intake(path, name.job_id, renamed, st)
+        self._intake(path, name.job_id, renamed)
 
     def _wait_until_settled(self, path: Path, st: os.stat_result, renamed: bool) -> bool:
         """True (and a look again planned) while the file may still be being written."""
@@ -155,7 +156,7 @@ class Intake:
 
     # --- taking a job in ----------------------------------------------------------------
 
-    def _intake(self, path: Path, job_id: str, renamed: bool, st: os.stat_result) -> None:
+    def _intake(self, path: Path, job_id: str, renamed: bool) -> None:
         """inbox/<id>.<ext> -> running/<node>/ (this daemon alone takes it in), its first
         sidecar (queued, or failed if invalid), then queued/ for any daemon to claim."""
         ctx = self._ctx

@@ -11,9 +11,8 @@ from typing import Any
 
 from loguru import logger
 
-from kinod.atomic_files import same_file
 from kinod.errors import DaemonCrashed
-from kinod.intake import JOB_SUFFIX_SPELLINGS, InboxName
+from kinod.intake import InboxName, inbox_names_of
 from kinod.models import JobState
 from kinod.stages.context import RETRY_S, Context
 from kinod.stages.job import file_identity, first_sidecar, mtime_ns, queued_again, unlink
@@ -153,11 +152,11 @@ def _finish_move_in(inbox: Path, held: Path, job_id: str) -> None:
     """A move into the spool by a link and an unlink (NFS) that a crash cut short leaves
     the job's inbox name beside the file in running/: unlinked, as the move would have.
     No live mover is left to race: other nodes leave such a name to the node holding it."""
-    if os.lstat(held).st_nlink < 2:
+    held_st = os.lstat(held)
+    if held_st.st_nlink < 2:
         return  # the common case, told by one lstat, not by looking for 40 names
-    for suffix in JOB_SUFFIX_SPELLINGS:
-        name = inbox / f"{job_id}{suffix}"
-        if same_file(name, held):
+    for name, st in inbox_names_of(inbox, job_id):
+        if os.path.samestat(st, held_st):
             unlink(name)
             logger.bind(job_id=job_id).info("{}: a move into the spool was cut short; "
                                             "finished", name)
