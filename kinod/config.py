@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from kinod.errors import ConfigError
 from kinod.params import format_validation_error
@@ -32,6 +33,46 @@ class PluginSettings(BaseModel):
 
     def plugin_settings(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+
+class HttpSettings(BaseModel):
+    """``http``: the HTTP API and dashboard (SPEC §11)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    listen: str | None = None       # "host:port"; None: no API in ``kinod run``
+    token_file: Path | None = None  # a file holding the bearer token every request needs
+
+
+TERMINAL_STATES = ("succeeded", "failed", "stopped")
+
+
+class HookSettings(BaseModel):
+    """One entry of ``hooks`` (SPEC §10): a command or a webhook told when a job ends."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    on: list[Literal["succeeded", "failed", "stopped"]] = Field(
+        default_factory=lambda: list(TERMINAL_STATES), min_length=1)
+    types: list[str] | None = None  # plugins; None: every plugin
+    run: list[str] | None = Field(default=None, min_length=1)  # argv, run without a shell
+    url: str | None = Field(default=None, pattern=r"^https?://")
+    retries: int = Field(default=5, ge=0, le=100)
+    timeout: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on_key(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `on:` key as the boolean true.
+        if isinstance(value, dict) and True in value:
+            value = {("on" if key is True else key): item for key, item in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _one_target(self) -> HookSettings:
+        if (self.run is None) == (self.url is None):
+            raise ValueError("a hook needs exactly one of `run` (a command) or `url`")
+        return self
 
 
 class Settings(BaseModel):
@@ -58,6 +99,12 @@ class Settings(BaseModel):
     poll_interval_s: float = Field(default=2.0, gt=0)
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"] = "INFO"
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    hooks: list[HookSettings] = Field(default_factory=list)
+    keep_ended_days: float | None = Field(default=None, gt=0)  # None: ended jobs are kept
+    keep_ended_frames: bool = True  # False: retention removes a pruned job's frames too
+    workflows: Path = Path("workflows")  # API-format ComfyUI workflows (the comfyui plugin)
+    projects: Path = Path("projects")    # .blend files (the blender plugin)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -147,7 +194,8 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
         key = name[len(ENV_PREFIX):].lower()
         if key not in Settings.model_fields:
             raise ConfigError(f"environment: {name} is not a setting")
-        if key in ("node", "inbox", "outbox", "frames", "models", "plugin_dirs", "serves"):
+        if key in ("node", "inbox", "outbox", "frames", "models", "plugin_dirs", "serves",
+                   "workflows", "projects"):
             overrides[key] = value  # text as given, never YAML-typed
             continue
         try:
@@ -167,6 +215,10 @@ def _absolute(settings: Settings, base: Path) -> Settings:
             "outbox": resolve(settings.outbox),
             "frames": resolve(settings.frames),
             "models": resolve(settings.models),
+            "workflows": resolve(settings.workflows),
+            "projects": resolve(settings.projects),
             "plugin_dirs": [resolve(p) for p in settings.plugin_dirs],
+            "http": settings.http.model_copy(update={
+                "token_file": settings.http.token_file and resolve(settings.http.token_file)}),
         }
     )
