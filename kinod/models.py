@@ -13,6 +13,7 @@ SIDECAR_SCHEMA = "kinod.sidecar/1"
 JOB_ID_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 
+MAX_AFTER = 10_000  # ids one job may wait on: a fan-in of thousands, not an unbounded list
 JOB_ID_RULES = "letters, digits, '.', '_', '-'; at most 128 characters; not starting with '.'"
 
 
@@ -34,6 +35,7 @@ def utc_now() -> datetime:
 
 
 class JobState(StrEnum):
+    HELD = "held"  # accepted, waiting to be released (SPEC §8)
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -58,6 +60,17 @@ class JobSpec(BaseModel):
     stall_timeout: float | None = Field(default=None, gt=0)
     retries: int = Field(default=0, ge=0, le=100)
     not_before: datetime | None = None
+    hold: bool = False  # accepted but held until released (SPEC §8)
+    # Ids whose latest run must have succeeded before this job starts (SPEC §9).
+    after: list[str] = Field(default_factory=list, max_length=MAX_AFTER)
+
+    @field_validator("after")
+    @classmethod
+    def _job_ids(cls, value: list[str]) -> list[str]:
+        for job_id in value:
+            if not is_valid_job_id(job_id):
+                raise ValueError(f"{job_id!r} is not a job id ({JOB_ID_RULES})")
+        return list(dict.fromkeys(value))  # each once, in order
 
     @field_validator("not_before")
     @classmethod

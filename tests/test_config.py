@@ -235,9 +235,16 @@ def test_plugin_settings_is_a_copy() -> None:
 # --- the shipped config.yaml ---------------------------------------------------------------
 
 
-def test_repository_config_is_the_default_config() -> None:
+def test_repository_config_is_the_default_config_but_serves_the_api() -> None:
+    # `make run` serves the API on 127.0.0.1:8000; the built-in default is off.
     shipped = (REPO / "config.yaml").read_text()
-    assert shipped == (REPO / "kinod" / "default_config.yaml").read_text()
+    default = (REPO / "kinod" / "default_config.yaml").read_text()
+    assert shipped.replace(
+        "listen: 127.0.0.1:8000     # host:port (null: off); only loopback without a token",
+        "listen: null               # host:port, e.g. 127.0.0.1:8000; only loopback without a token",
+    ) == default
+    assert load_settings(REPO / "config.yaml", environ={}).http.listen == "127.0.0.1:8000"
+    assert load_settings(None, environ={}).http.listen is None
 
 
 def test_default_config_mentions_every_setting() -> None:
