@@ -140,7 +140,7 @@ def _type_name(ex: BaseException) -> str:
 
 
 async def _json_body(request: web.Request) -> Any:
-    if not request.can_read_body:
+    if not request.can_read_body or request.content_type.startswith("multipart/"):
         return None
     try:
         return json.loads(await request.read())
@@ -331,6 +331,17 @@ class ComfyUITestServer:
         self._held = False
         self._in_loop(lambda: self._wake.set())
 
+    def resume(self) -> None:
+        """Let a run stalled by behaviour "stall" go on to its end."""
+        self._in_loop(lambda: self._resume.set())
+
+    @property
+    def quiet(self) -> bool:
+        """Nothing runs or waits, and every message has been sent."""
+        return (self._running is None and not self._pending
+                and getattr(self, "_outbox", None) is not None and self._outbox.empty()
+                and not self._outbox._unfinished_tasks)  # noqa: SLF001 - sent, not only taken
+
     def drop_websockets(self) -> None:
         """Abort every websocket (no close frame); HTTP keeps working."""
         self._in_loop(self._abort_websockets)
@@ -381,7 +392,8 @@ class ComfyUITestServer:
     async def _main(self, sock: socket.socket, ready: concurrent.futures.Future[None]) -> None:
         try:
             self._loop = asyncio.get_running_loop()
-            self._stop, self._wake, self._interrupt = (asyncio.Event() for _ in range(3))
+            self._stop, self._wake, self._interrupt, self._resume = (
+                asyncio.Event() for _ in range(4))
             self._outbox: asyncio.Queue[tuple[Any, Any, str | None]] = asyncio.Queue()
             app = web.Application(middlewares=[self._record])
             app.add_routes([
@@ -576,7 +588,7 @@ class ComfyUITestServer:
         return web.json_response({"name": final, "subfolder": subfolder, "type": kind})
 
     async def _get_system_stats(self, request: web.Request) -> web.Response:
-        return web.json_response(_load("system_stats.json"))
+        return web.json_response(_load("system_stats.json", self.version))
 
     async def _get_prompt(self, request: web.Request) -> web.Response:
         return web.json_response(self._queue_info())
@@ -1065,9 +1077,15 @@ class ComfyUITestServer:
             # progress goes to the prompt's client, or to everyone when it has none
             self._emit("progress", {"value": value, "max": steps, "prompt_id": prompt_id,
                                     "node": nid}, client)
-            if behaviour == "stall":
-                await self._interrupt.wait()
-                raise _Interrupted
+            if behaviour == "stall":  # until interrupted, or resumed by the test
+                self._resume.clear()
+                waits = [asyncio.ensure_future(e.wait()) for e in (self._interrupt, self._resume)]
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for wait in waits:
+                    wait.cancel()
+                if self._interrupt.is_set():
+                    raise _Interrupted
+                behaviour = "ok"
             if behaviour == "die":
                 await self._crash()
             if self.modern and self.previews and not with_metadata:
