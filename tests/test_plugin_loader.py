@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -186,6 +187,43 @@ def test_registry_accessors() -> None:
     assert registry.get_all_plugins()["example"] is registry.get("example").cls
     assert registry.get_plugin("nope") is None
     assert registry.get("nope") is None
+
+
+@pytest.fixture
+def fresh_default(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The class-level registry is made again from the current folder's config.yaml."""
+    monkeypatch.setattr(PluginRegistry, "_default", None)
+    yield
+
+
+def test_seed_calls_on_the_class_use_config_yaml(tmp_path: Path, plugins_dir: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 fresh_default: None) -> None:
+    make_plugin(plugins_dir, "my_plugin", SEED_README_LOADER, SEED_README_INIT)
+    (tmp_path / "config.yaml").write_text(f"plugin_dirs: [{plugins_dir}]\n")
+    monkeypatch.chdir(tmp_path)
+    plugins = PluginRegistry.get_all_plugins()
+    assert {"example", "my_plugin"} <= plugins.keys()
+    assert PluginRegistry.get_plugin("my_plugin") is plugins["my_plugin"]
+    assert PluginRegistry.get_plugin("nope") is None
+    # ... and on an instance, its own plugins, as before
+    assert "my_plugin" not in PluginRegistry().get_all_plugins()
+
+
+def test_seed_calls_on_the_class_without_config_yaml_use_the_defaults(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_default: None) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert PluginRegistry.get_plugin("example").__name__ == "ExamplePlugin"
+    assert set(PluginRegistry.get_all_plugins()) == {"example", "sdxl"}
+
+
+def test_the_seeds_troubleshooting_line_prints_the_plugins(tmp_path: Path) -> None:
+    line = ("from kinod.plugins.plugin_loader import PluginRegistry; "
+            "print(PluginRegistry.get_all_plugins())")
+    done = subprocess.run([sys.executable, "-c", line], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "'example':" in done.stdout and "ExamplePlugin" in done.stdout
 
 
 def test_base_plugin_module_is_shared_with_seed_style_imports() -> None:

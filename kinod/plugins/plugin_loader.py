@@ -9,11 +9,13 @@ broken plugin never stops the others: its error is kept in ``errors``.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import inspect
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -57,8 +59,25 @@ class LoadedPlugin:
         return dict(self.info.get("parameters") or {})
 
 
+class _OnClassOrInstance:
+    """A method that works on a registry, and on the class too, as the seed calls it
+    (``PluginRegistry.get_all_plugins()``): there it uses the registry of the settings in
+    ``./config.yaml``, or of the defaults where there is none."""
+
+    def __init__(self, func: Callable[..., Any]) -> None:
+        self.func = func
+        functools.update_wrapper(self, func)  # type: ignore[arg-type]
+
+    def __get__(self, registry: PluginRegistry | None, owner: type[PluginRegistry]
+                ) -> Callable[..., Any]:
+        return functools.partial(self.func, registry if registry is not None
+                                 else owner.default())
+
+
 class PluginRegistry:
     """The plugins this daemon can run, by name, and the ones that failed to load."""
+
+    _default: PluginRegistry | None = None
 
     def __init__(self, plugin_dirs: list[Path] | tuple[Path, ...] = (),
                  use_entry_points: bool = True) -> None:
@@ -69,9 +88,23 @@ class PluginRegistry:
         if use_entry_points:
             self._scan_entry_points()
 
+    @classmethod
+    def default(cls) -> PluginRegistry:
+        """The registry of ``./config.yaml``'s ``plugin_dirs`` (the defaults without one),
+        made at the first call. ConfigError if that file is invalid."""
+        if cls._default is None:
+            from kinod.config import load_settings
+
+            config = Path("config.yaml")
+            settings = load_settings(config if config.is_file() else None)
+            cls._default = cls(settings.plugin_dirs)
+        return cls._default
+
+    @_OnClassOrInstance
     def get_all_plugins(self) -> dict[str, type[BasePlugin]]:
         return {name: p.cls for name, p in self.plugins.items()}
 
+    @_OnClassOrInstance
     def get_plugin(self, name: str) -> type[BasePlugin] | None:
         loaded = self.plugins.get(name)
         return loaded.cls if loaded else None
