@@ -545,7 +545,9 @@ def test_a_prompt_is_followed_through_history_without_a_websocket() -> None:
     client = ScriptedClient([PENDING, RUNNING, RUNNING, GONE], history=DONE)
     entry, reports = follow(client)
     assert entry is DONE
-    assert reports == [(None, "running on http://gpu-1:8188")]
+    # A prompt waiting in the server's queue says so, then that it runs.
+    assert reports == [(None, "waiting on http://gpu-1:8188, position 1"),
+                       (None, "running on http://gpu-1:8188")]
 
 
 def test_a_prompt_in_neither_queue_nor_history_was_lost_never_done() -> None:

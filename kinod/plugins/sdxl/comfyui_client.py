@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import uuid
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
@@ -24,6 +25,7 @@ from .messages import (
     ImageRef,
     PromptAccepted,
     QueueState,
+    UploadedImage,
     parse_ws_message,
 )
 
@@ -58,10 +60,14 @@ class ComfyUIClient:
     async def queue(self) -> QueueState:
         return self._read(await self._request("GET", "/queue"), QueueState, "GET /queue")
 
-    async def submit(self, workflow: dict[str, Any], client_id: str) -> str:
-        """POST /prompt; the prompt's id, or PromptRejected with ComfyUI's own reasons."""
-        answer = await self._request("POST", "/prompt",
-                                     json={"prompt": workflow, "client_id": client_id})
+    async def submit(self, workflow: dict[str, Any], client_id: str,
+                     prompt_id: str | None = None) -> str:
+        """POST /prompt; the prompt's id, or PromptRejected with ComfyUI's own reasons.
+        ``prompt_id``: the id to ask for (servers since 2025 take it, older ones choose)."""
+        body: dict[str, Any] = {"prompt": workflow, "client_id": client_id}
+        if prompt_id is not None:
+            body["prompt_id"] = prompt_id
+        answer = await self._request("POST", "/prompt", json=body)
         if answer.status_code != 200:
             message = describe_rejection(self.url, answer.status_code, answer.text)
             # 5xx other than 500 come from proxies and restarts: worth another try.
@@ -82,6 +88,26 @@ class ComfyUIClient:
     async def delete_pending(self, prompt_id: str) -> None:
         self._expect_ok(await self._request("POST", "/queue", json={"delete": [prompt_id]}),
                         "POST /queue")
+
+    async def object_info(self) -> dict[str, Any]:
+        """GET /object_info: every node class the server has, by name."""
+        answer = await self._request("GET", "/object_info")
+        self._expect_ok(answer, "GET /object_info")
+        try:
+            info = json.loads(answer.text)
+        except ValueError:
+            info = None
+        if not isinstance(info, dict):
+            raise UnexpectedAnswer(f"ComfyUI at {self.url} answered GET /object_info with "
+                                   "something other than a JSON object")
+        return info
+
+    async def upload_image(self, name: str, data: bytes) -> str:
+        """POST /upload/image into the server's input folder; the name it was saved under
+        (ComfyUI renames a file whose name is taken)."""
+        answer = await self._request("POST", "/upload/image", files={"image": (name, data)},
+                                     data={"type": "input", "overwrite": "false"})
+        return self._read(answer, UploadedImage, "POST /upload/image").name
 
     async def fetch_image(self, image: ImageRef) -> bytes:
         answer = await self._request("GET", "/view", params={
@@ -127,20 +153,25 @@ class EventStream:
     ``connection`` is an open websocket: an async iterable of its messages, with ``close()``.
     """
 
-    def __init__(self, connection: Any) -> None:
+    def __init__(self, connection: Any, client_id: str = "") -> None:
+        self.client_id = client_id
         self.events: asyncio.Queue[Event | object] = asyncio.Queue()
         self._connection = connection
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
-    async def open(cls, url: str, client_id: str, timeout_s: float) -> EventStream:
+    async def open(cls, url: str, timeout_s: float) -> EventStream:
         """Connected before the prompt is posted, so no early message is missed; raises
-        OSError or a websockets error when it cannot connect."""
+        OSError or a websockets error when it cannot connect. Each socket gets a clientId of
+        its own: ComfyUI keys sockets by clientId, and closing an older socket with the same
+        id silences the newer one."""
         from websockets.asyncio.client import connect
 
+        client_id = str(uuid.uuid4())
         ws_url = url.replace("http", "ws", 1).rstrip("/") + f"/ws?clientId={quote(client_id)}"
         return cls(await connect(ws_url, open_timeout=timeout_s,
-                                 close_timeout=WS_CLOSE_TIMEOUT_S, max_size=WS_MAX_MESSAGE_BYTES))
+                                 close_timeout=WS_CLOSE_TIMEOUT_S, max_size=WS_MAX_MESSAGE_BYTES),
+                   client_id)
 
     async def _read(self) -> None:
         from websockets.exceptions import ConnectionClosed

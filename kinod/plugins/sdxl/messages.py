@@ -41,6 +41,11 @@ class PromptEventData(_Answer):
     prompt_id: str | None = None
 
 
+class CachedData(_Answer):
+    prompt_id: str | None = None
+    nodes: list[str] = []
+
+
 class NodeFailureData(_Answer):
     """``execution_error`` and ``execution_interrupted``."""
 
@@ -56,11 +61,23 @@ class Progress:
     prompt_id: str
     value: float
     maximum: float
+    node: str | None = None
 
 
 @dataclass(frozen=True)
 class Started:
+    """The prompt began running (``node`` None), or began running ``node``."""
+
     prompt_id: str
+    node: str | None = None
+
+
+@dataclass(frozen=True)
+class Cached:
+    """Nodes the server will not run again: their earlier outputs stand."""
+
+    prompt_id: str
+    nodes: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -72,7 +89,7 @@ class Ended:
     failure: NodeFailureData | None = None
 
 
-Event = Progress | Started | Ended
+Event = Progress | Started | Ended | Cached
 
 _ENDINGS = {"execution_success": "finished", "execution_error": "error",
             "execution_interrupted": "interrupted"}
@@ -101,14 +118,17 @@ def _event_of(raw: str) -> Event | None:
         progress = ProgressData.model_validate(data)
         if progress.prompt_id is None or progress.max <= 0:
             return None
-        return Progress(progress.prompt_id, progress.value, progress.max)
+        return Progress(progress.prompt_id, progress.value, progress.max, progress.node)
     if kind == "executing":
         executing = ExecutingData.model_validate(data)
         if executing.prompt_id is None:
             return None
         if executing.node is None:  # older servers' only end-of-run message
             return Ended(executing.prompt_id, "finished")
-        return Started(executing.prompt_id)
+        return Started(executing.prompt_id, executing.node)
+    if kind == "execution_cached":
+        cached = CachedData.model_validate(data)
+        return Cached(cached.prompt_id, tuple(cached.nodes)) if cached.prompt_id else None
     if kind == "execution_start":
         started = PromptEventData.model_validate(data)
         return Started(started.prompt_id) if started.prompt_id else None
@@ -122,6 +142,12 @@ def _event_of(raw: str) -> Event | None:
 
 
 # --- POST /prompt ----------------------------------------------------------------------------
+
+class UploadedImage(_Answer):
+    name: str
+    subfolder: str = ""
+    type: str = "input"
+
 
 class PromptAccepted(_Answer):
     prompt_id: str
@@ -175,7 +201,24 @@ class ImageRef(_Answer):
 
 
 class NodeOutput(_Answer):
+    """What one output node made: ``images``, and under other keys (``gifs`` for video nodes,
+    ``audio``, ...) lists of files alike."""
+
     images: list[ImageRef] = []
+
+    def files(self) -> list[tuple[str, ImageRef]]:
+        """(key, file) for every file of every kind, previews (type ``temp``) left out."""
+        found = [("images", image) for image in self.images]
+        for key, value in (self.model_extra or {}).items():
+            if not isinstance(value, list):
+                continue
+            for item in value:
+                if isinstance(item, dict) and isinstance(item.get("filename"), str):
+                    try:
+                        found.append((key, ImageRef.model_validate(item)))
+                    except ValueError:
+                        continue
+        return [(key, ref) for key, ref in found if ref.type != "temp"]
 
 
 class HistoryStatus(_Answer):

@@ -11,13 +11,16 @@ from loguru import logger
 
 from .comfyui_client import CLOSED, ComfyUIClient, EventStream
 from .errors import PromptLost, SdxlError
-from .messages import Ended, Event, HistoryEntry, NodeFailureData, Progress, Started
+from .messages import Cached, Ended, Event, HistoryEntry, NodeFailureData, Progress, Started
 from .servers import SdxlSettings
 
 TICK_S = 0.1  # how often a stop request is looked for
 # With the websocket up, /queue and /history are still asked after this long without a word
 # about our prompt: a message may have been missed, or a newer server may end differently.
 QUIET_CHECK_S = 5.0
+# A prompt not heard of this long after it was posted is looked for in /queue: it may be
+# waiting behind others, which the job's message then says.
+FIRST_CHECK_S = 0.5
 MISSING_CHECKS_TO_LOSE = 2  # a prompt in neither /queue nor /history this often was lost
 
 Report = Callable[[float | None, str], None]  # percent (None: unchanged) and a short message
@@ -28,7 +31,8 @@ class PromptTracker:
 
     def __init__(self, client: ComfyUIClient, prompt_id: str, settings: SdxlSettings,
                  stop_requested: Callable[[], bool], report: Report,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 node_count: int | None = None) -> None:
         self.client = client
         self.prompt_id = prompt_id
         self.settings = settings
@@ -41,10 +45,16 @@ class PromptTracker:
         self._percent = 0.0  # only ever rises: later nodes' progress starts again from 0
         self._missing = 0
         self._unreachable_since: float | None = None
+        # Overall progress (the comfyui plugin): nodes begun out of the graph's nodes less the
+        # cached ones, the running node's share refined by its steps.
+        self._node_count = node_count
+        self._cached: set[str] = set()
+        self._begun: list[str] = []
+        self.position: int | None = None  # place in the server's queue while waiting
 
     async def follow(self, stream: EventStream | None) -> HistoryEntry | None:
         """The prompt's history entry once it has ended; None once stopped on request."""
-        next_check = self._clock() + (QUIET_CHECK_S if stream else 0.0)
+        next_check = self._clock() + (FIRST_CHECK_S if stream else 0.0)
         while True:
             if self._stop_requested():
                 await self.cancel()
@@ -55,7 +65,7 @@ class PromptTracker:
                                "/history", self.client.url, self.prompt_id)
                 stream, next_check = None, self._clock()
             # Other clients' prompts share the socket: only ours count.
-            elif (isinstance(event, Progress | Started | Ended)
+            elif (isinstance(event, Progress | Started | Ended | Cached)
                   and event.prompt_id == self.prompt_id):
                 self._on_event(event)
                 next_check = self._clock() + (0.0 if self._ended else QUIET_CHECK_S)
@@ -63,7 +73,7 @@ class PromptTracker:
                 entry = await self._check()
                 if entry is not None:
                     return entry
-                quick = self._ended or stream is None
+                quick = self._ended or stream is None or self.position is not None
                 next_check = self._clock() + (self._poll_s if quick else QUIET_CHECK_S)
 
     @property
@@ -85,17 +95,38 @@ class PromptTracker:
         if isinstance(event, Progress):
             self._mark_started()
             # 100 is for when the images are saved.
-            self._percent = max(self._percent, min(99.0, 100.0 * event.value / event.maximum))
+            share = event.value / event.maximum
+            if self._node_count is not None:
+                share = self._overall(share if event.node in (None, self._current) else 0.0)
+            self._percent = max(self._percent, min(99.0, 100.0 * share))
             self._report(self._percent,
                          f"step {event.value:g}/{event.maximum:g} on {self.client.url}")
+        elif isinstance(event, Cached):
+            self._cached.update(event.nodes)
         elif isinstance(event, Started):
             self._mark_started()
+            if event.node is not None and event.node not in self._begun:
+                self._begun.append(event.node)
+                if self._node_count is not None:
+                    self._percent = max(self._percent, min(99.0, 100.0 * self._overall(0.0)))
+                    self._report(self._percent, f"node {event.node} on {self.client.url}")
         else:
             self._ended = True
             if event.how == "error":
                 self.failure = event.failure
 
+    @property
+    def _current(self) -> str | None:
+        return self._begun[-1] if self._begun else None
+
+    def _overall(self, current_share: float) -> float:
+        """The share of the whole run done: nodes finished, and part of the running one."""
+        assert self._node_count is not None
+        to_run = max(1, self._node_count - len(self._cached), len(self._begun))
+        return (max(0, len(self._begun) - 1) + current_share) / to_run
+
     def _mark_started(self) -> None:
+        self.position = None
         if self.started_at is None:
             self.started_at = self._clock()
             self._report(None, f"running on {self.client.url}")
@@ -109,6 +140,8 @@ class PromptTracker:
             if self.prompt_id in queue.running_ids or self.prompt_id in queue.pending_ids:
                 if self.prompt_id in queue.running_ids:
                     self._mark_started()
+                elif self.started_at is None:
+                    self._waiting(queue.pending_ids.index(self.prompt_id) + 1)
                 self._missing, self._unreachable_since = 0, None
                 return None
             entry = await self.client.history(self.prompt_id)
@@ -128,6 +161,12 @@ class PromptTracker:
                              f"{self.prompt_id}: it is in neither its queue nor its history "
                              "(did the server restart?)")
         return None
+
+    def _waiting(self, position: int) -> None:
+        """Still in the server's queue, ``position`` (1: next to run)."""
+        if position != self.position:
+            self.position = position
+            self._report(None, f"waiting on {self.client.url}, position {position}")
 
     async def cancel(self) -> None:
         """Take the prompt off the server: delete it while it waits, interrupt it while it runs
