@@ -151,8 +151,11 @@ class OutboxIndex:
 
     async def _rescans(self) -> None:
         while True:
+            # Soon again while the outbox cannot be watched yet (no daemon has made it).
+            unwatched = not self.polling and self._watcher is None
+            interval_s = min(self.rescan_interval_s, 1.0) if unwatched else self.rescan_interval_s
             try:
-                await asyncio.wait_for(self._rescan_now.wait(), self.rescan_interval_s)
+                await asyncio.wait_for(self._rescan_now.wait(), interval_s)
             except TimeoutError:
                 pass
             self._rescan_now.clear()
