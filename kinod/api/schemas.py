@@ -23,7 +23,10 @@ class TaskCreate(JobSpec):
     API's own: ``id`` (default: the next free integer) and ``start``."""
 
     # No infinities or NaN: a job file is JSON, which cannot hold them.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra={
+        "examples": [{"name": "Test", "type": "example", "data": {"prompt": "hello", "steps": 20}},
+                     {"id": "shot010", "type": "example", "data": {"prompt": "key art"},
+                      "priority": 5, "start": True}]})
 
     id: str | None = Field(default=None, pattern=JOB_ID_PATTERN, max_length=128)
     start: bool = Field(default=False, description="run at once instead of being held")
