@@ -422,3 +422,14 @@ def _alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_hooks_added_by_a_reload_deliver_what_waits(
+        tmp_path: Path, started: list[Hooks], webhook: Any) -> None:
+    server = webhook()
+    settings = make_settings(tmp_path, [])
+    hooks = start(started, settings)  # no hooks yet: no thread
+    with_hook = make_settings(tmp_path, [{"url": server.url}])
+    Hooks(with_hook, spool_root(with_hook)).enqueue(sidecar())  # another node's end
+    hooks.update_settings(with_hook)
+    wait_for(lambda: [b["id"] for b in server.accepted] == ["shot010"], what="its delivery")
