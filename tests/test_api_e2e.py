@@ -6,6 +6,7 @@ serve`` runs it (``serve`` in a process of its own), on a free loopback port."""
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -78,6 +79,18 @@ def test_the_seed_readme_curl_sequence(farm: tuple[DaemonProcess, httpx.Client])
     assert api.post(f"{TASKS}/1/generate").status_code == 202
     done = wait_task(api, "1", "succeeded", "failed", "stopped")
     assert done["state"] == "succeeded" and done["name"] == "Test"
+
+
+def test_a_task_released_before_any_node_took_it_in_runs(
+        farm: tuple[DaemonProcess, httpx.Client]) -> None:
+    daemon, api = farm
+    daemon.signal(signal.SIGSTOP)  # the seed's create-then-generate, faster than any intake
+    try:
+        job_id = api.post(TASKS, json=scripted(steps=1)).json()["id"]
+        assert api.post(f"{TASKS}/{job_id}/generate").json()["state"] is None
+    finally:
+        daemon.signal(signal.SIGCONT)
+    assert wait_task(api, job_id, "succeeded", "failed", "stopped")["state"] == "succeeded"
 
 
 def test_a_started_task_runs_to_succeeded(farm: tuple[DaemonProcess, httpx.Client]) -> None:
