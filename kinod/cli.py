@@ -17,11 +17,12 @@ from rich.console import Console
 from kinod import __version__
 from kinod.atomic_files import new_temporary, rename_noreplace
 from kinod.config import Settings, load_settings
+from kinod.control import drop_control, pause, resume
 from kinod.errors import ConfigError, InvalidJob
 from kinod.intake import InboxName, check_job, inbox_has_job, read_job_bytes
 from kinod.job_document import parse_document
 from kinod.job_threads import IDLE_NAME
-from kinod.models import JOB_ID_RULES, Sidecar, is_valid_job_id
+from kinod.models import JOB_ID_RULES, JobState, Sidecar, is_valid_job_id
 from kinod.plugins.plugin_loader import PluginRegistry
 
 EXIT_OK = 0
@@ -118,6 +119,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true",
                    help="wait until the job has ended; exit 1 unless it ended stopped")
 
+    p = command("hold", cmd_hold, "hold a queued job",
+                "Drop <inbox>/<ID>.hold: a queued job is held (state held) until released; "
+                "a running job is not affected.")
+    p.add_argument("id", metavar="ID", help="the job's id")
+
+    p = command("release", cmd_release, "release a held job",
+                "Drop <inbox>/<ID>.release: a held job (hold: true, or held by `kinod hold`) "
+                "is queued.")
+    p.add_argument("id", metavar="ID", help="the job's id")
+
+    for name, func, verb in (("pause", cmd_pause, "pause"), ("resume", cmd_resume, "resume")):
+        p = command(name, func, f"{verb} the farm, or one node",
+                    "Make <inbox>/.pause (or .pause.NAME): no new job starts while it exists; "
+                    "running jobs go on to their end." if name == "pause" else
+                    "Remove <inbox>/.pause (or .pause.NAME): queued jobs start again.")
+        p.add_argument("--node", metavar="NAME", help=f"{verb} only this node")
+
+    p = command("serve", cmd_serve, "serve the HTTP API alone, running no jobs",
+                "Serve the HTTP API and dashboard on http.listen (default 127.0.0.1:8000) "
+                "until SIGTERM or SIGINT: a web node beside worker nodes.")
+    p.add_argument("--listen", metavar="HOST:PORT", help="where to listen (default: http.listen)")
+
     p = command("plugins", cmd_plugins, "list plugins and their load errors")
     p.add_argument("--json", action="store_true", help="print as JSON")
 
@@ -167,11 +190,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in options.items() if v}
     settings = _settings(args, overrides=overrides)
     setup_logging(settings.log_format, settings.log_level)
+    api = None
+    if settings.http.listen is not None:
+        from kinod.api.server import ApiServer
+
+        api = ApiServer(settings)  # a listen it refuses stops the start (ConfigError: 2)
     add_job_log_sink(settings.outbox)
-    asyncio.run(Daemon(settings, reload_settings=lambda: _settings(args, overrides=overrides))
-                .run(burst=args.burst))
+    if api is not None:
+        api.start()
+    try:
+        asyncio.run(Daemon(settings, reload_settings=lambda: _settings(args, overrides=overrides))
+                    .run(burst=args.burst))
+    finally:
+        if api is not None:
+            api.stop()
     _exit_without_waiting_for_plugin_threads()
     return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kinod.api.server import serve
+    from kinod.logs import setup_logging
+
+    settings = _settings(args)
+    listen = args.listen or settings.http.listen or "127.0.0.1:8000"
+    settings = settings.model_copy(update={
+        "http": settings.http.model_copy(update={"listen": listen})})
+    setup_logging(settings.log_format, settings.log_level)
+    _inbox(settings)
+    return serve(settings)
 
 
 def _exit_without_waiting_for_plugin_threads() -> None:
@@ -289,18 +336,75 @@ def cmd_stop(args: argparse.Namespace) -> int:
         state = f"already {current.state}" if current else "unknown"
         err.print(f"job {job_id} is not queued or running ({state})", markup=False)
         return EXIT_NOT_FOUND
-    try:
-        # Never through a link left at that name: it would make a file where it points.
-        os.close(os.open(inbox / f"{job_id}.stop",
-                         os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666))
-    except OSError as exc:
-        err.print(f"cannot ask {job_id} to stop: cannot write into the inbox {inbox}: "
-                  f"{exc.strerror or exc}", markup=False)
+    if not _drop_control(inbox, job_id, "stop"):
         return EXIT_FAILED
     out.print(f"stop requested for {job_id}", markup=False)
     if args.wait:
         previous = current.created_at.isoformat() if current and waiting_in_inbox else None
         return EXIT_OK if _wait_for(settings, {job_id: previous}, want="stopped") else EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_hold(args: argparse.Namespace) -> int:
+    return _ask(args, "hold", "held", {JobState.QUEUED})
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    return _ask(args, "release", "released", {JobState.HELD})
+
+
+def _ask(args: argparse.Namespace, kind: str, done: str, states: set[JobState]) -> int:
+    """Drop ``<id>.<kind>`` for a job in one of ``states`` (or still in the inbox)."""
+    settings = _settings(args)
+    job_id = args.id
+    if not is_valid_job_id(job_id):
+        err.print(f"{job_id!r} is not a valid job id", markup=False)
+        return EXIT_USAGE
+    inbox = _inbox(settings)
+    current = _read_sidecar(settings, job_id)
+    if (current is None or current.state not in states) and not inbox_has_job(inbox, job_id):
+        state = current.state if current else "unknown"
+        wanted = " or ".join(sorted(states))
+        err.print(f"job {job_id} is not {wanted} ({state})", markup=False)
+        return EXIT_NOT_FOUND
+    if not _drop_control(inbox, job_id, kind):
+        return EXIT_FAILED
+    out.print(f"{job_id}: {kind} requested (it is {done} once a daemon has seen it)",
+              markup=False)
+    return EXIT_OK
+
+
+def _drop_control(inbox: Path, job_id: str, kind: str) -> bool:
+    try:
+        drop_control(inbox, job_id, kind)
+    except OSError as exc:
+        err.print(f"cannot ask {job_id} to {kind}: cannot write into the inbox {inbox}: "
+                  f"{exc.strerror or exc}", markup=False)
+        return False
+    return True
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    try:
+        path = pause(_inbox(settings), args.node)
+    except OSError as exc:
+        err.print(f"cannot pause: {exc.strerror or exc}", markup=False)
+        return EXIT_FAILED
+    what = f"node {args.node}" if args.node else "the farm"
+    out.print(f"{what} paused ({path}); running jobs go on to their end", markup=False)
+    return EXIT_OK
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    what = f"node {args.node}" if args.node else "the farm"
+    try:
+        was_paused = resume(_inbox(settings), args.node)
+    except OSError as exc:
+        err.print(f"cannot resume: {exc.strerror or exc}", markup=False)
+        return EXIT_FAILED
+    out.print(f"{what} resumed" if was_paused else f"{what} was not paused", markup=False)
     return EXIT_OK
 
 

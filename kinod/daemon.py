@@ -22,8 +22,10 @@ from kinod.outbox import Outbox
 from kinod.plugins.plugin_loader import PluginRegistry
 from kinod.spool import Spool
 from kinod.stages.context import RETRY_S, Context
+from kinod.stages.dependencies import Dependencies
 from kinod.stages.ending import Ending
 from kinod.stages.fleet import Fleet
+from kinod.stages.holds import Holds
 from kinod.stages.intake import Intake
 from kinod.stages.recovery import Recovery
 from kinod.stages.running import Running
@@ -65,6 +67,7 @@ class Daemon:
         ctx.intake, ctx.scheduler, ctx.running = Intake(ctx), Scheduler(ctx), Running(ctx)
         ctx.ending, ctx.recovery, ctx.stops = Ending(ctx), Recovery(ctx), Stops(ctx)
         ctx.fleet = Fleet(ctx, polling=self._watch_mode == "poll")
+        ctx.holds, ctx.dependencies = Holds(ctx), Dependencies(ctx)
         # The inbox; queued/ for jobs other nodes on this machine take in; running/, where a
         # node starting writes its pid into its lock file.
         self._watcher = InboxWatcher([settings.inbox, spool.queued, spool.running_root],
@@ -97,6 +100,7 @@ class Daemon:
         self.ctx.timers.add_job(ctx.fleet.heartbeat, "interval", seconds=self.settings.lease / 4,
                                 id="heartbeat", coalesce=True, max_instances=1)
         ctx.fleet.start()
+        ctx.holds.look_at_pause()  # before any job is taken in or started
         ctx.recovery.recover()  # may schedule not_before releases: the timers exist by now
         if not polling:
             self._watcher.start(self.ctx.loop)
@@ -245,7 +249,11 @@ class Daemon:
         self._rescan_now()
 
     def _status(self) -> str:
-        return f"{len(self.ctx.running)} running, {self.ctx.scheduler.queued()} queued"
+        ctx = self.ctx
+        status = f"{len(ctx.running)} running, {ctx.scheduler.queued()} queued"
+        if len(ctx.dependencies):
+            status += f", {len(ctx.dependencies)} waiting for dependencies"
+        return f"paused; {status}" if ctx.holds.paused else status
 
     async def _tell_status(self) -> None:
         """Tell systemd the status when it has changed, at most once a STATUS_INTERVAL_S.
@@ -295,6 +303,7 @@ class Daemon:
                              self.settings.inbox, exc, RETRY_S)
                 self._retry_soon()
             return
+        self.ctx.holds.look_at_pause()
         self.ctx.recovery.adopt_queued()
         self.ctx.recovery.recover_orphans()
         self._wake.set()

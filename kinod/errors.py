@@ -56,3 +56,15 @@ class DaemonCrashed(KinodError):
 
 class ConfigError(KinodError):
     code = "config"
+
+
+class DependencyFailed(KinodError):
+    """A job named in ``after`` ended failed or stopped: this one never runs."""
+
+    code = "dependency_failed"
+
+
+class DependencyCycle(KinodError):
+    """The job waits, through ``after``, on itself."""
+
+    code = "dependency_cycle"

@@ -20,19 +20,22 @@ from kinod.params import check_data, format_validation_error
 from kinod.plugins.plugin_loader import LoadedPlugin, PluginRegistry
 
 JOB_SUFFIXES = (".yaml", ".yml", ".json")
-STOP_SUFFIX = ".stop"
+# Control files: an empty <id>.<kind> asks something of job <id> (kinod.control).
+CONTROL_SUFFIXES = {".stop": "stop", ".hold": "hold", ".release": "release"}
 IGNORED_SUFFIXES = (".tmp", ".part", "~")
 
 
 @dataclass(frozen=True)
 class InboxName:
-    """What a name in the inbox is: a job file, a stop request, or neither."""
+    """What a name in the inbox is: a job file, a control file, or neither."""
 
-    kind: str  # "job", "stop", "ignored", "other"
+    kind: str  # "job", "stop", "hold", "release", "pause", "ignored", "other"
     job_id: str = ""
 
     @classmethod
     def of(cls, name: str) -> InboxName:
+        if name == ".pause" or name.startswith(".pause."):
+            return cls("pause")
         if name.startswith(".") or name.endswith(IGNORED_SUFFIXES):
             return cls("ignored")
         stem, dot, suffix = name.rpartition(".")
@@ -41,8 +44,8 @@ class InboxName:
             return cls("other")
         if suffix in JOB_SUFFIXES:
             return cls("job", stem)
-        if suffix == STOP_SUFFIX:
-            return cls("stop", stem)
+        if (kind := CONTROL_SUFFIXES.get(suffix)) is not None:
+            return cls(kind, stem)
         return cls("other")
 
 

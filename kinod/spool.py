@@ -2,6 +2,7 @@
 
     inbox/<id>.yaml                      dropped, not yet accepted
     inbox/.kinod/queued/<id>.yaml        accepted, waiting to run on any node
+    inbox/.kinod/held/<id>.yaml          accepted, held until released (SPEC §8)
     inbox/.kinod/running/<node>/<id>.yaml  held by daemon <node>: being taken in, waiting
                                            while <node> serves the inbox alone, or running
     inbox/.kinod/done/<id>/<n>.yaml      ended: the n-th run of <id>
@@ -38,6 +39,7 @@ class Spool:
         self.inbox = inbox
         self.root = inbox / ".kinod"
         self.queued = self.root / "queued"
+        self.held = self.root / "held"
         self.running_root = self.root / "running"
         self.running = self.running_root / node
         self.done = self.root / "done"
@@ -46,12 +48,12 @@ class Spool:
         self.counts = self.root / "counts"
         self.nodes = self.root / "nodes"
         # As text too: the paths made for every job are joined as strings, not Paths.
-        self._running_root, self._queued, self._counts = map(
-            str, (self.running_root, self.queued, self.counts))
+        self._running_root, self._queued, self._held, self._counts = map(
+            str, (self.running_root, self.queued, self.held, self.counts))
 
     def ensure_folders(self) -> None:
-        for folder in (self.queued, self.running, self.done, self.duplicates, self.invalid,
-                       self.counts, self.nodes):
+        for folder in (self.queued, self.held, self.running, self.done, self.duplicates,
+                       self.invalid, self.counts, self.nodes):
             folder.mkdir(parents=True, exist_ok=True)
 
     def lock_node(self) -> int:
@@ -103,22 +105,46 @@ class Spool:
             return None
         return dst
 
+    def put_on_hold(self, running: Path) -> Path:
+        """running/<node> → held/, where it waits to be released. A file of that name held
+        already (it cannot be: its id is active) is set aside, never replaced."""
+        dst = self.held / _spool_name(running.name)
+        while True:
+            try:
+                rename_noreplace(running, dst)
+                return dst
+            except FileExistsError:
+                self.set_aside_duplicate(dst, _job_id(dst))
+
+    def held_job(self, job_id: str) -> Path | None:
+        """The file of a held job, or None."""
+        for suffix in JOB_SUFFIXES:
+            if os.path.lexists(path := f"{self._held}/{job_id}{suffix}"):
+                return Path(path)
+        return None
+
+    def claim_held(self, job_id: str) -> Path | None:
+        """held/ → running/<node>, to release, hold or stop it; None if it is not held (or
+        another node claimed it first)."""
+        held = self.held_job(job_id)
+        return self.claim(held) if held is not None else None
+
     def holds(self, job_id: str) -> bool:
-        """A file of ``job_id`` is queued or running on some node: the job is active."""
+        """A file of ``job_id`` is queued, held or running on some node: the job is active."""
         return self.held_file(job_id) is not None
 
     def held_file(self, job_id: str) -> str | None:
-        """The path of the file of ``job_id`` queued or running on some node; None if the
-        job is not active.
+        """The path of the file of ``job_id`` queued, held or running on some node; None if
+        the job is not active.
 
-        Running folders, queued/, then the running folders again: a file that moves
-        between them meanwhile (a claim, a requeue) is seen in one of the three looks.
+        Running folders, queued/ and held/, then the running folders again: a file that
+        moves between them meanwhile (a claim, a requeue) is seen in one of the looks.
         Only lower-case suffixes are looked for: every move into the spool makes them so.
         """
         # Strings, not Paths: this runs for every job taken in.
         running = self._running_folders()
         names = [job_id + suffix for suffix in JOB_SUFFIXES]
-        for folder in (*running, self._queued, *running):
+        for folder in (*running, self._queued, self._held, *running):
             for name in names:
                 if os.path.lexists(path := f"{folder}/{name}"):
                     return path

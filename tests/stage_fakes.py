@@ -144,6 +144,9 @@ class FakeScheduler(Fake):
         self._record("admit", job)
         self.held[job.id] = job
 
+    def after_dependencies(self, job: Job) -> None:
+        self._record("after_dependencies", job)
+
     def enqueue(self, job: Job) -> None:
         self._record("enqueue", job)
 
@@ -253,6 +256,9 @@ class FakeEnding(Fake):
     def claimed_elsewhere(self, job: Job) -> None:
         self._record("claimed_elsewhere", job)
 
+    def end_waiting(self, job: Job, state: JobState, error: KinodError) -> None:
+        self._record("end_waiting", job, state, error)
+
     def record(self, job: Job, verdict: Verdict, again: bool) -> None:
         self._record("record", job, verdict, again)
 
@@ -295,6 +301,52 @@ class FakeRecovery(Fake):
 class FakeStops(Fake):
     def on_stop_file(self, path: Path, job_id: str) -> None:
         self._record("on_stop_file", path, job_id)
+
+
+class FakeHolds(Fake):
+    """Nothing is held or paused unless a test says so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paused = False
+        self.hold = False  # wants_hold's answer
+
+    def wants_hold(self, job_id: str, read: ReadJob) -> bool:
+        return self.hold
+
+    def hold_new(self, held: Path, job_id: str, sidecar: Sidecar) -> None:
+        self._record("hold_new", held, job_id, sidecar)
+
+    def on_hold_file(self, path: Path, job_id: str) -> None:
+        self._record("on_hold_file", path, job_id)
+
+    def on_release_file(self, path: Path, job_id: str) -> None:
+        self._record("on_release_file", path, job_id)
+
+    def put_back_on_hold(self, path: Path, job_id: str) -> None:
+        self._record("put_back_on_hold", path, job_id)
+
+    def look_at_pause(self) -> None:
+        self._record("look_at_pause")
+
+    def queued_message(self, read: ReadJob, otherwise: str | None = None) -> str | None:
+        return otherwise
+
+
+class FakeDependencies(Fake):
+    """Every job is ready; ends and drops are recorded."""
+
+    def __len__(self) -> int:
+        return 0
+
+    def ready(self, job: Job) -> bool:
+        return True
+
+    def ended(self, job_id: str, state: JobState) -> None:
+        self._record("ended", job_id, state)
+
+    def drop(self, job_id: str) -> None:
+        self._record("drop", job_id)
 
 
 class FaultySpool(Spool):
@@ -400,6 +452,8 @@ class Rig:
     fleet: FakeFleet
     recovery: FakeRecovery
     stops: FakeStops
+    holds: FakeHolds
+    dependencies: FakeDependencies
 
     @property
     def spool(self) -> Spool:
@@ -430,10 +484,12 @@ def make_rig(tmp_path: Path, spool: type[Spool] = Spool, outbox: type[Outbox] = 
     ctx = Context(config, registry(), the_spool, the_outbox, clock, wall, wake=wake,
                   retry_soon=retry_soon)
     rig = Rig(ctx, clock, wall, wake, retry_soon, FakeIntake(ctx), FakeScheduler(),
-              FakeRunning(ctx), FakeEnding(), FakeFleet(), FakeRecovery(), FakeStops())
+              FakeRunning(ctx), FakeEnding(), FakeFleet(), FakeRecovery(), FakeStops(),
+              FakeHolds(), FakeDependencies())
     ctx.intake, ctx.scheduler, ctx.running = rig.intake, rig.scheduler, rig.running
     ctx.ending, ctx.fleet, ctx.recovery, ctx.stops = (rig.ending, rig.fleet, rig.recovery,
                                                       rig.stops)
+    ctx.holds, ctx.dependencies = rig.holds, rig.dependencies
     return rig
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kinod.errors import PluginFailed
+from kinod.errors import DependencyFailed, JobStopped, PluginFailed
 from kinod.models import JobState
 from kinod.outcome import Verdict
 from kinod.stages.ending import Ending
@@ -199,6 +199,27 @@ def test_claimed_elsewhere_by_another_node_records_nothing(tmp_path: Path, where
     writes = outbox(rig).writes
     ending.claimed_elsewhere(job)
     assert outbox(rig).writes == writes
+    assert rig.scheduler.called("forget") == [(job,)]
+
+
+def test_end_waiting_claims_the_file_then_ends_the_job(tmp_path: Path) -> None:
+    rig, ending = ending_rig(tmp_path)
+    job = job_of(rig.ctx, write_job(rig.spool.queued, "w"))
+    claimed = rig.spool.running / "w.json"
+    rig.running.claimed["w"] = claimed
+    ending.end_waiting(job, JobState.FAILED, DependencyFailed("job a ended failed"))
+    assert rig.scheduler.called("unqueue") == [("w",)]
+    final = rig.sidecar("w")
+    assert (final.state, final.error.code) == (JobState.FAILED, "dependency_failed")
+    assert rig.ctx.dependencies.called("ended") == [("w", JobState.FAILED)]
+
+
+def test_end_waiting_leaves_a_job_another_node_claimed_to_that_node(tmp_path: Path) -> None:
+    rig, ending = ending_rig(tmp_path)
+    job = job_of(rig.ctx, write_job(rig.spool.queued, "w"))
+    rig.running.claimed["w"] = None  # the claim lost the race
+    ending.end_waiting(job, JobState.STOPPED, JobStopped("stop"))
+    assert rig.sidecar("w") is None
     assert rig.scheduler.called("forget") == [(job,)]
 
 

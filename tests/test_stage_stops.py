@@ -10,7 +10,7 @@ import pytest
 from kinod.models import JobState
 from kinod.stages.job import Job
 from kinod.stages.stops import Stops
-from tests.stage_fakes import OTHER_NODE, Rig, job_of, make_rig, sidecar_in, write_job
+from tests.stage_fakes import OTHER_NODE, Rig, job_of, make_rig, write_job
 
 
 def stops_rig(tmp_path: Path) -> tuple[Rig, Stops, Path]:
@@ -73,29 +73,24 @@ def test_a_stop_for_a_job_already_stopping_is_not_passed_on_again(tmp_path: Path
     assert rig.running.calls == [] and rig.ending.calls == []
 
 
-def test_a_stop_for_a_waiting_job_claims_it_and_ends_it_stopped(tmp_path: Path) -> None:
+def test_a_stop_for_a_waiting_job_ends_it_stopped_before_it_starts(tmp_path: Path) -> None:
     rig, stops, stop = stops_rig(tmp_path)
     job = waiting_job(rig)
-    claimed = rig.spool.running / "j.json"
-    rig.running.claimed["j"] = claimed
-    rig.ending.sidecars["j"] = sidecar = sidecar_in(JobState.QUEUED, "j", started=False)
     stops.on_stop_file(stop, "j")
-    assert rig.running.called("claim") == [(job,)] and job.path == claimed
-    assert rig.scheduler.called("unqueue") == [("j",)]
+    ((ended, state, error),) = rig.ending.called("end_waiting")
+    assert (ended, state, error.code) == (job, JobState.STOPPED, "stopped")
+    assert rig.running.called("stop") == []
+
+
+def test_a_stop_for_a_held_job_claims_it_from_held_and_ends_it_stopped(tmp_path: Path) -> None:
+    rig, stops, stop = stops_rig(tmp_path)
+    write_job(rig.spool.held, "j")
+    stops.on_stop_file(stop, "j")
     (end,) = rig.ending.ends()
-    assert (end.job_id, end.path, end.sidecar, end.state) == ("j", claimed, sidecar,
-                                                              JobState.STOPPED)
-    assert end.error.code == "stopped"
-
-
-def test_a_stop_for_a_waiting_job_another_node_claimed_is_left_to_that_node(
-        tmp_path: Path) -> None:
-    rig, stops, stop = stops_rig(tmp_path)
-    job = waiting_job(rig)
-    rig.running.claimed["j"] = None  # the claim lost the race
-    stops.on_stop_file(stop, "j")
-    assert rig.ending.called("claimed_elsewhere") == [(job,)] and rig.ending.ends() == []
-    assert stop.exists()
+    assert (end.job_id, end.path, end.state) == ("j", rig.spool.running / "j.json",
+                                                 JobState.STOPPED)
+    assert "while held" in end.error.message
+    assert not (rig.spool.held / "j.json").exists()
 
 
 def test_a_stop_for_a_job_whose_end_is_not_yet_recorded_leaves_that_end_alone(

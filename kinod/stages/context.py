@@ -16,8 +16,10 @@ from kinod.plugins.plugin_loader import PluginRegistry
 from kinod.spool import Spool
 
 if TYPE_CHECKING:
+    from kinod.stages.dependencies import Dependencies
     from kinod.stages.ending import Ending
     from kinod.stages.fleet import Fleet
+    from kinod.stages.holds import Holds
     from kinod.stages.intake import Intake
     from kinod.stages.recovery import Recovery
     from kinod.stages.running import Running
@@ -60,6 +62,8 @@ class Context:
     fleet: Fleet = field(init=False)
     recovery: Recovery = field(init=False)
     stops: Stops = field(init=False)
+    holds: Holds = field(init=False)
+    dependencies: Dependencies = field(init=False)
 
     def __post_init__(self) -> None:
         self.inbox_text = str(self.settings.inbox)

@@ -137,6 +137,7 @@ class Ending:
         else:
             ctx.outbox.published(written, previous)
         ctx.scheduler.remove(job_id)
+        ctx.dependencies.ended(job_id, state)
         # Looked for first: unlinking a missing file locks the inbox against every rename
         # into it and out of it. One made after the look is seen to by the stops stage.
         if os.path.lexists(stop := ctx.stop_file(job_id)):
@@ -166,6 +167,18 @@ class Ending:
             ctx.retry_soon()
             return
         ctx.intake.take_in_resubmitted(job_id)
+
+    def end_waiting(self, job: Job, state: JobState, error: KinodError) -> None:
+        """End a job that has not started (stopped, a failed dependency). Claimed first, so
+        that no other node starts it meanwhile; if another node has it, that node acts."""
+        ctx = self._ctx
+        claimed = ctx.running.claim(job)
+        if claimed is None:
+            self.claimed_elsewhere(job)
+            return
+        job.path = claimed
+        ctx.scheduler.unqueue(job.id)
+        self.end(job.id, claimed, self.sidecar_of(job), state, error=error)
 
     def claimed_elsewhere(self, job: Job) -> None:
         """Its file left queued/ before this node could claim it: another node's now, or

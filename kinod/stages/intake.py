@@ -96,6 +96,9 @@ class Intake:
 
     def _look_at(self, path: Path, renamed: bool) -> None:
         name = InboxName.of(path.name)
+        if name.kind == "pause":
+            self._ctx.holds.look_at_pause()
+            return
         if name.kind == "ignored":
             return
         if name.kind == "other":
@@ -117,6 +120,12 @@ class Intake:
             return
         if name.kind == "stop":
             self._ctx.stops.on_stop_file(path, name.job_id)
+            return
+        if name.kind == "hold":
+            self._ctx.holds.on_hold_file(path, name.job_id)
+            return
+        if name.kind == "release":
+            self._ctx.holds.on_release_file(path, name.job_id)
             return
         if self._wait_until_settled(path, st, renamed):
             return
@@ -257,6 +266,9 @@ class Intake:
             ctx.ending.end(job_id, held, sidecar, JobState.FAILED, error=read.error,
                            published=False)
             return
+        if read.error is None and ctx.holds.wants_hold(job_id, read):
+            ctx.holds.hold_new(held, job_id, sidecar)
+            return
         if read.error is None and ctx.scheduler.can_start_now(job_id, read.spec,
                                                               read.plugin.name):
             # It would be the next to run anyway: it starts from here, without a queued
@@ -267,6 +279,8 @@ class Intake:
             ctx.running.begin(job, held, sidecar, published=False)
             ctx.scheduler.hold(job)
             return
+        if read.error is None and (message := ctx.holds.queued_message(read)) is not None:
+            sidecar = sidecar.model_copy(update={"message": message})
         ctx.outbox.publish(sidecar)
         self.let_wait(held, job_id, read, sidecar)
 

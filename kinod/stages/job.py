@@ -7,6 +7,7 @@ import asyncio
 import os
 import threading
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,11 @@ class Job:
     stop_requested: bool = False
     fenced: bool = False  # another node took it over: its end here is never recorded
     file_identity: int | None = None  # of the file read: a claim skips rereading
-    priority: int = 0  # kept while it waits light: a claim the disk refused queues it again
+    # Kept while it waits light: a claim the disk refused queues it again, and what it
+    # waits for before it is queued at all.
+    priority: int = 0
+    after: list[str] | None = None
+    not_before: datetime | None = None
     ending: bool = False  # its run is over: no progress write may follow
     final: Sidecar | None = None  # its final sidecar, written by the run's settling
     settled: Verdict | None = None  # its end, settled on its plugin's thread
@@ -57,7 +62,11 @@ class Job:
 
     def wait_light(self) -> None:
         """Keep only what a claim needs to make the rest again from the job's file."""
-        self.priority = self.spec.priority
+        if self.spec is None:
+            return
+        spec = self.spec
+        self.priority, self.not_before = spec.priority, spec.not_before
+        self.after = spec.after or None
         self.spec = self.data = self.sidecar = None
 
     @property

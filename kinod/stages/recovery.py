@@ -60,6 +60,9 @@ class Recovery:
         if sidecar is not None and sidecar.state.is_terminal:
             ctx.ending.file_away(path, job_id)
             return
+        if sidecar is not None and sidecar.state is JobState.HELD:
+            ctx.holds.put_back_on_hold(path, job_id)  # a hold (or a release) cut short
+            return
         # Being taken in, or waiting (the running sidecar is written before a run begins:
         # a queued one, even after an earlier attempt, means this attempt never began).
         if sidecar is None or sidecar.state is JobState.QUEUED:

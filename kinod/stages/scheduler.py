@@ -48,14 +48,17 @@ class Scheduler:
     def remove(self, job_id: str) -> None:
         """The job ended (or is another node's now): this node no longer holds it."""
         self._jobs.pop(job_id, None)
+        self._ctx.dependencies.drop(job_id)
 
     def remove_if(self, job: Job) -> None:
         """As ``remove``, unless a newer job of its id has taken its place."""
         if self._jobs.get(job.id) is job:
             del self._jobs[job.id]
+            self._ctx.dependencies.drop(job.id)
 
     def queued(self) -> int:
-        """How many jobs wait for a worker (not those waiting for their ``not_before``)."""
+        """How many jobs wait for a worker (not those waiting for their dependencies or
+        their ``not_before``)."""
         return len(self._queue)
 
     def unqueue(self, job_id: str) -> None:
@@ -73,9 +76,17 @@ class Scheduler:
 
     def admit(self, job: Job) -> None:
         """Keep a runnable job whose file waits (in queued/ or this node's running/) and
-        queue it, or wait for its ``not_before``."""
+        queue it, or let it wait for its dependencies, then its ``not_before``."""
         self._jobs[job.id] = job
-        not_before = job.spec.not_before
+        job.wait_light()
+        if self._ctx.dependencies.ready(job):
+            self.after_dependencies(job)
+
+    def after_dependencies(self, job: Job) -> None:
+        """Queue a job whose dependencies have succeeded, or wait for its ``not_before``."""
+        if self._jobs.get(job.id) is not job:
+            return  # ended or let go meanwhile
+        not_before = job.not_before
         if not_before is not None and not_before > utc_now():
             # misfire_grace_time=None: released however late the loop gets to it.
             self._ctx.timers.add_job(self._release, "date", run_date=not_before,
@@ -84,7 +95,6 @@ class Scheduler:
             logger.bind(job_id=job.id).info("job {} waits until {}", job.id, not_before)
         else:
             self.enqueue(job)
-            job.wait_light()
 
     def enqueue(self, job: Job) -> None:
         priority = job.priority if job.spec is None else job.spec.priority
@@ -101,7 +111,7 @@ class Scheduler:
         """Nothing waits before this job and it may run now: a free worker, room for its
         plugin, no ``not_before`` ahead, no stop request."""
         not_before = spec.not_before
-        return (self.worker_free() and not len(self._queue)
+        return (self.worker_free() and not len(self._queue) and not spec.after
                 and self._ctx.serves(plugin) and self.has_room(plugin)
                 and (not_before is None or not_before <= utc_now())
                 and not os.path.lexists(self._ctx.stop_file(job_id)))
@@ -132,8 +142,9 @@ class Scheduler:
         self._held = False
 
     def worker_free(self) -> bool:
-        """A job may start now: not stopping, not held back by a disk fault, a worker free."""
-        return (not self._ctx.stopping() and not self._held
+        """A job may start now: not stopping, not paused, not held back by a disk fault, a
+        worker free."""
+        return (not self._ctx.stopping() and not self._held and not self._ctx.holds.paused
                 and self._slots_held.total() < self._ctx.settings.workers)
 
     def has_room(self, plugin: str) -> bool:

@@ -1,5 +1,5 @@
 """Stop requests: an ``inbox/<id>.stop`` file. A running job is asked to stop; a waiting
-one ends as stopped before it starts; a request for no job this node or another holds
+or held one ends as stopped before it starts; a request for no job this node or another holds
 is removed."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from kinod.errors import JobStopped
 from kinod.intake import inbox_has_job
 from kinod.models import JobState
 from kinod.stages.context import Context
-from kinod.stages.job import unlink
+from kinod.stages.job import first_sidecar, unlink
 
 
 class Stops:
@@ -26,6 +26,11 @@ class Stops:
         if path is None:
             return  # another node renamed it first: it acts on it
         job = ctx.scheduler.get(job_id)
+        if job is None and (held := ctx.spool.claim_held(job_id)) is not None:
+            sidecar = ctx.outbox.read(job_id) or first_sidecar(job_id, None, ctx.node)
+            ctx.ending.end(job_id, held, sidecar, JobState.STOPPED,
+                           error=JobStopped("stopped on request while held"))
+            return
         if job is None:
             if inbox_has_job(ctx.settings.inbox, job_id) or ctx.spool.holds(job_id):
                 return  # not taken in yet, or another node's: acted on where it runs
@@ -42,14 +47,8 @@ class Stops:
         if ctx.running.is_running(job_id):
             ctx.running.stop(job)
             return  # the .stop file goes once the job has ended
-        claimed = ctx.running.claim(job)  # so that no other node starts it meanwhile
-        if claimed is None:
-            ctx.ending.claimed_elsewhere(job)  # its node acts on the .stop
-            return
-        job.path = claimed
-        ctx.scheduler.unqueue(job_id)
-        ctx.ending.end(job_id, claimed, ctx.ending.sidecar_of(job), JobState.STOPPED,
-                       error=JobStopped("stopped on request before it started"))
+        ctx.ending.end_waiting(job, JobState.STOPPED,
+                               JobStopped("stopped on request before it started"))
 
 
 def _named_as_looked_for(path: Path, job_id: str) -> Path | None:

@@ -1,0 +1,148 @@
+"""Holding, releasing and pausing (SPEC §8). A held job's file waits in held/, out of
+every node's queue, until an ``inbox/<id>.release`` queues it; an ``inbox/<id>.hold``
+takes a waiting job out of the queue again. ``inbox/.pause`` (the farm) and
+``inbox/.pause.<node>`` (this node) stop new jobs from starting here while they exist.
+
+Only the node holding a job's file writes its sidecar: a hold or a release claims the
+file into this node's running/ first (one rename, which one node alone wins), writes
+the sidecar, then moves the file on. A crash in between leaves the file in running/
+beside the sidecar just written, and recovery finishes the move that sidecar names.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from loguru import logger
+
+from kinod.control import paused_by
+from kinod.intake import ReadJob, inbox_has_job
+from kinod.models import JobState, Sidecar, utc_now
+from kinod.stages.context import Context
+from kinod.stages.job import first_sidecar, unlink
+
+HELD_MESSAGE = "held: `kinod release {id}` (or an empty {id}.release in the inbox) queues it"
+PAUSED_MESSAGE = "the farm is paused ({}): it starts once that file is removed"
+
+
+class Holds:
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+        self._paused_by: Path | None = None
+
+    # --- held jobs ------------------------------------------------------------------------
+
+    def wants_hold(self, job_id: str, read: ReadJob) -> bool:
+        """A job being taken in is held: ``hold: true`` (unless released already), or a
+        ``.hold`` dropped before it was taken in."""
+        release = self._control(job_id, "release")
+        if read.spec.hold and os.path.lexists(release):
+            unlink(release)  # released before it was taken in (the API's create, then start)
+            return False
+        return read.spec.hold or os.path.lexists(self._control(job_id, "hold"))
+
+    def hold_new(self, held: Path, job_id: str, sidecar: Sidecar) -> None:
+        """A job taken in to be held: its held sidecar, then its file into held/."""
+        ctx = self._ctx
+        ctx.outbox.publish(self._held(sidecar))
+        ctx.spool.put_on_hold(held)
+        unlink(self._control(job_id, "hold"))
+        logger.bind(job_id=job_id).info("job {} is held until released", job_id)
+
+    def on_hold_file(self, path: Path, job_id: str) -> None:
+        """``<id>.hold``: a waiting job goes back to held/; a running one is not affected."""
+        ctx = self._ctx
+        job = ctx.scheduler.get(job_id)
+        if job is None:
+            if ctx.spool.held_job(job_id) is not None:
+                unlink(path)  # held already
+            elif not (inbox_has_job(ctx.settings.inbox, job_id) or ctx.spool.holds(job_id)):
+                logger.warning("{}: no queued job {}; hold request removed", path, job_id)
+                unlink(path)
+            return  # not taken in yet (intake sees the .hold), or another node's
+        if ctx.running.is_running(job_id) or ctx.ending.is_unrecorded(job_id):
+            logger.bind(job_id=job_id).info("{}: job {} is running; a hold does not stop it",
+                                            path, job_id)
+            unlink(path)
+            return
+        claimed = ctx.running.claim(job)
+        if claimed is None:
+            ctx.ending.claimed_elsewhere(job)
+            return
+        ctx.scheduler.forget(job)
+        sidecar = ctx.ending.sidecar_of(job)
+        ctx.outbox.publish(self._held(sidecar), sidecar)
+        ctx.spool.put_on_hold(claimed)
+        unlink(path)
+        logger.bind(job_id=job_id).info("job {} is held until released", job_id)
+
+    def on_release_file(self, path: Path, job_id: str) -> None:
+        """``<id>.release``: a held job is queued (on whichever node claims it first)."""
+        ctx = self._ctx
+        claimed = ctx.spool.claim_held(job_id)
+        if claimed is None:
+            if inbox_has_job(ctx.settings.inbox, job_id):
+                return  # not taken in yet: intake sees the .release
+            if ctx.spool.held_job(job_id) is None:
+                logger.info("{}: job {} is not held; release request removed", path, job_id)
+                unlink(path)
+            return
+        read = ctx.intake.read_held(claimed)
+        sidecar = ctx.outbox.read(job_id) or first_sidecar(job_id, read.document, ctx.node)
+        if read.error is not None:  # changed on disk while held, or a plugin gone since
+            ctx.ending.end(job_id, claimed, sidecar, JobState.FAILED, error=read.error)
+            unlink(path)
+            return
+        queued = sidecar.model_copy(update={
+            "state": JobState.QUEUED, "updated_at": utc_now(),
+            "message": self.queued_message(read, "released")})
+        ctx.outbox.publish(queued, sidecar)
+        unlink(path)
+        logger.bind(job_id=job_id).info("job {} is released", job_id)
+        ctx.intake.let_wait(claimed, job_id, read, queued)
+
+    def put_back_on_hold(self, path: Path, job_id: str) -> None:
+        """Recovery: a file in running/ beside a held sidecar: its hold was cut short."""
+        self._ctx.spool.put_on_hold(path)
+        logger.bind(job_id=job_id).info("job {}: held again after a restart", job_id)
+
+    def _held(self, sidecar: Sidecar) -> Sidecar:
+        return sidecar.model_copy(update={
+            "state": JobState.HELD, "updated_at": utc_now(),
+            "message": HELD_MESSAGE.format(id=sidecar.id)})
+
+    def _control(self, job_id: str, kind: str) -> Path:
+        return self._ctx.settings.inbox / f"{job_id}.{kind}"
+
+    # --- pausing --------------------------------------------------------------------------
+
+    def look_at_pause(self) -> None:
+        """Is the farm, or this node, paused? Looked at on every event for a pause file and
+        every rescan (in poll mode, every poll)."""
+        ctx = self._ctx
+        now = paused_by(ctx.settings.inbox, ctx.node)
+        if now == self._paused_by:
+            return
+        self._paused_by = now
+        if now is None:
+            logger.info("resumed: jobs start again")
+        else:
+            logger.warning("paused by {}: no new job starts; running jobs go on", now)
+        ctx.wake()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused_by is not None
+
+    def queued_message(self, read: ReadJob, otherwise: str | None = None) -> str | None:
+        """What a queued sidecar says while its job waits: for its dependencies, for the
+        farm to resume, or ``otherwise``."""
+        after = read.spec.after if read.spec is not None else []
+        if after:
+            shown = ", ".join(after[:5]) + (f" and {len(after) - 5} more" if len(after) > 5
+                                            else "")
+            return f"waiting for {shown} to succeed"
+        if self._paused_by is not None:
+            return PAUSED_MESSAGE.format(self._paused_by.name)
+        return otherwise
