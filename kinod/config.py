@@ -58,6 +58,7 @@ class HookSettings(BaseModel):
     url: str | None = Field(default=None, pattern=r"^https?://")
     retries: int = Field(default=5, ge=0, le=100)
     timeout: float = Field(default=30.0, gt=0)
+    backoff: float = Field(default=10.0, gt=0)  # seconds before the first retry; doubled after
 
     @model_validator(mode="before")
     @classmethod

@@ -8,7 +8,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from datetime import UTC
+from datetime import UTC, datetime
 from pathlib import Path
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -16,10 +16,14 @@ from loguru import logger
 
 from kinod.config import Settings
 from kinod.errors import ConfigError
+from kinod.hooks import Hooks
 from kinod.intake import InboxName
 from kinod.logs import add_job_log_sink, setup_logging
+from kinod.models import utc_now
 from kinod.outbox import Outbox
 from kinod.plugins.plugin_loader import PluginRegistry
+from kinod.retention import BATCH as PRUNE_BATCH
+from kinod.retention import prune_ended
 from kinod.spool import Spool
 from kinod.stages.context import RETRY_S, Context
 from kinod.stages.dependencies import Dependencies
@@ -37,6 +41,7 @@ from kinod.watcher import InboxWatcher, choose_watch_mode
 # How often systemd hears the running and queued counts (when they changed).
 STATUS_INTERVAL_S = 1.0
 # Settings a reload cannot change: the folders and the name kinod serves under.
+PRUNE_INTERVAL_S = 3600.0
 RESTART_ONLY = ("inbox", "outbox", "frames", "models", "node", "watch")
 
 
@@ -68,6 +73,7 @@ class Daemon:
         ctx.ending, ctx.recovery, ctx.stops = Ending(ctx), Recovery(ctx), Stops(ctx)
         ctx.fleet = Fleet(ctx, polling=self._watch_mode == "poll")
         ctx.holds, ctx.dependencies = Holds(ctx), Dependencies(ctx)
+        ctx.hooks = Hooks(settings, spool.root)
         # The inbox; queued/ for jobs other nodes on this machine take in; running/, where a
         # node starting writes its pid into its lock file.
         self._watcher = InboxWatcher([settings.inbox, spool.queued, spool.running_root],
@@ -100,10 +106,14 @@ class Daemon:
         self.ctx.timers.add_job(ctx.fleet.heartbeat, "interval", seconds=self.settings.lease / 4,
                                 id="heartbeat", coalesce=True, max_instances=1)
         ctx.fleet.start()
+        ctx.hooks.start()  # before recovery, which may queue the hooks of ends a crash cut
         ctx.holds.look_at_pause()  # before any job is taken in or started
         ctx.recovery.recover()  # may schedule not_before releases: the timers exist by now
         if not polling:
             self._watcher.start(self.ctx.loop)
+        self.ctx.timers.add_job(self._prune_ended, "interval", seconds=PRUNE_INTERVAL_S,
+                                id="retention", coalesce=True, max_instances=1,
+                                next_run_time=datetime.now(UTC))  # and once at start
         self.ctx.timers.add_job(self._tell_status, "interval", seconds=STATUS_INTERVAL_S,
                                 id="status", coalesce=True, max_instances=1)
         if self._notifier.watchdog_s:
@@ -170,6 +180,7 @@ class Daemon:
             self._retry_timer.cancel()
         await self.ctx.running.stop_all()
         self.ctx.ending.record_unrecorded()  # a last try; what fails runs again after a restart
+        self.ctx.hooks.stop()  # what is not delivered waits on disk for the next start
         self.ctx.fleet.stop()
         logger.info("kinod stopped")
 
@@ -235,6 +246,7 @@ class Daemon:
             logger.error("plugin {} failed to load: {}", name, error)
         old, ctx.settings, ctx.registry = ctx.settings, new, registry
         ctx.fleet.set_lease(new.lease)
+        ctx.hooks.update_settings(new)
         if (new.log_format, new.log_level) != (old.log_format, old.log_level):
             setup_logging(new.log_format, new.log_level)
             add_job_log_sink(new.outbox)
@@ -247,6 +259,18 @@ class Daemon:
         logger.info("reloaded; plugins: {}", ", ".join(sorted(registry.plugins)) or "none")
         ctx.recovery.forget_passed_over()  # queued jobs of plugins this node serves now
         self._rescan_now()
+
+    async def _prune_ended(self) -> None:
+        """Retention (``keep_ended_days``): once an hour, in batches, off the loop (it reads
+        every sidecar in the outbox)."""
+        if self.settings.keep_ended_days is None:
+            return
+        try:
+            while (await asyncio.to_thread(prune_ended, self.settings, utc_now())
+                   == PRUNE_BATCH and not self._shutdown.is_set()):
+                pass
+        except OSError as exc:
+            logger.error("retention: {}; trying again in an hour", exc)
 
     def _status(self) -> str:
         ctx = self.ctx

@@ -47,7 +47,6 @@ from kinod.models import Sidecar, is_valid_job_id, utc_now
 
 HOOK_SCHEMA = "kinod.hook/1"
 MAX_IN_FLIGHT = 16      # deliveries held at once; every other one waits on disk
-BACKOFF_S = 10.0        # before the first retry; doubled for each one after it
 MAX_BACKOFF_S = 3600.0
 POLL_S = 30.0           # a look at pending/ for what other nodes left, when nothing else wakes us
 MAX_DELIVERY_BYTES = 16 << 20  # a sidecar's result is the plugin's; a bigger file is no delivery
@@ -114,7 +113,7 @@ class Hooks:
     the thread that delivers them."""
 
     def __init__(self, settings: Settings, spool_root: Path, *,
-                 max_in_flight: int = MAX_IN_FLIGHT, backoff_s: float = BACKOFF_S,
+                 max_in_flight: int = MAX_IN_FLIGHT, backoff_s: float | None = None,
                  poll_s: float = POLL_S) -> None:
         self._settings = settings
         self.root = spool_root / "hooks"
@@ -367,7 +366,8 @@ class Hooks:
                       f"{failure}; giving up (kept in {self.given_up.name}/{name})")
             self._rewrite(name, delivery.model_copy(update={"attempts": 0}), self.given_up / name)
             return
-        delay_s = min(self._backoff_s * 2 ** (number - 1), MAX_BACKOFF_S)
+        first_s = hook.backoff if self._backoff_s is None else self._backoff_s
+        delay_s = min(first_s * 2 ** (number - 1), MAX_BACKOFF_S)
         delay_s *= random.uniform(0.9, 1.1)  # a storm's retries do not all come back at once
         self._log(sidecar.id, "WARNING", f"{what}: attempt {number} of {total} failed: "
                   f"{failure}; next attempt in {delay_s:.1f} s")

@@ -52,7 +52,10 @@ class _Seen(BaseModel):
             other.id, other.state, other.created_at, other.finished_at)
 
 
-def prune_ended(settings: Settings, now: datetime, batch: int = 200) -> int:
+BATCH = 200  # jobs pruned per call: the daemon calls again while a call prunes a full batch
+
+
+def prune_ended(settings: Settings, now: datetime, batch: int = BATCH) -> int:
     """Prune up to ``batch`` jobs that ended before ``now - keep_ended_days``, oldest first;
     returns how many (a full batch: there may be more). Nothing with keep_ended_days unset.
     Reads every sidecar in the outbox: run it off the event loop."""

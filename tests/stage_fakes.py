@@ -349,6 +349,15 @@ class FakeDependencies(Fake):
         self._record("drop", job_id)
 
 
+class FakeHooks(Fake):
+    def enqueue(self, sidecar: Sidecar) -> None:
+        self._record("enqueue", sidecar)
+
+    def take_back(self, node: str) -> int:
+        self._record("take_back", node)
+        return 0
+
+
 class FaultySpool(Spool):
     """A spool whose moves named in ``faults`` raise, as on a full or read-only disk."""
 
@@ -490,6 +499,7 @@ def make_rig(tmp_path: Path, spool: type[Spool] = Spool, outbox: type[Outbox] = 
     ctx.ending, ctx.fleet, ctx.recovery, ctx.stops = (rig.ending, rig.fleet, rig.recovery,
                                                       rig.stops)
     ctx.holds, ctx.dependencies = rig.holds, rig.dependencies
+    ctx.hooks = FakeHooks()
     return rig
 
 

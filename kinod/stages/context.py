@@ -16,6 +16,7 @@ from kinod.plugins.plugin_loader import PluginRegistry
 from kinod.spool import Spool
 
 if TYPE_CHECKING:
+    from kinod.hooks import Hooks
     from kinod.stages.dependencies import Dependencies
     from kinod.stages.ending import Ending
     from kinod.stages.fleet import Fleet
@@ -64,6 +65,7 @@ class Context:
     stops: Stops = field(init=False)
     holds: Holds = field(init=False)
     dependencies: Dependencies = field(init=False)
+    hooks: Hooks = field(init=False)  # completion hooks: told of every end (kinod.hooks)
 
     def __post_init__(self) -> None:
         self.inbox_text = str(self.settings.inbox)

@@ -142,19 +142,30 @@ class Ending:
         # into it and out of it. One made after the look is seen to by the stops stage.
         if os.path.lexists(stop := ctx.stop_file(job_id)):
             unlink(stop)
+        final = (written or ctx.outbox.read(job_id)) if ctx.settings.hooks else None
         if path is not None:
-            self.file_away(path, job_id)
+            self.file_away(path, job_id, final)
+        elif final is not None:
+            try:
+                ctx.hooks.enqueue(final)
+            except OSError as exc:
+                logger.bind(job_id=job_id).error("job {}: its hooks cannot be queued: {}",
+                                                 job_id, exc)
 
-    def file_away(self, path: Path, job_id: str) -> None:
-        """The run has ended: forget its counts, then move its file to done/ for good.
+    def file_away(self, path: Path, job_id: str, final: Sidecar | None = None) -> None:
+        """The run has ended: queue its hooks, forget its counts, then move its file to
+        done/ for good.
 
-        Counts go first: a crash in between leaves the file beside a terminal
-        sidecar, which recovery files away (and forgets the counts) again. What the
-        disk refuses now is tried again in RETRY_S.
+        Hooks and counts go first: a crash in between leaves the file beside a terminal
+        sidecar, which recovery files away (queueing the hooks, which replaces a delivery
+        still waiting, and forgetting the counts) again. What the disk refuses now is
+        tried again in RETRY_S.
         """
         ctx = self._ctx
         self._unfiled.pop(job_id, None)
         try:
+            if ctx.settings.hooks and (final := final or ctx.outbox.read(job_id)) is not None:
+                ctx.hooks.enqueue(final)
             ctx.spool.forget_counts(job_id)
             ctx.spool.finish(path, job_id)
         except FileNotFoundError:

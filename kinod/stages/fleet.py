@@ -126,6 +126,7 @@ class Fleet:
         for node in ctx.spool.other_nodes():
             if not self._board.expired(node):
                 continue
+            ctx.hooks.take_back(node)  # the deliveries it had under way
             for path in ctx.spool.running_files_of(node):
                 taken = ctx.spool.take_over(path)
                 if taken is not None:
