@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -13,6 +14,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 
 from kinod.config import Settings
+from kinod.control import pause_file
 from kinod.models import Sidecar
 from kinod.nodes import Heartbeat, read_heartbeats
 from kinod.plugins.plugin_loader import PluginRegistry
@@ -39,6 +41,7 @@ def show_jobs(settings: Settings, as_json: bool, watch: bool, read: ReadSidecar)
                 found.append(sidecar)
         return sorted(found, key=lambda s: s.created_at)
 
+    _say_if_paused(settings)
     if as_json:
         print(json.dumps([s.model_dump(mode="json", by_alias=True) for s in sidecars()], indent=2))
         return 0
@@ -59,6 +62,20 @@ def show_jobs(settings: Settings, as_json: bool, watch: bool, read: ReadSidecar)
         while True:
             time.sleep(REFRESH_S)
             live.update(_jobs_table(sidecars()), refresh=True)
+
+
+def _say_if_paused(settings: Settings) -> None:
+    """A line on stderr (the table or the piped rows stay as they are) for each pause: the
+    farm's, and each known node's (never a listing of an inbox of 100,000 files)."""
+    try:
+        nodes = [h.node for h in read_heartbeats(settings.inbox / ".kinod" / "nodes")]
+    except OSError:  # a spool that cannot be read: the farm's own pause is still told
+        nodes = []
+    for node in [None, *nodes]:
+        path = pause_file(settings.inbox, node)
+        if os.path.lexists(path):
+            what = "the farm is" if node is None else f"node {node} is"
+            err.print(f"{what} paused ({path}): no new job starts there", markup=False)
 
 
 def show_job(settings: Settings, job_id: str, as_json: bool, watch: bool,
@@ -179,7 +196,7 @@ def _job_row(s: Sidecar, styled: bool) -> list[str]:
 
 
 NODE_COLUMNS = ("NODE", "STATE", "HEARTBEAT", "RUNNING", "QUEUED", "WORKERS", "HOST", "PID",
-                "SERVES")
+                "SERVES", "PAUSED")
 
 
 def _nodes_table(nodes: list[Heartbeat]) -> Table:
@@ -194,7 +211,7 @@ def _node_row(h: Heartbeat) -> list[str]:
     silent_s = (datetime.now(UTC) - h.heartbeat_at).total_seconds()
     state = "stopped" if h.stopped else "silent" if silent_s > h.lease else "up"
     return [h.node, state, _ago(h.heartbeat_at), str(h.running), str(h.queued), str(h.workers),
-            h.host, str(h.pid), ",".join(h.serves)]
+            h.host, str(h.pid), ",".join(h.serves), "paused" if h.paused else "-"]
 
 
 def _job_details(s: Sidecar) -> Group:

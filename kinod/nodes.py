@@ -39,6 +39,7 @@ class Heartbeat(BaseModel):
     running: int = 0
     queued: int = 0
     stopped: bool = False  # it shut down cleanly
+    paused: bool = False  # inbox/.pause or .pause.<node>: it starts no new job
 
 
 class NodeBoard:
@@ -60,7 +61,7 @@ class NodeBoard:
         return self.folder / f"{node}.json"
 
     def beat(self, serves: list[str], workers: int, running: int, queued: int,
-             stopped: bool = False) -> float | None:
+             stopped: bool = False, paused: bool = False) -> float | None:
         """Write this node's heartbeat. Returns how long since the previous one, by this
         node's clock (longer than the lease: this node was paused, and may have lost jobs)."""
         self._seq += 1
@@ -69,7 +70,7 @@ class NodeBoard:
                               seq=self._seq, started_at=self._started_at,
                               heartbeat_at=utc_now(), lease=self.lease, serves=serves,
                               workers=workers, running=running, queued=queued,
-                              stopped=stopped)
+                              stopped=stopped, paused=paused)
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path(self.node), heartbeat.model_dump_json().encode())
         since = None if self._last_beat is None else now - self._last_beat

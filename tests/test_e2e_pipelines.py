@@ -3,6 +3,7 @@ daemon with real folders and file events (and, under `make test-poll`, in poll m
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -135,19 +136,28 @@ def test_a_job_released_before_it_was_taken_in_runs(start_daemon: Callable[..., 
 def test_pause_lets_running_jobs_finish_and_starts_nothing_until_resumed(
         start_daemon: Callable[..., DaemonProcess], tmp_path: Path) -> None:
     gate = tmp_path / "gate"
-    daemon = start_daemon()
+    daemon = start_daemon(workers=1)
     daemon.drop("before.yaml", gated(gate))
     daemon.wait_state("before", "running")
+    daemon.drop("waiting.yaml", QUICK)
+    assert daemon.wait_state("waiting", "queued")["message"] is None
 
     result = cli(daemon, "pause")
     assert result.returncode == 0, result.stderr
     assert (daemon.inbox / ".pause").exists()
     wait_for(lambda: "paused by" in daemon.log(), what="the daemon to see the pause")
+    wait_for(lambda: "paused" in (daemon.sidecar("waiting")["message"] or ""),
+             what="the queued job's sidecar to say the farm is paused")
     daemon.drop("during.yaml", QUICK)
     queued = daemon.wait_state("during", "queued")
     assert "paused" in queued["message"]
+    status = cli(daemon, "status")
+    assert "the farm is paused" in status.stderr
+    nodes = cli(daemon, "nodes", "--json")
+    assert [node["paused"] for node in json.loads(nodes.stdout)] == [True]
     gate.touch()
     assert wait_end(daemon, "before")["state"] == "succeeded"  # running jobs go on
+    assert daemon.sidecar("waiting")["state"] == "queued"
 
     assert daemon.stop() == 0  # the pause outlives a restart
     daemon = start_daemon(log_name="second.log")
@@ -156,6 +166,7 @@ def test_pause_lets_running_jobs_finish_and_starts_nothing_until_resumed(
 
     assert cli(daemon, "resume").returncode == 0
     assert wait_end(daemon, "during")["state"] == "succeeded"
+    assert wait_end(daemon, "waiting")["state"] == "succeeded"
 
 
 def test_a_node_paused_alone_leaves_the_work_to_the_others(

@@ -58,7 +58,7 @@ class Fleet:
         serves = sorted(ctx.registry.plugins if settings.serves is None else settings.serves)
         try:
             held_up_s = self._board.beat(serves, settings.workers, len(ctx.running),
-                                         ctx.scheduler.queued(), stopped)
+                                         ctx.scheduler.queued(), stopped, ctx.holds.paused)
         except OSError as exc:
             logger.error("cannot write this node's heartbeat: {}", exc)
             return

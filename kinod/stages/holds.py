@@ -11,25 +11,29 @@ beside the sidecar just written, and recovery finishes the move that sidecar nam
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from loguru import logger
 
-from kinod.control import paused_by
+from kinod.control import PAUSE_NAME, paused_by
 from kinod.intake import ReadJob, inbox_has_job
 from kinod.models import JobState, Sidecar, utc_now
 from kinod.stages.context import Context
 from kinod.stages.job import first_sidecar, unlink
 
 HELD_MESSAGE = "held: `kinod release {id}` (or an empty {id}.release in the inbox) queues it"
-PAUSED_MESSAGE = "the farm is paused ({}): it starts once that file is removed"
+PAUSED_MESSAGE = "the farm is paused (inbox/{}): it starts once that file is removed"
+TELL_BATCH = 200  # queued sidecars rewritten per turn of the loop on a pause or resume
 
 
 class Holds:
     def __init__(self, ctx: Context) -> None:
         self._ctx = ctx
         self._paused_by: Path | None = None
+        self._telling: Iterator[str] | None = None  # the pass telling queued sidecars
 
     # --- held jobs ------------------------------------------------------------------------
 
@@ -129,7 +133,51 @@ class Holds:
             logger.info("resumed: jobs start again")
         else:
             logger.warning("paused by {}: no new job starts; running jobs go on", now)
+        ctx.fleet.beat()  # `kinod nodes` shows it now, not a heartbeat later
         ctx.wake()
+        self._tell_queued()
+
+    def _farm_paused(self) -> bool:
+        return self._paused_by is not None and self._paused_by.name == PAUSE_NAME
+
+    def _tell_queued(self) -> None:
+        """The farm paused or resumed: the queued sidecars of the jobs this node took in say
+        so (one node's pause says nothing: other nodes may run them). Only the node holding
+        a file writes its sidecar, so each file is claimed while its sidecar is written,
+        then put back as it was; in batches, so a backlog never starves the loop."""
+        self._telling = iter([job.id for job in self._ctx.scheduler.jobs()])
+        if self._ctx.loop is not None:
+            self._ctx.loop.call_soon(self._tell_batch, self._telling)
+
+    def _tell_batch(self, pass_: Iterator[str]) -> None:
+        if pass_ is not self._telling:
+            return  # paused or resumed again since: a new pass has started
+        for job_id in itertools.islice(pass_, TELL_BATCH):
+            try:
+                self._tell_one(job_id)
+            except OSError as exc:  # a message only: the next pause or resume tries again
+                logger.warning("job {}: cannot say the farm is paused: {}", job_id, exc)
+                break
+        else:
+            self._ctx.loop.call_soon(self._tell_batch, pass_)
+
+    def _tell_one(self, job_id: str) -> None:
+        ctx = self._ctx
+        job = ctx.scheduler.get(job_id)
+        if job is None or job.after or ctx.running.is_running(job_id):
+            return  # gone, waiting for its dependencies (its message says so), or running
+        sidecar = ctx.outbox.read(job_id)
+        message = (PAUSED_MESSAGE.format(PAUSE_NAME) if self._farm_paused() else None)
+        if (sidecar is None or sidecar.state is not JobState.QUEUED or sidecar.node != ctx.node
+                or sidecar.message == message):
+            return
+        in_queue = job.folder != ctx.spool.running
+        claimed = ctx.running.claim(job)
+        if claimed is None:
+            return  # another node has it now
+        ctx.outbox.publish(sidecar.model_copy(update={"message": message,
+                                                      "updated_at": utc_now()}), sidecar)
+        job.path = ctx.spool.requeue(claimed) if in_queue else claimed
 
     @property
     def paused(self) -> bool:
@@ -143,6 +191,6 @@ class Holds:
             shown = ", ".join(after[:5]) + (f" and {len(after) - 5} more" if len(after) > 5
                                             else "")
             return f"waiting for {shown} to succeed"
-        if self._paused_by is not None:
-            return PAUSED_MESSAGE.format(self._paused_by.name)
+        if self._farm_paused():
+            return PAUSED_MESSAGE.format(PAUSE_NAME)
         return otherwise
