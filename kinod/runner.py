@@ -17,7 +17,7 @@ import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
@@ -26,11 +26,28 @@ from kinod.models import clean_text
 from kinod.outcome import Outcome, StopReason
 from kinod.plugins.base_plugin import BasePlugin
 
+if TYPE_CHECKING:
+    from kinod.config import Settings
+
 # After a forced cancel, how long to wait for the plugin to let go (an async plugin
 # does in milliseconds; one stuck in blocking code never does).
 CANCEL_WAIT_S = 1.0
 
 ProgressSink = Callable[[float, "str | None"], None]
+
+# Top-level settings that name a plugin's own folder: each reaches that plugin as a key of its
+# settings (as a path's text), unless plugins.<name> sets the key itself.
+PLUGIN_FOLDERS: dict[str, tuple[str, ...]] = {"comfyui": ("workflows",)}
+
+
+def plugin_settings(settings: Settings, name: str) -> dict[str, Any]:
+    """What ``plugin.settings`` holds for plugin ``name``: its own keys from
+    ``plugins.<name>``, and the top-level folders it reads (``PLUGIN_FOLDERS``)."""
+    entry = settings.plugins.get(name)
+    own = entry.plugin_settings() if entry is not None else {}
+    for key in PLUGIN_FOLDERS.get(name, ()):
+        own.setdefault(key, str(getattr(settings, key)))
+    return own
 
 
 def new_plugin(cls: type[BasePlugin], output_dir: Path, settings: dict[str, Any],

@@ -8,9 +8,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from kinod.config import load_settings
 from kinod.outcome import Outcome
 from kinod.plugins.base_plugin import BasePlugin, PluginResult
-from kinod.runner import PluginRun
+from kinod.plugins.comfyui.loader import ComfySettings, ComfyuiPlugin
+from kinod.runner import PluginRun, new_plugin, plugin_settings
 from tests.helpers import Clock, wait_for
 
 
@@ -51,3 +53,23 @@ def test_a_plugin_that_returned_is_not_timed_out_while_its_end_is_settled(
     assert outcome.stop_reason is None and not outcome.forced
     assert isinstance(outcome.result, PluginResult) and outcome.result.data == {"job": "quick"}
     assert settled == [outcome]
+
+
+def test_the_top_level_workflows_folder_reaches_the_comfyui_plugin_unless_it_sets_its_own(
+        tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("workflows: graphs\nmodels: elsewhere/models\n"
+                      "plugins:\n  sdxl:\n    comfyui_urls: [http://gpu1:8188]\n")
+    settings = load_settings(config, environ={})
+    comfy = plugin_settings(settings, "comfyui")
+    assert comfy == {"workflows": str(tmp_path / "graphs")}
+    # sdxl and the rest get their own keys only: their settings models may forbid others.
+    assert plugin_settings(settings, "sdxl") == {"comfyui_urls": ["http://gpu1:8188"]}
+    assert plugin_settings(settings, "noop") == {}
+    # The plugin reads its workflows there, not beside the models folder.
+    plugin = new_plugin(ComfyuiPlugin, tmp_path / "frames" / "j", comfy, settings.models)
+    assert plugin._workflows_folder(ComfySettings.from_plugin(plugin.settings)) == (
+        tmp_path / "graphs")
+    config.write_text("workflows: graphs\nplugins:\n  comfyui:\n    workflows: /srv/flows\n")
+    assert plugin_settings(load_settings(config, environ={}), "comfyui") == {
+        "workflows": "/srv/flows"}

@@ -42,7 +42,8 @@ PARAMETERS: dict[str, dict[str, Any]] = {
 class ComfySettings(SdxlSettings):
     """``plugins.comfyui``: the sdxl plugin's keys, and where the workflows are."""
 
-    # Default: the `workflows` folder beside the models folder, i.e. next to config.yaml.
+    # kinod passes the top-level `workflows` setting here (kinod.runner.plugin_settings)
+    # unless plugins.comfyui sets it; without either, the folder beside the models folder.
     workflows: Path | None = None
 
 
