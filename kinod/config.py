@@ -19,6 +19,27 @@ ENV_PREFIX = "KINOD_"
 ENV_NOT_SETTINGS = {"KINOD_CONFIG", "KINOD_PORTABLE_RENAME"}
 
 
+class RayResources(BaseModel):
+    """``plugins.<name>.ray``: what each of the plugin's jobs asks of a Ray cluster."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    num_cpus: float | None = Field(default=None, ge=0)
+    num_gpus: float | None = Field(default=None, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)  # custom resources
+
+
+class RaySettings(BaseModel):
+    """``ray``: the cluster jobs run on with ``executor: ray``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = None  # e.g. ray://head:10001 or auto; None: a local cluster
+    # shared: plugins write data/frames/<id>/ on storage the Ray nodes share with this one;
+    # returned: a job's output files come back with its result and the daemon writes them.
+    outputs: Literal["shared", "returned"] = "shared"
+
+
 class PluginSettings(BaseModel):
     """``plugins.<name>``: limits kinod applies, plus the plugin's own settings."""
 
@@ -29,6 +50,7 @@ class PluginSettings(BaseModel):
     # process: each job in a child process of its own (kinod.isolation), which a plugin
     # that exits, crashes or ignores cancellation cannot take the daemon down with.
     isolation: Literal["thread", "process"] = "thread"
+    ray: RayResources = Field(default_factory=RayResources)  # with executor: ray
 
     def plugin_settings(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -100,6 +122,10 @@ class Settings(BaseModel):
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"] = "INFO"
     http: HttpSettings = Field(default_factory=HttpSettings)
+    # Where jobs' plugins run: on this node (threads or processes, see plugins.<name>.isolation)
+    # or as tasks on a Ray cluster.
+    executor: Literal["local", "ray"] = "local"
+    ray: RaySettings = Field(default_factory=RaySettings)
     hooks: list[HookSettings] = Field(default_factory=list)
     keep_ended_days: float | None = Field(default=None, gt=0)  # None: ended jobs are kept
     keep_ended_frames: bool = True  # False: retention removes a pruned job's frames too
