@@ -12,7 +12,16 @@ from fastapi.openapi.utils import get_openapi
 from prometheus_client import CollectorRegistry
 
 from kinod import __version__
-from kinod.api import errors, events, farm, metrics, tasks
+from kinod.api import (
+    dashboard,
+    dashboard_thumbnails,
+    dashboard_tickets,
+    errors,
+    events,
+    farm,
+    metrics,
+    tasks,
+)
 from kinod.api.events import EventHub
 from kinod.api.guards import Guard
 from kinod.api.ids import IdAllocator
@@ -71,10 +80,14 @@ def create_app(settings: Settings, token: str | None,
     app = FastAPI(title="kinod", version=__version__, description=DESCRIPTION,
                   lifespan=lifespan)
     app.state.api = context
+    app.state.tickets = dashboard_tickets.Tickets()
+    app.state.dashboard_rows = dashboard.RowCache()
     errors.install(app)
-    for module in (tasks, events, farm, metrics):
+    for module in (tasks, dashboard_thumbnails, events, dashboard_tickets, farm, metrics,
+                   dashboard):
         app.include_router(module.router)
-    app.add_middleware(Guard, token=token, max_body_bytes=settings.max_job_bytes)
+    app.add_middleware(Guard, token=token, max_body_bytes=settings.max_job_bytes,
+                       tickets=app.state.tickets)
     if token is not None:
         app.openapi = lambda: _openapi_with_bearer(app)  # type: ignore[method-assign]
     return app

@@ -1,7 +1,10 @@
 """Who may ask: the bearer token, and, without one, the loopback-only guards.
 
 With ``http.token_file`` every request but ``/healthz`` needs ``Authorization: Bearer
-<token>``. Without a token the API listens on loopback only; a web page the user opens could
+<token>``; the dashboard's page and its static files (no farm data in them) are open, so
+a browser can load the page that asks for the token, and ``GET /api/v1/events`` also
+takes a ticket (kinod.api.dashboard_tickets), since a browser's EventSource cannot send
+the header. Without a token the API listens on loopback only; a web page the user opens could
 still make the browser send requests there, so then a request must name a loopback host
 (against DNS rebinding) and a browser's cross-site request is refused (its ``Origin`` names
 another site); curl and scripts send no ``Origin``.
@@ -18,10 +21,12 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kinod.api.dashboard_tickets import Tickets
 from kinod.api.errors import error_response
 from kinod.errors import ConfigError
 
-OPEN_PATHS = frozenset({"/healthz"})
+OPEN_PATHS = frozenset({"/healthz", "/"})
+OPEN_PREFIX = "/ui/"  # the dashboard's static files
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
 
@@ -62,10 +67,12 @@ def _host_of(authority: str) -> str:
 class Guard:
     """Pure ASGI, so streamed responses (the event stream) pass through untouched."""
 
-    def __init__(self, app: ASGIApp, token: str | None, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, token: str | None, max_body_bytes: int,
+                 tickets: Tickets | None = None) -> None:
         self.app = app
         self.token = token.encode() if token is not None else None
         self.max_body_bytes = max_body_bytes
+        self.tickets = tickets
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -109,7 +116,10 @@ class Guard:
 
     def _who(self, scope: Scope, headers: Headers) -> tuple[int, str, str] | None:
         if self.token is not None:
-            if scope["path"] in OPEN_PATHS:
+            if scope["path"] in OPEN_PATHS or scope["path"].startswith(OPEN_PREFIX):
+                return None
+            if self.tickets is not None and self.tickets.opens(
+                    scope["method"], scope["path"], scope.get("query_string", b"")):
                 return None
             scheme, _, given = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
