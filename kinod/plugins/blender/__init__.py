@@ -1,0 +1,1 @@
+"""The blender plugin: frame ranges rendered with Blender's command line."""
