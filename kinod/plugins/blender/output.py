@@ -119,6 +119,8 @@ class BlenderOutput:
     def message(self) -> str:
         """``frame 12 (3/250), sample 5/32``."""
         total = len(self.frames)
+        if len(self.done) >= total:
+            return f"{total}/{total} frame(s) rendered"
         frame = self.current if self.current is not None else self._next_frame()
         position = min(len(self.done) + 1, total)
         text = f"frame {frame} ({position}/{total})"
