@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-poll test-comfyui bench lint clean
+.PHONY: run test test-poll test-comfyui bench lint clean docs docs-serve
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,20 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check kinod tests
 	$(BIN)/pytest
+
+# The docs extra, installed beside the test one.
+DOCS_STAMP := $(VENV)/.installed-docs
+$(DOCS_STAMP): pyproject.toml | $(STAMP)
+	$(BIN)/pip install --quiet -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+## docs: build the documentation site into build/site (--strict: a broken link fails it)
+docs: $(STAMP) $(DOCS_STAMP)
+	$(BIN)/mkdocs build --strict
+
+## docs-serve: serve the documentation site on http://127.0.0.1:8001, rebuilt on every edit
+docs-serve: $(STAMP) $(DOCS_STAMP)
+	$(BIN)/mkdocs serve --dev-addr 127.0.0.1:8001
 
 ## test-poll: the end-to-end suite again, every daemon in poll mode (as on NFS)
 test-poll: $(STAMP)
