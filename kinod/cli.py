@@ -16,6 +16,7 @@ from rich.console import Console
 
 from kinod import __version__
 from kinod.atomic_files import new_temporary, rename_noreplace
+from kinod.chunks import ChunkError, encode, split_job
 from kinod.config import Settings, load_settings
 from kinod.control import drop_control, pause, resume
 from kinod.errors import ConfigError, InvalidJob
@@ -101,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="job files (<id>.yaml, .yml or .json)")
     p.add_argument("--wait", action="store_true",
                    help="follow the jobs until they end; exit 1 unless all succeeded")
+    p.add_argument("--chunk", type=_chunk_size, metavar="N",
+                   help="split each job's data.frames into jobs of N frames, "
+                        "<id>.<first>-<last>, and drop its `then` job, <id>, after them all")
 
     p = command("status", cmd_status, "show jobs, or one job",
                 "Show every job in the outbox, or one job's sidecar.")
@@ -259,28 +263,47 @@ def cmd_submit(args: argparse.Namespace) -> int:
     status = EXIT_OK
     for path in args.files:
         job_id, problem = _job_name(path)
+        pieces: list[tuple[str, bytes]] = []  # the file's job, or its chunks (--chunk)
         if problem is None:
             try:
                 raw, _ = read_job_bytes(path, settings.max_job_bytes)
-                check_job(parse_document(raw, path.suffix), registry=None)
+                pieces = [(job_id, raw)]
+                if args.chunk is not None:
+                    pieces = [(piece_id, encode(piece, path.suffix)) for piece_id, piece
+                              in split_job(job_id, parse_document(raw, path.suffix), args.chunk)]
+                for _, piece_raw in pieces:
+                    check_job(parse_document(piece_raw, path.suffix), registry=None)
             except InvalidJob as exc:
                 problem = exc.message
+            except ChunkError as exc:
+                problem = f"cannot split into chunks: {exc}"
             except OSError as exc:
                 problem = exc.strerror or str(exc)
-        current = _read_sidecar(settings, job_id) if problem is None else None
-        if current is not None and not current.state.is_terminal:
-            problem = f"job {job_id} is still {current.state}; not submitted again"
-        if problem is None:
-            problem = _submit(raw, inbox, job_id, path.suffix.lower())
+        currents = {}
+        for piece_id, _ in pieces if problem is None else []:  # none dropped if one is busy
+            current = currents[piece_id] = _read_sidecar(settings, piece_id)
+            if current is not None and not current.state.is_terminal:
+                problem = f"job {piece_id} is still {current.state}; not submitted again"
+                break
+        for piece_id, piece_raw in pieces if problem is None else []:
+            problem = _submit(piece_raw, inbox, piece_id, path.suffix.lower())
+            if problem is not None:
+                break
+            current = currents[piece_id]
+            submitted[piece_id] = current.created_at.isoformat() if current else None
+            out.print(f"submitted {piece_id}", markup=False)
         if problem is not None:
             err.print(f"{path}: {problem}", markup=False)
             status = EXIT_FAILED
-            continue
-        submitted[job_id] = current.created_at.isoformat() if current else None
-        out.print(f"submitted {job_id}", markup=False)
     if args.wait and submitted and not _wait_for(settings, submitted):
         status = EXIT_FAILED
     return status
+
+
+def _chunk_size(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of frames (1 or more)")
+    return int(text)
 
 
 def _job_name(path: Path) -> tuple[str, str | None]:

@@ -622,3 +622,49 @@ def current_umask() -> int:
     """This process's umask, read without changing it (os.umask would, for every thread)."""
     status = Path("/proc/self/status").read_text()
     return int(next(x for x in status.splitlines() if x.startswith("Umask:")).split()[1], 8)
+
+
+# --- submit --chunk ---------------------------------------------------------------
+
+RENDER_JOB = {"name": "Shot 010", "type": "blender",
+              "data": {"blend_file": "shot010.blend", "frames": "1-5"}}
+
+
+def test_submit_chunk_drops_one_job_per_chunk_and_the_final_job(kinod_root: Path) -> None:
+    write_config(kinod_root)
+    job = write_job(kinod_root / "jobs", "shot010.yaml",
+                    {**RENDER_JOB, "then": {"type": "example", "data": {"prompt": "encode"}}})
+
+    result = cli(kinod_root, "submit", "--chunk", "2", str(job))
+
+    assert result.returncode == 0, result.stderr
+    ids = ["shot010.0001-0002", "shot010.0003-0004", "shot010.0005-0005", "shot010"]
+    assert result.stdout.split() == [word for i in ids for word in ("submitted", i)]
+    inbox = kinod_root / "inbox"
+    assert sorted(p.name for p in inbox.iterdir()) == sorted(f"{i}.yaml" for i in ids)
+    first = yaml.safe_load((inbox / "shot010.0001-0002.yaml").read_text())
+    assert first == {"name": "Shot 010 [1-2]", "type": "blender",
+                     "data": {"blend_file": "shot010.blend", "frames": "1-2"}}
+    final = yaml.safe_load((inbox / "shot010.yaml").read_text())
+    assert final == {"type": "example", "data": {"prompt": "encode"}, "after": ids[:3]}
+
+
+def test_submit_chunk_refuses_what_it_cannot_split_and_drops_nothing(kinod_root: Path) -> None:
+    write_config(kinod_root)
+    jobs = kinod_root / "jobs"
+    no_frames = write_job(jobs, "still.json", {"type": "blender", "data": {}})
+    busy = write_job(jobs, "busy.yaml", RENDER_JOB)
+    # The second chunk of "busy" is still running: none of its chunks is dropped.
+    now = datetime.now(UTC)
+    sidecar = Sidecar(id="busy.0004-0005", state="running", created_at=now, updated_at=now)
+    (kinod_root / "outbox" / "busy.0004-0005.json").write_bytes(sidecar.to_json())
+
+    result = cli(kinod_root, "submit", "--chunk", "3", str(no_frames), str(busy))
+
+    assert result.returncode == 1
+    assert (f"{no_frames}: cannot split into chunks: data.frames: required to split a job "
+            "into chunks") in result.stderr
+    assert f"{busy}: job busy.0004-0005 is still running; not submitted again" in result.stderr
+    assert list((kinod_root / "inbox").iterdir()) == []
+    bad_size = cli(kinod_root, "submit", "--chunk", "0", str(busy))
+    assert bad_size.returncode == 2 and "is not a number of frames" in bad_size.stderr
