@@ -24,9 +24,10 @@ def nodes(request: Request) -> NodesView:
     now = time.time()
     return NodesView(
         paused=os.path.lexists(pause_file(inbox)),
-        nodes=[NodeView(**heartbeat.model_dump(),
-                        heartbeat_age_s=max(0.0, now - heartbeat.heartbeat_at.timestamp()),
-                        paused=paused_by(inbox, heartbeat.node) is not None)
+        # A heartbeat says "paused" too now: the pause files, read here, are newer.
+        nodes=[NodeView(**{**heartbeat.model_dump(),
+                           "paused": paused_by(inbox, heartbeat.node) is not None},
+                        heartbeat_age_s=max(0.0, now - heartbeat.heartbeat_at.timestamp()))
                for heartbeat in read_heartbeats(inbox / ".kinod" / "nodes")])
 
 
