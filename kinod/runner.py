@@ -88,6 +88,11 @@ class SupervisedRun(ABC):
         self._main_loop: asyncio.AbstractEventLoop | None = None
         self._last_report: tuple[float, str | None] | None = None
         self._last_progress_at = clock()
+        # While the plugin says it waits (update_progress(waiting=True): e.g. its prompt sits
+        # in a server's queue), neither the timeout nor the stall limit runs; both count from
+        # the moment it says the work began.
+        self._waiting = False
+        self._started_at = clock()
         self._stop_deadline: float | None = None
 
     # --- called on the daemon's loop --------------------------------------
@@ -97,7 +102,7 @@ class SupervisedRun(ABC):
         """Run the plugin to its end, or until stopped; never raises for the plugin's faults."""
         self._main_loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        started = self._clock()
+        self._started_at = self._clock()
         self._start()
         cancel_deadline: float | None = None  # once cancelled: when to give up waiting
         while not self._finished:
@@ -108,7 +113,9 @@ class SupervisedRun(ABC):
                 continue
             now = self._clock()
             if self._outcome.stop_reason is None:
-                if timeout_s is not None and now - started >= timeout_s:
+                if self._waiting:  # held: no limit runs
+                    pass
+                elif timeout_s is not None and now - self._started_at >= timeout_s:
                     self.request_stop(StopReason.TIMEOUT, grace_s, limit_s=timeout_s)
                 elif (stall_timeout_s is not None
                       and now - self._last_progress_at >= stall_timeout_s):
@@ -125,7 +132,8 @@ class SupervisedRun(ABC):
                     if more_s is None:
                         break
                     cancel_deadline = now + more_s
-            wait_s = self._next_check_s(started, timeout_s, stall_timeout_s, cancel_deadline)
+            wait_s = self._next_check_s(self._started_at, timeout_s, stall_timeout_s,
+                                        cancel_deadline)
             self._wake.clear()
             # A timer that sets the event, not asyncio.wait_for: that makes a task and a
             # future for every wait, once or more a job.
@@ -159,7 +167,7 @@ class SupervisedRun(ABC):
                       stall_timeout_s: float | None, cancel_deadline: float | None) -> float:
         now = self._clock()
         moments = [cancel_deadline]
-        if self._outcome.stop_reason is None:
+        if self._outcome.stop_reason is None and not self._waiting:
             if timeout_s is not None:
                 moments.append(started + timeout_s)
             if stall_timeout_s is not None:
@@ -193,8 +201,13 @@ class SupervisedRun(ABC):
 
     # --- called from any thread ----------------------------------------------
 
-    def _progress(self, value: Any, message: Any = None) -> None:
-        """The callback given to ``generate()``; may be called thousands of times a second."""
+    def _progress(self, value: Any, message: Any = None, *, waiting: bool | None = None) -> None:
+        """The callback given to ``generate()``; may be called thousands of times a second.
+        ``waiting``: see ``BasePlugin.update_progress``."""
+        if waiting is not None and bool(waiting) != self._waiting:
+            if not waiting:  # the work begins: the timeout and the stall limit count from now
+                self._started_at = self._last_progress_at = self._clock()
+            self._waiting = bool(waiting)
         try:
             percent = max(0.0, min(100.0, float(value)))
         except (TypeError, ValueError):
@@ -204,6 +217,8 @@ class SupervisedRun(ABC):
             self._last_report = report
             self._last_progress_at = self._clock()
             self._on_progress(*report)
+
+    _progress.accepts_waiting = True  # type: ignore[attr-defined]  # see update_progress
 
     def _end(self) -> None:
         """The plugin's run has ended: wake ``run()``."""

@@ -79,11 +79,23 @@ class BasePlugin:
         value: float,
         callback: ProgressCallback | None = None,
         message: str | None = None,
+        *,
+        waiting: bool | None = None,
     ) -> None:
-        """Record progress (0 to 100) and pass it on; ``message`` is optional status text."""
+        """Record progress (0 to 100) and pass it on; ``message`` is optional status text.
+
+        ``waiting`` (a kinod addition; optional): True while the job waits for something
+        outside kinod before its work begins (e.g. a turn in a server's queue), False once
+        the work begins. The job's ``timeout`` and ``stall_timeout`` are held while it
+        waits and count from the moment it stops waiting. A plugin that never says so is
+        timed from its start, as always. Passed on only to callbacks that take it (kinod's
+        do: they have ``accepts_waiting``).
+        """
         self.progress = max(0.0, min(100.0, float(value)))
         if callback is not None:
-            if message is None:
+            if waiting is not None and getattr(callback, "accepts_waiting", False):
+                callback(self.progress, message, waiting=waiting)
+            elif message is None:
                 callback(self.progress)
             else:
                 callback(self.progress, message)
