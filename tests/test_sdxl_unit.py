@@ -39,7 +39,8 @@ from kinod.plugins.sdxl.parameters import (
     SEED_MAX,
     check_parameters,
 )
-from kinod.plugins.sdxl.servers import SdxlSettings, ServerClaim
+from kinod.plugins.sdxl.servers import SdxlSettings
+from kinod.plugins.sdxl.slots import ServerClaim, ServerSlots
 from kinod.plugins.sdxl.tracking import PromptTracker
 from kinod.plugins.sdxl.workflow import build_txt2img, filename_prefix_for
 from kinod.runner import new_plugin
@@ -478,17 +479,48 @@ def test_image_names_are_safe_whatever_the_prompt_id() -> None:
 
 # --- choosing a server ---------------------------------------------------------------------
 
-def test_the_shortest_queue_wins_and_jobs_choosing_together_spread() -> None:
+def test_the_shortest_queue_with_room_wins_and_jobs_choosing_together_spread() -> None:
+    slots = ServerSlots()
     lengths = {"http://a": 1, "http://b": 0, "http://c": 0}
-    first = ServerClaim.least_busy(lengths)
-    second = ServerClaim.least_busy(lengths)  # before the first has posted its prompt
-    third = ServerClaim.least_busy(lengths)
-    assert (first.url, second.url) == ("http://b", "http://c")
+    first, second = (ServerClaim(slots.take(lengths, 2), slots) for _ in range(2))
+    assert (first.url, second.url) == ("http://b", "http://c")  # before either has posted
+    third = ServerClaim(slots.take(lengths, 2), slots)
     assert third.url in ("http://a", "http://b")
     for claim in (first, second, third):
         claim.release()
         claim.release()  # twice is harmless
-    assert ServerClaim.least_busy({"http://a": 0, "http://b": 0}).url == "http://a"
+    assert slots.take({"http://a": 0, "http://b": 0}, 1) == "http://a"
+
+
+def test_queue_ahead_caps_the_prompts_waiting_on_each_server() -> None:
+    slots = ServerSlots()
+    lengths = {"http://a": 0, "http://b": 5}  # b is busy with others' prompts: it still has room
+    assert [slots.take(lengths, 1) for _ in range(3)] == ["http://a", "http://b", None]
+    slots.release("http://b")
+    assert slots.take(lengths, 1) == "http://b"
+    assert slots.take(lengths, 2) == "http://a"  # a job whose plugin allows two
+
+
+def test_a_place_that_frees_goes_to_the_first_job_in_line_that_can_use_it() -> None:
+    async def scenario() -> list[str | None]:
+        loop = asyncio.get_running_loop()
+        slots = ServerSlots()
+        assert slots.take({"http://a": 0}, 1) == "http://a"
+        assert slots.take({"http://b": 0}, 1) == "http://b"
+        only_b = slots.join_line(("http://b",), 1, loop)
+        first = slots.join_line(("http://a", "http://b"), 1, loop)
+        second = slots.join_line(("http://a", "http://b"), 1, loop)
+        slots.release("http://a")  # started: its place is handed on, not freed
+        await asyncio.wait_for(first.ready.wait(), 5)
+        assert (only_b.granted, second.granted) == (None, None)
+        assert slots.waiting("http://a") == 1
+        slots.release("http://b", handoff=False)  # b failed: nobody is handed it
+        assert slots.waiting("http://b") == 0 and only_b.granted is None
+        back = slots.join_line(("http://a",), 1, loop, seq=second.seq)  # keeps its place
+        slots.leave_line(second)
+        return [slots.leave_line(w) for w in (first, only_b, back)]
+
+    assert asyncio.run(scenario()) == ["http://a", None, None]
 
 
 # --- following a prompt, against a scripted client -------------------------------------------
@@ -537,7 +569,7 @@ def follow(client: ScriptedClient, stop: bool = False, **settings: Any) -> Any:
     settings = SdxlSettings(poll_interval_s=0.01, stop_wait_s=1, **settings)
     reports: list[tuple[float | None, str]] = []
     tracker = PromptTracker(client, PID, settings, lambda: stop,
-                            lambda p, m: reports.append((p, m)))
+                            lambda p, m, waiting=None: reports.append((p, m)))
     return asyncio.run(tracker.follow(None)), reports
 
 

@@ -96,9 +96,10 @@ class ComfyuiPlugin(BasePlugin):
             uploaded.update(await upload_images(client, workflow, sources))
             return workflow
 
-        def report(percent: float | None, message: str) -> None:
+        def report(percent: float | None, message: str, *,
+                   waiting: bool | None = None) -> None:
             self.update_progress(self.progress if percent is None else percent,
-                                 progress_callback, message)
+                                 progress_callback, message, waiting=waiting)
 
         logger.info("comfyui job {}: workflow {}, seeds {}", task_id, name, seeds)
         job = ComfyJob(task_id, None, settings, self.output_path, lambda: self.should_stop,

@@ -13,12 +13,20 @@ from loguru import logger
 from pydantic import ValidationError
 
 from .comfyui_client import ComfyUIClient, EventStream, new_http_client
-from .errors import ExecutionFailed, Interrupted, OutputMissing
+from .errors import (
+    ExecutionFailed,
+    Interrupted,
+    OutputMissing,
+    PromptLost,
+    UnexpectedAnswer,
+    Unreachable,
+)
 from .explain import describe_failure, one_line
 from .messages import HistoryEntry, ImageRef, NodeFailureData
 from .outputs import save_images
 from .parameters import JobParams
-from .servers import SdxlSettings, ServerClaim, queue_lengths
+from .servers import SdxlSettings
+from .slots import ServerClaim, claim_server
 from .tracking import PromptTracker, Report
 from .workflow import build_txt2img, filename_prefix_for
 
@@ -89,13 +97,18 @@ class ComfyJob:
         }
 
     async def run_prompt(self, http: httpx.AsyncClient, prepare: Prepare) -> FinishedPrompt | None:
-        """Post the graph ``prepare`` makes to the least busy server and follow it to its end;
-        None once stopped on request."""
+        """Post the graph ``prepare`` makes to the least busy server with room (waiting for one
+        while each has ``queue_ahead`` prompts waiting) and follow it to its end; None once
+        stopped on request."""
         if self._stop_requested():
             return None
-        timeout_s = self.settings.request_timeout_s
-        lengths = await queue_lengths(http, self.settings.comfyui_urls, timeout_s)
-        claim = ServerClaim.least_busy(lengths)
+        # Until the prompt starts on a server, the job waits: kinod's clocks do not run.
+        self._report(None, "choosing a server", waiting=True)
+        claim = await claim_server(http, self.settings, self._stop_requested, self._report,
+                                   clock=self._clock)
+        if claim is None:
+            return None
+        handoff = True
         try:
             client = ComfyUIClient(claim.url, http)
             workflow = await prepare(client)
@@ -105,8 +118,11 @@ class ComfyJob:
             finally:
                 if stream is not None:
                     await stream.close()
+        except (Unreachable, PromptLost, UnexpectedAnswer):
+            handoff = False  # the server failed: no job in line is handed it
+            raise
         finally:
-            claim.release()
+            claim.release(handoff)
 
     async def _open_stream(self, url: str) -> EventStream | None:
         try:
@@ -124,12 +140,13 @@ class ComfyJob:
         # without a socket, a fresh id that no socket listens on.
         client_id = stream.client_id if stream is not None else str(uuid.uuid4())
         prompt_id = await client.submit(workflow, client_id, str(uuid.uuid4()))
-        claim.release()  # now counted in the server's own queue
+        claim.posted()  # now counted in the server's own queue
         posted = self._clock()
         logger.info("prompt {} queued on {}", prompt_id, client.url)
         self._report(None, f"queued on {client.url}")
         tracker = PromptTracker(client, prompt_id, self.settings, self._stop_requested,
-                                self._report, self._clock, node_count=self._node_count)
+                                self._report, self._clock, node_count=self._node_count,
+                                on_started=claim.release)  # its place goes to the next job
         entry = await tracker.follow(stream)
         if entry is None or self._stop_requested():  # a stop that came as it ended: no files
             return None

@@ -35,9 +35,10 @@ class SdxlPlugin(BasePlugin):
             require_checkpoint(self.models_dir, params.model_name)
             logger.info("sdxl job {}: seed {}", task_id, params.seed)
 
-            def report(percent: float | None, message: str) -> None:
+            def report(percent: float | None, message: str, *,
+                       waiting: bool | None = None) -> None:
                 self.update_progress(self.progress if percent is None else percent,
-                                     progress_callback, message)
+                                     progress_callback, message, waiting=waiting)
 
             job = ComfyJob(task_id, params, settings, self.output_path,
                            lambda: self.should_stop, report)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import TYPE_CHECKING, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -32,6 +31,9 @@ class SdxlSettings(BaseModel):
     unreachable_grace_s: float = Field(default=30.0, ge=0)
     # After a stop: how long to wait for ComfyUI to confirm the prompt is gone.
     stop_wait_s: float = Field(default=5.0, ge=0)
+    # How many of this daemon's prompts may wait in each server's queue (behind the one it
+    # runs); more jobs wait in kinod for a place (see slots.py).
+    queue_ahead: int = Field(default=1, ge=1)
 
     @field_validator("comfyui_urls", mode="before")
     @classmethod
@@ -54,36 +56,6 @@ class SdxlSettings(BaseModel):
         except ValidationError as exc:
             raise SettingsError("; ".join(format_validation_error(exc, f"plugins.{name}"))
                                 ) from None
-
-
-# Servers chosen by jobs of this process that have not posted their prompt yet: without them,
-# jobs starting together would all see the same queue lengths and pick the same server.
-_claims: dict[str, int] = {}
-_claims_lock = threading.Lock()  # held only while choosing, never across a run
-
-
-class ServerClaim:
-    """A job's choice of server, counted until its prompt is in that server's queue."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self._held = True
-
-    @classmethod
-    def least_busy(cls, lengths: dict[str, int]) -> ServerClaim:
-        """The server with the shortest queue, counting claims; ties go to the first listed."""
-        with _claims_lock:
-            url = min(lengths, key=lambda u: lengths[u] + _claims.get(u, 0))
-            _claims[url] = _claims.get(url, 0) + 1
-        return cls(url)
-
-    def release(self) -> None:
-        with _claims_lock:
-            if self._held:
-                self._held = False
-                _claims[self.url] -= 1
-                if not _claims[self.url]:
-                    del _claims[self.url]
 
 
 async def queue_lengths(http: httpx.AsyncClient, urls: list[str],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from loguru import logger
 
@@ -23,7 +24,15 @@ QUIET_CHECK_S = 5.0
 FIRST_CHECK_S = 0.5
 MISSING_CHECKS_TO_LOSE = 2  # a prompt in neither /queue nor /history this often was lost
 
-Report = Callable[[float | None, str], None]  # percent (None: unchanged) and a short message
+
+
+class Report(Protocol):
+    """Progress for the job: percent (None: unchanged) and a short message. ``waiting`` True:
+    the prompt waits (for a server, in a server's queue), False: it runs; kinod's timeout and
+    stall_timeout count only from then (``BasePlugin.update_progress``)."""
+
+    def __call__(self, percent: float | None, message: str, *,
+                 waiting: bool | None = None) -> None: ...
 
 
 class PromptTracker:
@@ -32,7 +41,8 @@ class PromptTracker:
     def __init__(self, client: ComfyUIClient, prompt_id: str, settings: SdxlSettings,
                  stop_requested: Callable[[], bool], report: Report,
                  clock: Callable[[], float] = time.monotonic,
-                 node_count: int | None = None) -> None:
+                 node_count: int | None = None,
+                 on_started: Callable[[], None] | None = None) -> None:
         self.client = client
         self.prompt_id = prompt_id
         self.settings = settings
@@ -51,6 +61,7 @@ class PromptTracker:
         self._cached: set[str] = set()
         self._begun: list[str] = []
         self.position: int | None = None  # place in the server's queue while waiting
+        self._on_started = on_started  # called once, when the server begins running it
 
     async def follow(self, stream: EventStream | None) -> HistoryEntry | None:
         """The prompt's history entry once it has ended; None once stopped on request."""
@@ -129,7 +140,9 @@ class PromptTracker:
         self.position = None
         if self.started_at is None:
             self.started_at = self._clock()
-            self._report(None, f"running on {self.client.url}")
+            if self._on_started is not None:
+                self._on_started()
+            self._report(None, f"running on {self.client.url}", waiting=False)
 
     async def _check(self) -> HistoryEntry | None:
         """Ask the server: None while the prompt is queued or running; its history entry once
