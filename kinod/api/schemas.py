@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from kinod.chunks import MAX_FRAMES
 from kinod.models import JobSpec, JobState, Sidecar
 from kinod.nodes import Heartbeat
 
@@ -30,6 +31,11 @@ class TaskCreate(JobSpec):
 
     id: str | None = Field(default=None, pattern=JOB_ID_PATTERN, max_length=128)
     start: bool = Field(default=False, description="run at once instead of being held")
+    chunk: int | None = Field(default=None, ge=1, le=MAX_FRAMES, description=(
+        "split `data.frames` into one task per chunk of this many frames, "
+        "`<id>.<first>-<last>`; answers `{\"tasks\": [...]}`"))
+    then: dict[str, Any] | None = Field(default=None, description=(
+        "with `chunk`: a task (`type`, `data`, ...) run after every chunk, under the id"))
 
     @field_validator("data")
     @classmethod
@@ -67,6 +73,10 @@ class TaskPage(BaseModel):
     tasks: list[Sidecar] = Field(description="sidecars, newest first")
     next_cursor: str | None = Field(description="pass as `cursor` for the next page; "
                                     "null on the last one")
+
+
+class TaskBatch(BaseModel):
+    tasks: list[Sidecar] = Field(description="the chunks in frame order, then the `then` task")
 
 
 class ControlAccepted(BaseModel):

@@ -9,11 +9,21 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse
+from pydantic import ValidationError
 
-from kinod.api.errors import ApiError
+from kinod.api.errors import ApiError, fields_of
 from kinod.api.index import BadCursor
-from kinod.api.jobs import Jobs
-from kinod.api.schemas import ERRORS, ControlAccepted, JobId, OutputFile, TaskCreate, TaskPage
+from kinod.api.jobs import Jobs, unavailable
+from kinod.api.schemas import (
+    ERRORS,
+    ControlAccepted,
+    JobId,
+    OutputFile,
+    TaskBatch,
+    TaskCreate,
+    TaskPage,
+)
+from kinod.chunks import ChunkError, split_job
 from kinod.models import JobState, Sidecar
 
 PREFIX = "/api/v1/generator"
@@ -41,16 +51,54 @@ async def list_plugins(request: Request) -> Response:
     return _json(json.dumps(infos, default=str, allow_nan=False).encode())
 
 
-@router.post("/tasks", status_code=201, tags=["tasks"], response_model=Sidecar,
+@router.post("/tasks", status_code=201, tags=["tasks"], response_model=Sidecar | TaskBatch,
              response_model_by_alias=True)
-async def create_task(task: TaskCreate, request: Request, response: Response) -> Sidecar:
+async def create_task(task: TaskCreate, request: Request,
+                      response: Response) -> Sidecar | TaskBatch:
     """Submit a task: `{name, type, data}` plus any job-file key, and optionally `id` and
     `start`. Without `id` the next free integer is given (`"1"`, `"2"`, ...). Without
     `"start": true` the task is held until `POST /tasks/{id}/generate`. Answers the sidecar
-    the task starts with; the node that takes it in writes the real one."""
+    the task starts with; the node that takes it in writes the real one. With `chunk`, one
+    task per chunk of `data.frames` (and the `then` task after them), answered as a list."""
+    if task.chunk is not None or task.then is not None:
+        return _create_chunks(task, _jobs(request))
     sidecar = _jobs(request).create(task)
     response.headers["Location"] = f"{PREFIX}/tasks/{sidecar.id}"
     return sidecar
+
+
+def _create_chunks(task: TaskCreate, jobs: Jobs) -> TaskBatch:
+    """Every piece is checked, and none may be queued or running, before any is written."""
+    if task.chunk is None:
+        raise ApiError.invalid({"then": "only with chunk: the task run after the chunks"})
+    document = task.model_dump(mode="json", exclude_unset=True, exclude={"id", "start", "chunk"})
+    if task.id is not None:
+        job_id = task.id
+    else:
+        try:
+            job_id = jobs.ids.allocate()
+        except OSError as exc:
+            raise unavailable(exc, "cannot take a new id in the spool") from None
+    try:
+        pieces = split_job(job_id, document, task.chunk)
+    except ChunkError as exc:
+        raise ApiError.invalid({exc.field: exc.message}) from None
+    keep = {key: getattr(task, key) for key in ("start", "hold") if key in task.model_fields_set}
+    tasks: list[TaskCreate] = []
+    for piece_id, piece in pieces:
+        where = "then." if piece_id == job_id else ""
+        try:
+            tasks.append(TaskCreate.model_validate({**piece, **keep, "id": piece_id}))
+        except ValidationError as exc:
+            raise ApiError.invalid(fields_of(exc, prefix=where.rstrip("."))) from None
+        fields = jobs.plugin_fields(tasks[-1].type, tasks[-1].data)
+        if fields:
+            raise ApiError.invalid({f"{where}{key}": text for key, text in fields.items()})
+        entry = jobs.current(piece_id)
+        if entry is not None and not JobState(entry.state).is_terminal:
+            raise ApiError(409, "conflict", f"job {piece_id} is {entry.state}; a new run of it "
+                           "can start once it has ended", {"id": "in use"})
+    return TaskBatch(tasks=[jobs.create(piece) for piece in tasks])
 
 
 @router.get("/tasks", tags=["tasks"], response_model=TaskPage)
