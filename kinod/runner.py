@@ -37,7 +37,7 @@ ProgressSink = Callable[[float, "str | None"], None]
 
 # Top-level settings that name a plugin's own folder: each reaches that plugin as a key of its
 # settings (as a path's text), unless plugins.<name> sets the key itself.
-PLUGIN_FOLDERS: dict[str, tuple[str, ...]] = {"comfyui": ("workflows",)}
+PLUGIN_FOLDERS: dict[str, tuple[str, ...]] = {"comfyui": ("workflows",), "blender": ("projects",)}
 
 
 def plugin_settings(settings: Settings, name: str) -> dict[str, Any]:
