@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from kinod.config import load_settings
 from kinod.plugins.blender.command import JobError, check_render
 from kinod.plugins.blender.output import MAX_LOGGED_LINES, BlenderOutput
-from tests.helpers import Clock
+from kinod.runner import plugin_settings
+from tests.helpers import Clock, write_config
 
 CYCLES = """\
 Blender 3.4.1
@@ -123,3 +125,11 @@ def test_a_link_out_of_the_projects_folder_is_refused(tmp_path: Path) -> None:
     with pytest.raises(JobError, match="is outside the projects folder"):
         check_render({"blend_file": "link.blend", "frames": "1"}, tmp_path / "p",
                      tmp_path / "out")
+
+
+def test_the_projects_setting_reaches_the_plugin_unless_its_own_setting_says(
+        tmp_path: Path) -> None:
+    settings = load_settings(write_config(tmp_path, projects="blends"))
+    assert plugin_settings(settings, "blender") == {"projects": str(tmp_path / "blends")}
+    settings = load_settings(write_config(tmp_path, plugins={"blender": {"projects": "/srv"}}))
+    assert plugin_settings(settings, "blender")["projects"] == "/srv"
