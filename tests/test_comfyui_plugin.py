@@ -11,6 +11,7 @@ import pytest
 
 from kinod.errors import InvalidJob
 from kinod.intake import check_job
+from kinod.plugins.comfyui import node_types
 from kinod.plugins.comfyui.loader import ComfyuiPlugin
 from kinod.plugins.comfyui.workflows import MAX_WORKFLOW_BYTES
 from kinod.plugins.plugin_loader import PluginRegistry
@@ -23,6 +24,14 @@ from tests.test_sdxl_plugin import QUICK, SDXL, JobThread, png_text
 REPO = Path(__file__).parent.parent
 SHIPPED = REPO / "workflows"
 SMALL = {"Empty Latent Image.width": 64, "Empty Latent Image.height": 64, "KSampler.steps": 3}
+
+
+@pytest.fixture(autouse=True)
+def fresh_node_types() -> Iterator[None]:
+    """Node types are kept per URL: a later test's server may get an earlier one's port."""
+    node_types.forget()
+    yield
+    node_types.forget()
 
 
 @pytest.fixture
@@ -216,3 +225,20 @@ def test_stopping_a_running_workflow_interrupts_it(folders, server):
     result = job.join()
     assert not result.success and result.error == "stopped on request"
     assert [i["prompt_id"] for i in server.interrupts] == list(server.prompts)
+
+
+def test_node_types_are_read_once_and_again_before_a_check_fails_on_them(folders, server):
+    def reads() -> int:
+        return sum(path == "/object_info" for _, path, _ in server.requests)
+
+    for task_id in ("a", "b"):
+        result = run(plugin_for(folders, server, task_id), {"workflow": "sdxl_txt2img",
+                                                            "inputs": SMALL}).join()
+        assert result.success, result.error
+    assert reads() == 1
+    graph = json.loads((SHIPPED / "sdxl_txt2img.json").read_text())
+    graph["10"] = {"class_type": "KinodNewNode", "inputs": {"image": ["8", 0]}}
+    write_workflow(folders, "newer.json", graph)
+    result = run(plugin_for(folders, server, "c"), {"workflow": "newer"}).join()
+    assert not result.success and "KinodNewNode" in result.error
+    assert reads() == 2  # asked again: the server may have gained the node since

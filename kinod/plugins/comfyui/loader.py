@@ -21,6 +21,7 @@ from kinod.plugins.sdxl.job import ComfyJob, check_outcome, timings
 from kinod.plugins.sdxl.servers import SdxlSettings
 
 from .files import image_sources, save_outputs, upload_images
+from .node_types import check_against_server
 from .workflows import apply_inputs, check_classes, load_workflow, randomize_seeds
 
 STOPPED = "stopped on request"
@@ -85,14 +86,17 @@ class ComfyuiPlugin(BasePlugin):
         seeds = randomize_seeds(workflow, chosen, data.get("randomize_seeds", True))
         uploaded: dict[str, str] = {}
 
+        def check(info: dict[str, Any]) -> None:
+            check_classes(workflow, info)
+            apply_inputs(workflow, data.get("inputs") or {}, info)
+
         async def prepare(client: ComfyUIClient) -> dict[str, Any]:
             try:
-                info = await client.object_info()
+                await check_against_server(client, check)
+            except InvalidJob:
+                raise
             except SdxlError as exc:  # the post will tell; the checks need a readable answer
                 logger.warning("could not read {}'s node types: {}", client.url, exc)
-            else:
-                check_classes(workflow, info)
-                apply_inputs(workflow, data.get("inputs") or {}, info)
             uploaded.update(await upload_images(client, workflow, sources))
             return workflow
 

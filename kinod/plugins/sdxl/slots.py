@@ -164,7 +164,9 @@ async def claim_server(http: httpx.AsyncClient, settings: SdxlSettings,
         if stop_requested():
             return None
         if slots.has_room(urls, cap):
-            lengths = await queue_lengths(http, list(urls), settings.request_timeout_s)
+            # One server: no choice to make, and one that is down says so when posted to.
+            lengths = {urls[0]: 0} if len(urls) == 1 else await queue_lengths(
+                http, list(urls), settings.request_timeout_s)
             url = slots.take(lengths, cap)
             if url is not None:
                 return ServerClaim(url, slots)
