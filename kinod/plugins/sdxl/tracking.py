@@ -148,6 +148,11 @@ class PromptTracker:
         """Ask the server: None while the prompt is queued or running; its history entry once
         it has ended; PromptLost when the server forgot it or stayed away too long."""
         try:
+            if self._ended:  # the server said it ended: its entry is there, or moments away
+                entry = await self.client.history(self.prompt_id)
+                if entry is not None:
+                    self._unreachable_since = None
+                    return entry
             # The queue first: a prompt leaves it only once its history entry is written.
             queue = await self.client.queue()
             if self.prompt_id in queue.running_ids or self.prompt_id in queue.pending_ids:
