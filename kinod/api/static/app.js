@@ -117,7 +117,7 @@
   let rowHeight = 36;
   let firstRowsMarked = false;
 
-  const when = (text) => (text ? Date.parse(text) / 1000 : null);
+  const when = (text) => (text ? Date.parse(text) : null); // milliseconds, as the listing's
 
   function jobOfSidecar(s) {
     return {
@@ -128,13 +128,14 @@
     };
   }
 
+  // Events come in the order the sidecars changed: the latest always wins.
+  // A job's object is updated in place: the shown list holds the same objects.
   function put(job) {
     const old = jobs.get(job.id);
-    if (old && old.updated > job.updated) return false; // an older copy than the one shown
-    jobs.set(job.id, job);
     if (!old || old.created !== job.created || old.state !== job.state || old.type !== job.type
         || old.name !== job.name) orderDirty = true;
-    return true;
+    if (old) Object.assign(old, job);
+    else jobs.set(job.id, job);
   }
 
   function matches(job) {
@@ -245,9 +246,9 @@
     setText(c[5], job.type);
     setText(c[6], job.node);
     setText(c[7], job.attempt);
-    const now = Date.now() / 1000;
-    setText(c[8], age(now - job.created));
-    setText(c[9], job.started ? age((job.finished || now) - job.started) : "");
+    const now = Date.now();
+    setText(c[8], age((now - job.created) / 1000));
+    setText(c[9], job.started ? age(((job.finished || now) - job.started) / 1000) : "");
     const message = job.error || job.message || "";
     setText(c[10], message);
     c[10].title = message;
@@ -310,10 +311,8 @@
       columns.forEach((name, i) => { job[name] = values[i]; });
       fresh.set(job.id, job);
     }
-    for (const [id, job] of jobs) {
-      const listed = fresh.get(id);
-      if ((listed && listed.updated < job.updated) || (!listed && sinceSnapshot.has(id))) fresh.set(id, job);
-    }
+    // What an event brought while the listing was on its way is newer than the listing.
+    for (const id of sinceSnapshot) if (jobs.has(id)) fresh.set(id, jobs.get(id));
     jobs.clear();
     for (const [id, job] of fresh) jobs.set(id, job);
     sinceSnapshot = null;
@@ -339,10 +338,9 @@
     events.addEventListener("task", (event) => {
       const sidecar = JSON.parse(event.data);
       if (sinceSnapshot) sinceSnapshot.add(sidecar.id);
-      if (put(jobOfSidecar(sidecar))) {
-        schedule();
-        if (sidecar.id === openId) showJob(sidecar);
-      }
+      put(jobOfSidecar(sidecar));
+      schedule();
+      if (sidecar.id === openId) showJob(sidecar);
     });
     events.onopen = () => {
       setLive(true);
