@@ -174,7 +174,12 @@ class Running:
         def on_progress(percent: float, message: str | None) -> None:
             self._on_progress(job, percent, message)
 
-        if entry is not None and entry.isolation == "process":
+        if settings.executor == "ray":
+            from kinod.ray_run import RayRun  # only with executor: ray
+
+            job.run = RayRun(settings, job.plugin.name, job.plugin.source, job.id, job.data,
+                             on_progress, clock=self._ctx.clock)
+        elif entry is not None and entry.isolation == "process":
             job.run = ProcessRun(job.plugin.name, job.plugin.source, job.id, job.data,
                                  on_progress, output_dir=output_dir, settings=plugin_settings,
                                  models_dir=settings.models, outbox=settings.outbox,
