@@ -18,6 +18,7 @@ from kinod.config import Settings
 from kinod.errors import ConfigError
 from kinod.hooks import Hooks
 from kinod.intake import InboxName
+from kinod.listing_gate import ListingGate
 from kinod.logs import add_job_log_sink, setup_logging
 from kinod.models import utc_now
 from kinod.outbox import Outbox
@@ -79,6 +80,8 @@ class Daemon:
         self._watcher = InboxWatcher([settings.inbox, spool.queued, spool.running_root],
                                      self._on_inbox_event)
         self._spool_text = str(spool.root)
+        self._gates = tuple(ListingGate(folder, clock, settings.rescan_interval_s)
+                            for folder in (settings.inbox, spool.queued, spool.running))
         self._queued_text, self._running_root_text = str(spool.queued), str(spool.running_root)
 
     @property
@@ -246,6 +249,8 @@ class Daemon:
             logger.error("plugin {} failed to load: {}", name, error)
         old, ctx.settings, ctx.registry = ctx.settings, new, registry
         ctx.fleet.set_lease(new.lease)
+        for gate in self._gates:
+            gate.safety_s = new.rescan_interval_s
         ctx.hooks.update_settings(new)
         if (new.log_format, new.log_level) != (old.log_format, old.log_level):
             setup_logging(new.log_format, new.log_level)
@@ -311,15 +316,21 @@ class Daemon:
             self.ctx.intake.arrived(path, renamed)
 
     async def _rescan(self) -> None:
-        self._rescan_now()
+        self._rescan_now(gated=self._watch_mode == "poll")
 
-    def _rescan_now(self) -> None:
+    def _rescan_now(self, gated: bool = False) -> None:
         """Look at every name in the inbox: catches whatever the watcher missed. Also take
-        up queued files no job stands for (their acceptance was cut short by a disk fault)."""
+        up queued files no job stands for (their acceptance was cut short by a disk fault).
+
+        ``gated`` (a poll): a folder whose mtime says nothing changed since it was last
+        listed is not listed again (kinod.listing_gate), so that many nodes polling one
+        share cost its server a stat each, not a listing each, while nothing happens."""
         if not self._inbox_is_served():
             return
+        inbox, queued, running = self._gates
         try:
-            self.ctx.intake.scan()
+            if not gated or inbox.should_list():
+                self.ctx.intake.scan()
         except OSError as exc:
             # Deleted between the look above and the listing: the look again says so now.
             if self._inbox_is_served():
@@ -328,8 +339,10 @@ class Daemon:
                 self._retry_soon()
             return
         self.ctx.holds.look_at_pause()
-        self.ctx.recovery.adopt_queued()
-        self.ctx.recovery.recover_orphans()
+        if not gated or queued.should_list():
+            self.ctx.recovery.adopt_queued()
+        if not gated or running.should_list():
+            self.ctx.recovery.recover_orphans()
         self._wake.set()
 
     def _inbox_is_served(self) -> bool:

@@ -1,0 +1,148 @@
+"""Many nodes on one folder in poll mode (as on a network share): what each job costs in all.
+
+    python bench/nodes.py [--nodes 1,4,12,24] [--jobs 2000] [--poll 0.5] [--out FILE]
+
+For each count of daemons, every daemon starts on one folder in poll mode; ``--jobs`` job
+files are renamed into the inbox; the clock stops once every job is filed under done/.
+Figures: CPU seconds per job summed over every daemon, and the file-system calls per job
+of one daemon (directory reads, renames, opens, stats), counted by ``strace -c`` attached
+to it for the whole run, times the number of daemons. Each job ran exactly once: every
+sidecar says attempt 1 and every done/<id>/ holds one file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from farm import PLUGINS, Arrivals, BenchError, Daemon, drop, machine, write_jobs
+
+LIMIT_S = 900
+IDLE_S = 20.0  # how long an idle daemon is watched once the jobs are done
+CALLS = {"listings": ("getdents64",), "renames": ("rename", "renameat", "renameat2"),
+         "opens": ("openat", "open"), "stats": ("newfstatat", "statx", "stat", "lstat")}
+
+
+def node_config(root: Path, name: str, poll_s: float) -> Path:
+    folder = root / f"node-{name}"
+    folder.mkdir(parents=True)
+    settings = {"node": name, "inbox": "../inbox", "outbox": "../outbox",
+                "frames": "../data/frames", "models": "../models_storage",
+                "plugin_dirs": [str(PLUGINS)], "settle_s": 0, "log_level": "WARNING",
+                "watch": "poll", "poll_interval_s": poll_s, "workers": 2}
+    (folder / "config.yaml").write_text(yaml.safe_dump(settings))
+    return folder / "config.yaml"
+
+
+def strace_counts(text: str) -> dict[str, int]:
+    counts = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and re.fullmatch(r"[\d.]+", fields[0]) and fields[-1].isidentifier():
+            counts[fields[-1]] = int(fields[3])
+    return counts
+
+
+def run(root: Path, nodes: int, jobs: int, poll_s: float) -> dict[str, float]:
+    for folder in ("inbox", "outbox", "data/frames", "models_storage"):
+        (root / folder).mkdir(parents=True)
+    names = write_jobs(root / "staged", jobs)
+    daemons = [Daemon(node_config(root, f"n{i:02d}", poll_s)) for i in range(nodes)]
+    tracer = None
+    try:
+        for daemon in daemons:
+            daemon.ready()
+        done = Arrivals(root / "inbox" / ".kinod" / "done")
+        if shutil.which("strace"):
+            tracer = subprocess.Popen(
+                ["strace", "-c", "-f", "-e", "trace=" + ",".join(sum(CALLS.values(), ())),
+                 "-p", str(daemons[0].pid)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                text=True)
+            time.sleep(0.5)  # attached before the first job arrives
+        cpu = [d.cpu_s() for d in daemons]
+        started = time.perf_counter()
+        drop(root / "staged", root / "inbox", names)
+        finished = done.wait_count(jobs, time.monotonic() + LIMIT_S, daemons[0].alive)
+        done.close()
+        if finished is None:
+            raise BenchError(f"{nodes} nodes: {len(done.names)} of {jobs} ended")
+        cpu_s = sum(d.cpu_s() - c for d, c in zip(daemons, cpu, strict=True))
+        traced = idle = {}
+        if tracer is not None:
+            tracer.send_signal(2)
+            traced = strace_counts(tracer.communicate(timeout=30)[1])
+            idle = idle_calls(daemons[0].pid, IDLE_S)
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+    check_exactly_once(root, jobs)
+    figures = {"seconds": finished - started, "cpu ms/job": cpu_s / jobs * 1000}
+    for what, calls in CALLS.items():
+        if traced:  # one daemon's calls, as if every daemon made as many
+            figures[f"{what}/job"] = sum(traced.get(c, 0) for c in calls) * nodes / jobs
+    if idle:
+        figures["idle listings/min, all daemons"] = (
+            sum(idle.get(c, 0) for c in CALLS["listings"]) * nodes * 60 / IDLE_S)
+    return figures
+
+
+def idle_calls(pid: int, seconds: float) -> dict[str, int]:
+    """One idle daemon's file-system calls over ``seconds``, once its work is done."""
+    tracer = subprocess.Popen(
+        ["strace", "-c", "-f", "-e", "trace=" + ",".join(sum(CALLS.values(), ())),
+         "-p", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(seconds)
+    tracer.send_signal(2)
+    return strace_counts(tracer.communicate(timeout=30)[1])
+
+
+def check_exactly_once(root: Path, jobs: int) -> None:
+    done = root / "inbox" / ".kinod" / "done"
+    twice = [name for name in os.listdir(done) if len(os.listdir(done / name)) != 1]
+    attempts = [json.loads(p.read_bytes()).get("attempt") for p in (root / "outbox").glob("*.json")]
+    if twice or len(attempts) != jobs or set(attempts) != {1}:
+        raise BenchError(f"not exactly once: {len(twice)} ran twice, {len(attempts)} sidecars, "
+                         f"attempts {sorted(set(attempts))}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", default="1,4,12,24")
+    parser.add_argument("--jobs", type=int, default=2000)
+    parser.add_argument("--poll", type=float, default=0.5)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="kinod-bench-nodes-") as work:
+        work = Path(work)
+        for n in [int(n) for n in args.nodes.split(",")]:
+            figures = run(work / f"nodes{n}", n, args.jobs, args.poll)
+            rows.append((n, figures))
+            print(n, {k: round(v, 2) for k, v in figures.items()}, file=sys.stderr)
+        base = rows[0][1]["cpu ms/job"]
+        columns = [k for k in rows[0][1] if "/" in k and k != "cpu ms/job"]
+        lines = [f"{args.jobs:,} jobs, poll mode every {args.poll:g} s, {machine(work)}", "",
+                 "| daemons | seconds | CPU ms/job, all daemons | vs 1 daemon | "
+                 + " | ".join(columns) + " |", "|" + " --- |" * (4 + len(columns))]
+        for n, f in rows:
+            lines.append(f"| {n} | {f['seconds']:.1f} | {f['cpu ms/job']:.2f} | "
+                         f"{f['cpu ms/job'] / base:.2f}x | "
+                         + " | ".join(f"{f[c]:.1f}" for c in columns) + " |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
