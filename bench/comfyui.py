@@ -3,10 +3,10 @@
     python bench/comfyui.py [--jobs 200] [--servers 1,2,4,8] [--run-time-s 0.1]
                             [--image-mb 1.5] [--latency-jobs 40] [--rounds 1]
 
-Each server is the test peer of ``tests/comfyui_server.py`` speaking ComfyUI 0.3.64, made to
-take ``--run-time-s`` per prompt (a fast GPU with a turbo model) and to write one PNG of
-``--image-mb`` per prompt. Both sides run the shipped ``sdxl_txt2img`` workflow with a fresh
-seed per prompt, so nothing is cached.
+Each server is the test peer of ``tests/comfyui_peer/`` speaking ComfyUI 0.3.64, in a process
+of its own, made to take ``--run-time-s`` per prompt (a fast GPU with a turbo model) and to
+write one PNG of ``--image-mb`` per prompt. Both sides run the shipped ``sdxl_txt2img``
+workflow with a fresh seed per prompt, so nothing is cached.
 
 - The feeder is the least a script can do: one websocket per server, every prompt posted up
   front (round robin), and each image fetched (``/history``, ``/view``) and written to disk as
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -39,7 +40,7 @@ from farm import BENCH, IN_MOVED_TO, TERMINAL, Daemon, Inotify, machine, make_fa
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO))  # the test peer lives with the tests
 
-from tests.comfyui_server import MODERN, ComfyUITestServer  # noqa: E402
+from tests.comfyui_peer import MODERN, ComfyUITestServer  # noqa: E402
 
 WORKFLOW = REPO / "workflows" / "sdxl_txt2img.json"
 SMALL = {"5.width": 64, "5.height": 64, "3.steps": 1}
@@ -70,6 +71,41 @@ class TimedPeer(ComfyUITestServer):
         return self.prompts[prompt_id]["9"]["inputs"]["filename_prefix"]
 
 
+def _serve(conn: Any, run_time_s: float, image_bytes: int) -> None:
+    """A peer's process: serve until told to stop; say when prompts were posted and ended."""
+    peer = TimedPeer(run_time_s, image_bytes).start()
+    conn.send(peer.url)
+    while conn.recv() != "stop":
+        conn.send((peer.posted_at, peer.ended_at,
+                   {pid: peer.prefix_of(pid) for pid in peer.ended_at}))
+    peer.stop()
+    conn.send(None)
+
+
+class PeerProcess:
+    """A TimedPeer in a process of its own: peers never share a GIL with each other, with the
+    feeder, or with this script's watching of the outbox."""
+
+    def __init__(self, run_time_s: float, image_bytes: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_serve, args=(child, run_time_s, image_bytes),
+                                        daemon=True)
+        self._process.start()
+        child.close()
+        self.url: str = self._conn.recv()
+
+    def times(self) -> tuple[dict[str, float], dict[str, float], dict[str, str]]:
+        """(posted at, ended at, SaveImage prefix), by prompt id."""
+        self._conn.send("times")
+        return self._conn.recv()
+
+    def stop(self) -> None:
+        self._conn.send("stop")
+        self._conn.recv()
+        self._process.join(30)
+
+
 def graph(prefix: str) -> dict[str, Any]:
     workflow = json.loads(WORKFLOW.read_text())
     for key, value in {**SMALL, "9.filename_prefix": prefix}.items():
@@ -82,7 +118,7 @@ def graph(prefix: str) -> dict[str, Any]:
 # --- the feeder -------------------------------------------------------------------------------
 
 
-async def feed(peers: list[TimedPeer], n: int, out: Path) -> float:
+async def feed(peers: list[PeerProcess], n: int, out: Path) -> float:
     """Seconds from the first POST to the last image written."""
     import httpx
     from websockets.asyncio.client import connect
@@ -138,7 +174,7 @@ async def feed(peers: list[TimedPeer], n: int, out: Path) -> float:
 # --- kinod ------------------------------------------------------------------------------------
 
 
-def farm(root: Path, peers: list[TimedPeer]) -> Path:
+def farm(root: Path, peers: list[PeerProcess]) -> Path:
     (root / "workflows").mkdir(parents=True)
     (root / "workflows" / WORKFLOW.name).write_bytes(WORKFLOW.read_bytes())
     return make_farm(root, workers=3 * len(peers) + 2, plugins={"comfyui": {
@@ -187,7 +223,7 @@ def stage(root: Path, prefixes: list[str]) -> Path:
     return staged
 
 
-def kinod_burst(root: Path, peers: list[TimedPeer], n: int) -> float:
+def kinod_burst(root: Path, peers: list[PeerProcess], n: int) -> float:
     """Seconds from the first job renamed into the inbox to the last final sidecar."""
     config = farm(root, peers)
     ids = [f"job{i:04d}" for i in range(n)]
@@ -207,7 +243,7 @@ def kinod_burst(root: Path, peers: list[TimedPeer], n: int) -> float:
     return max(outbox.ended.values()) - started
 
 
-def kinod_latency(root: Path, peer: TimedPeer, n: int) -> tuple[list[float], list[float]]:
+def kinod_latency(root: Path, peer: PeerProcess, n: int) -> tuple[list[float], list[float]]:
     """Per job, one at a time: ms from the rename to POST /prompt, and from the server's end
     of the prompt to the final sidecar."""
     config = farm(root, [peer])
@@ -223,17 +259,18 @@ def kinod_latency(root: Path, peer: TimedPeer, n: int) -> tuple[list[float], lis
             os.rename(staged / f"{job_id}.json", root / "inbox" / f"{job_id}.json")
             outbox.wait({job_id}, 60)
         outbox.close()
-    by_prefix = {peer.prefix_of(pid): pid for pid in peer.ended_at}
-    to_post = [(peer.posted_at[by_prefix[i]] - dropped[i]) * 1000 for i in ids]
-    to_saved = [(outbox.ended[i] - peer.ended_at[by_prefix[i]]) * 1000 for i in ids]
+    posted_at, ended_at, prefixes = peer.times()  # perf_counter: one clock for all processes
+    by_prefix = {prefix: pid for pid, prefix in prefixes.items()}
+    to_post = [(posted_at[by_prefix[i]] - dropped[i]) * 1000 for i in ids]
+    to_saved = [(outbox.ended[i] - ended_at[by_prefix[i]]) * 1000 for i in ids]
     return to_post, to_saved
 
 
 # --- the run ----------------------------------------------------------------------------------
 
 
-def peers_for(count: int, args: argparse.Namespace) -> list[TimedPeer]:
-    return [TimedPeer(args.run_time_s, int(args.image_mb * 1e6)).start() for _ in range(count)]
+def peers_for(count: int, args: argparse.Namespace) -> list[PeerProcess]:
+    return [PeerProcess(args.run_time_s, int(args.image_mb * 1e6)) for _ in range(count)]
 
 
 def main() -> None:
