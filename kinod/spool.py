@@ -27,11 +27,15 @@ import contextlib
 import fcntl
 import json
 import os
+import time
 from pathlib import Path
 
 from kinod.atomic_files import atomic_write, rename_noreplace
 from kinod.errors import ConfigError
 from kinod.intake import JOB_SUFFIXES
+from kinod.listing_gate import ListingGate
+
+RUNNING_SAFETY_S = 5.0
 
 
 class Spool:
@@ -50,6 +54,10 @@ class Spool:
         # As text too: the paths made for every job are joined as strings, not Paths.
         self._running_root, self._queued, self._held, self._counts = map(
             str, (self.running_root, self.queued, self.held, self.counts))
+        # A node's folder made since the last listing shows within RUNNING_SAFETY_S even
+        # where a client caches the folder's attributes (NFS).
+        self._running_gate = ListingGate(self.running_root, time.monotonic, RUNNING_SAFETY_S)
+        self._running_cache: list[str] | None = None
 
     def ensure_folders(self) -> None:
         for folder in (self.queued, self.held, self.running, self.done, self.duplicates,
@@ -159,11 +167,17 @@ class Spool:
         return _files_in(self.running_root / node)
 
     def _running_folders(self) -> list[str]:
-        try:
-            with os.scandir(self._running_root) as entries:
-                return [e.path for e in entries if e.is_dir(follow_symlinks=False)]
-        except FileNotFoundError:
-            return []
+        """Each node's running/ folder. Listed again only when running/'s mtime says a
+        folder may have come or gone (kinod.listing_gate): looking up an id runs for every
+        file dropped, on every node, and a listing each time would grow with the nodes."""
+        if self._running_gate.should_list() or self._running_cache is None:
+            try:
+                with os.scandir(self._running_root) as entries:
+                    self._running_cache = [e.path for e in entries
+                                           if e.is_dir(follow_symlinks=False)]
+            except FileNotFoundError:
+                self._running_cache = []
+        return self._running_cache
 
     def claim(self, queued: Path) -> Path | None:
         """queued → running/<node>; None if the file is gone (someone else took it).
