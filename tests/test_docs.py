@@ -5,8 +5,8 @@ Sybil reads the pages. What a page may say to the runner, in HTML comments (invi
 the site):
 
 - ``<!-- docs-test: farm -->`` (anywhere): before the first example, ``kinod init`` makes
-  the page's folder a farm; ``<!-- docs-test: daemon -->`` also starts ``kinod run`` there
-  (node ``docs``, the API on a free port), stopped after the last example.
+  the page's folder a farm (node ``docs``); ``<!-- docs-test: daemon -->`` also starts
+  ``kinod run`` there, with the API on the page's port, stopped after the last example.
 - ``<!-- file: PATH -->`` before a block: the block is written to PATH (a job file, a
   plugin), not run; later examples use it.
 - ``<!-- background: TEXT -->`` before a ```bash block: it runs in the background (a
@@ -138,8 +138,11 @@ class Farm:
         config = self.root / "config.yaml"
         text = config.read_text()
         text = re.sub(r"(?m)^node: null", "node: docs", text)
-        text = re.sub(r"(?m)^(\s+)listen: null", rf"\g<1>listen: 127.0.0.1:{self.port}", text)
+        if mode == "daemon":
+            text = re.sub(r"(?m)^(\s+)listen: null", rf"\g<1>listen: 127.0.0.1:{self.port}",
+                          text)
         text = re.sub(r"(?m)^settle_s: [0-9.]+", "settle_s: 0.2", text)
+        text = re.sub(r"(?m)^rescan_interval_s: [0-9.]+", "rescan_interval_s: 2", text)
         config.write_text(text)
         if mode == "daemon":
             self.ready_text = "kinod ready"

@@ -43,7 +43,7 @@ SETTING_NOTES: dict[str, str] = {
     "workers": "jobs run at once by this daemon. A job's slot is free once its end is "
                "stamped (`finished_at`): the next job starts while its final sidecar is "
                "flushed, so for that millisecond one sidecar more may still say `running`",
-    "plugins": "per-plugin settings, `plugins.<name>.*`: see [below](#plugins-name)",
+    "plugins": "per-plugin settings, `plugins.<name>.*`: see [below](#pluginsname)",
     "node": "this daemon's name in sidecars and in `inbox/.kinod/running/<node>/`; no `/`, "
             "not starting with `.`; `null`: the host name",
     "stop_grace": "seconds a stopping job gets before it is cancelled by force",
