@@ -8,7 +8,8 @@ daemon sees it go, its jobs wait, and it starts another once the cluster answers
 
 One pipe carries the messages. Daemon to driver: ``("submit", key, RayJob, options)``,
 ``("stop", key)``, ``("cancel", key, force)``, ``("close",)``. Driver to daemon: first
-``("ready", text)`` or ``("unreachable", why)``, then any of ``("started", key, node id)``,
+``("ready", text)`` or ``("unreachable", why)``, then any of ``("started", key, node id,
+where)``,
 ``("progress", key, percent, message)``, and once per key one end: ``("result", key,
 ending, files)``, ``("lost", key, why, node id)`` (its worker or node died),
 ``("cancelled", key)`` or ``("error", key, type name, text)``.
@@ -94,6 +95,7 @@ class Bridge:
         self._remote = ray.remote(max_retries=0, retry_exceptions=False)(run_job)
         self._refs: dict[str, Any] = {}
         self._nodes: dict[str, str] = {}  # key -> the node its task runs on
+        self._addresses: dict[str, str] = {}  # node id -> its address
         self._closed: asyncio.Future[int] | None = None
 
     async def serve(self) -> int:
@@ -161,6 +163,13 @@ class Bridge:
             return None
         return NodeAffinitySchedulingStrategy(node_id=random.choice(nodes), soft=True)
 
+    def _address_of(self, node_id: str) -> str:
+        """A node's address as the cluster knows it (its --node-ip-address)."""
+        if node_id not in self._addresses:
+            self._addresses = {node["NodeID"]: node.get("NodeManagerAddress", "?")
+                               for node in self._ray.nodes()}
+        return self._addresses.get(node_id, node_id[:12])
+
     def _cancel(self, key: str, force: bool) -> None:
         ref = self._refs.get(key)
         if ref is None:
@@ -203,10 +212,11 @@ class Bridge:
                 logger.error("the kinod mailbox actor on the Ray cluster is lost: {}", exc)
                 self._close(1)
                 return
-            for key, (node_id, _pid) in started.items():
+            for key, (node_id, pid) in started.items():
                 if key in self._refs:
                     self._nodes[key] = node_id
-                    self._send(("started", key, node_id))
+                    self._send(("started", key, node_id,
+                                f"{self._address_of(node_id)}, worker pid {pid}"))
             for key, (percent, message) in progress.items():
                 if key in self._refs:
                     self._send(("progress", key, percent, message))

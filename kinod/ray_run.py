@@ -127,9 +127,9 @@ class RayRun(SupervisedRun):
         """Not running on the cluster (yet, or any more): say why, hold the limits."""
         self._say(0.0, why, waiting=True)
 
-    def started(self, node_id: str) -> None:
+    def started(self, node_id: str, where: str) -> None:
         self.node_id = node_id
-        self._say(0.0, None, waiting=False)
+        self._say(0.0, f"running on Ray node {where}", waiting=False)
 
     def ended(self, kind: str, *args: Any) -> None:
         """The task's end, as the driver reports it; the run ends."""
@@ -367,7 +367,7 @@ class RayCluster:
         if run is None:
             return  # given up on, or a late word for an attempt that has ended
         if kind == "started":
-            run.started(args[0])
+            run.started(*args)
         elif kind == "progress":
             run._progress(*args)
         else:
