@@ -27,6 +27,7 @@ from tests.helpers import WORKING_PLUGINS, DaemonProcess, runs_log, scripted, wr
 
 CHROMIUM = shutil.which("chromium")
 TIMEOUT_MS = 15_000
+expect.set_options(timeout=TIMEOUT_MS)
 
 # A plugin that paints one PNG frame, as an image plugin would.
 PAINTER = '''\
@@ -209,12 +210,13 @@ def test_stop_hold_release_and_run_again(farm: tuple[DaemonProcess, str],
     # Run again: the same task, a new run of the same id.
     row(page, "later").get_by_role("button", name="Run again").click()
     expect(page.locator("#notice")).to_contain_text("Job later: running again")
-    expect(state_of(page, "later")).to_have_text("succeeded")
     deadline = time.monotonic() + 30
-    while len([line for line in runs_log(daemon.frames, "later") if line.startswith("start")]
-              ) < 2:
+    while len([line for line in runs_log(daemon.frames, "later") if line.startswith("end")]
+              ) < 2:  # the second run's sidecar was written before it started
         assert time.monotonic() < deadline, runs_log(daemon.frames, "later")
         page.wait_for_timeout(50)
+    daemon.wait_state("later", "succeeded")
+    expect(state_of(page, "later")).to_have_text("succeeded")
     # An action the job's state refuses says why.
     page.evaluate("document.querySelector('[data-job-id=later] [data-action=stop]')"
                   ".disabled = false")

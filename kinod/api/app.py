@@ -71,10 +71,12 @@ def create_app(settings: Settings, token: str | None,
         except BaseException as exc:
             context.startup_error = exc
             raise
+        app.state.dashboard_rows.warm(index)
         try:
             yield
         finally:
             hub.close()
+            await app.state.dashboard_rows.stop()
             await index.stop()
 
     app = FastAPI(title="kinod", version=__version__, description=DESCRIPTION,

@@ -8,6 +8,7 @@ paint that does not wait on 10,000 sidecars), then ``/api/v1/events`` as jobs ch
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import datetime
 from pathlib import Path
@@ -18,7 +19,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from kinod.api.errors import ApiError, fields_of
-from kinod.api.index import Entry, FileKey
+from kinod.api.index import Entry, FileKey, OutboxIndex
 from kinod.api.schemas import ERRORS, JOB_ID_PATTERN, JobId, TaskCreate
 from kinod.models import JobState, Sidecar
 
@@ -60,21 +61,55 @@ async def asset(name: str) -> Response:
 
 
 class RowCache:
-    """Each job's row, made once per sidecar file (its key), so a listing of 10,000 jobs
-    parses only what changed since the last one."""
+    """Each job's row as JSON, made once per sidecar file (its key), so a listing of 10,000
+    jobs encodes only what changed since the last one. Warmed in a thread once the API has
+    read the outbox, so the first page to ask does not wait on every sidecar."""
 
     def __init__(self) -> None:
-        self._rows: dict[str, tuple[FileKey, list[Any]]] = {}
+        self._rows: dict[str, tuple[FileKey, bytes]] = {}
+        self._task: asyncio.Task | None = None
 
-    def rows(self, entries: list[Entry]) -> list[list[Any]]:
-        fresh: dict[str, tuple[FileKey, list[Any]]] = {}
-        for entry in entries:
-            cached = self._rows.get(entry.id)
-            if cached is None or cached[0] != entry.file_key:
-                cached = (entry.file_key, row_of(json.loads(entry.json)))
-            fresh[entry.id] = cached
-        self._rows = fresh
-        return [row for _, row in fresh.values()]
+    def warm(self, index: OutboxIndex) -> None:
+        entries = list(index.entries())
+
+        async def warm() -> None:
+            made = await asyncio.to_thread(self._make, entries)
+            self._rows.update((entry.id, (entry.file_key, blob)) for entry, blob in made)
+
+        self._task = asyncio.get_running_loop().create_task(warm(), name="dashboard rows")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    @staticmethod
+    def _make(entries: list[Entry]) -> list[tuple[Entry, bytes]]:
+        return [(entry, json.dumps(row_of(json.loads(entry.json)), ensure_ascii=False,
+                                   separators=(",", ":"), allow_nan=False).encode())
+                for entry in entries]
+
+    def _missing(self, entries: list[Entry]) -> list[Entry]:
+        rows = self._rows
+        return [e for e in entries if (rows.get(e.id) or (None,))[0] != e.file_key]
+
+    async def listing(self, entries: list[Entry]) -> bytes:
+        """``{"columns": [...], "rows": [...]}`` for these entries, in their order."""
+        if self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)  # rather than make the same rows twice
+        missing = self._missing(entries)
+        if len(missing) > 500:  # a cold start: not on the event loop
+            made = await asyncio.to_thread(self._make, missing)
+        else:
+            made = self._make(missing)
+        fresh = dict(self._rows)
+        fresh.update((entry.id, (entry.file_key, blob)) for entry, blob in made)
+        self._rows = {entry.id: fresh[entry.id] for entry in entries}
+        return (b'{"columns":' + json.dumps(COLUMNS).encode() + b',"rows":['
+                + b",".join(blob for _, blob in self._rows.values()) + b"]}")
 
 
 def _time(text: str | None) -> int | None:
@@ -110,10 +145,8 @@ async def dashboard_jobs(request: Request) -> Response:
     not read 10,000 whole sidecars. Changes after it come from `/api/v1/events`."""
     index = request.app.state.api.index
     entries = sorted(index.entries(), key=lambda entry: entry.sort_key)
-    rows = request.app.state.dashboard_rows.rows(entries)
-    body = json.dumps({"columns": COLUMNS, "rows": rows}, ensure_ascii=False,
-                      separators=(",", ":"), allow_nan=False)
-    return Response(body.encode(), media_type="application/json")
+    body = await request.app.state.dashboard_rows.listing(entries)
+    return Response(body, media_type="application/json")
 
 
 # --- run again, and bulk actions ----------------------------------------------------------

@@ -321,6 +321,15 @@
     render();
   }
 
+  let loading = null;
+  function reload() {
+    if (!loading) {
+      loading = loadJobs().catch((error) => notify(`Cannot load the jobs: ${error.message}`, true))
+        .finally(() => { loading = null; });
+    }
+    return loading;
+  }
+
   let events = null;
   let resync = false;
 
@@ -342,9 +351,10 @@
       schedule();
       if (sidecar.id === openId) showJob(sidecar);
     });
+    // The listing is asked for once the stream is open, so no change falls between them.
     events.onopen = () => {
       setLive(true);
-      if (resync) { resync = false; loadJobs().catch((error) => notify(error.message, true)); }
+      if (resync || !jobsLoaded) { resync = false; reload(); }
     };
     events.onerror = () => {
       setLive(false, "reconnecting…");
@@ -843,7 +853,7 @@
     measureRows();
     route();
     follow();
-    loadJobs().catch((error) => notify(`Cannot load the jobs: ${error.message}`, true));
+    setTimeout(() => { if (!jobsLoaded) reload(); }, 3000); // no stream: the jobs still show
     loadNodes();
     setInterval(() => { if (!document.hidden) renderRows(); }, 1000); // ages and durations
     setInterval(() => { if (!document.hidden) loadNodes(); }, 5000);
