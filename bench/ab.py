@@ -1,12 +1,13 @@
 """Two commits of kinod measured in one run, turn about: did a change make it slower?
 
-    python bench/ab.py BEFORE AFTER [--rounds 3] [--only throughput,latency,backlog]
+    python bench/ab.py BEFORE AFTER [--rounds 3] [--only throughput,burst,latency,backlog]
                        [--jobs 10000] [--pickup-jobs 300] [--backlog-jobs 100000] [--out FILE]
 
 BEFORE and AFTER are git revisions (``HEAD`` and the working tree's ``WORKTREE`` too). Each
 is exported to a folder of its own and put first on PYTHONPATH for its daemons. Every
 round measures both, in alternating order (ABBA...), so that a machine growing slower or
-faster during the run favours neither: throughput (10,000 jobs, 8 and 1 workers), pickup
+faster during the run favours neither: throughput (10,000 jobs, 8 and 1 workers, dropped
+into a running daemon; ``burst``: queued before ``kinod run --burst``), pickup
 latency with inotify (p50, p99), and a backlog's start-up (first job, peak RSS). Each
 figure is the median of the rounds, and AFTER stands as a ratio of BEFORE.
 """
@@ -56,6 +57,11 @@ def measure_once(work: Path, sections: list[str], jobs: int, pickup_jobs: int,
             burst = measure.kinod_throughput(work / f"throughput{workers}", jobs, workers, 900)
             name = f"throughput, {jobs:,} jobs, {workers} worker{'s' * (workers > 1)}"
             figures[name] = (burst.rate, "jobs/s", True)
+    if "burst" in sections:
+        for workers in (8, 1):
+            burst = measure.kinod_burst(work / f"burst{workers}", jobs, workers, 900)
+            name = f"`kinod run --burst`, {jobs:,} jobs, {workers} worker{'s' * (workers > 1)}"
+            figures[name] = (burst.rate, "jobs/s", True)
     if "latency" in sections:
         latencies = measure.pickup(work / "pickup", pickup_jobs, "inotify", 2, limit_s=600)
         for q in (50, 99):
@@ -103,7 +109,7 @@ def main() -> None:
     parser.add_argument("after")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", default="throughput,latency,backlog",
-                        help="sections to measure, of throughput, latency, backlog")
+                        help="sections to measure, of throughput, burst, latency, backlog")
     parser.add_argument("--jobs", type=int, default=10_000)
     parser.add_argument("--pickup-jobs", type=int, default=300)
     parser.add_argument("--backlog-jobs", type=int, default=100_000)

@@ -32,7 +32,7 @@ from farm import (
     make_farm,
     write_jobs,
 )
-from plain import handle, handle_contract, loop
+from plain import handle, handle_contract, handle_contract_batched, loop
 
 PLAIN = BENCH / "plain.py"
 STARTED = frozenset({"running"}) | TERMINAL
@@ -69,13 +69,17 @@ class Burst:
         return self.ended == self.jobs
 
 
-def physical(root: Path, n: int, contract: bool = False, threads: int = 1) -> Burst:
+def physical(root: Path, n: int, contract: bool = False, threads: int = 1,
+             batched: bool = False) -> Burst:
     """The plain loop (bench/plain.py) on n jobs already in its inbox, in this process;
-    ``contract``: the contract floor instead, on ``threads`` threads."""
+    ``contract``: the contract floor instead, on ``threads`` threads (``batched``: its
+    final flushes batched as kinod's are)."""
     inbox, outbox, done = _folders(root)
     write_jobs(inbox, n)
+    handler = (handle if not contract else handle_contract_batched if batched
+               else handle_contract)
     started = time.perf_counter()
-    handled = loop(inbox, outbox, done, handle_contract if contract else handle, threads)
+    handled = loop(inbox, outbox, done, handler, threads)
     return Burst(n, time.perf_counter() - started, handled)
 
 
@@ -112,6 +116,40 @@ def kinod_throughput(root: Path, n: int, workers: int, limit_s: float) -> Burst:
     if burst.complete and count_ended(root / "outbox") != n:
         raise BenchError("every job was filed under done/ but not every sidecar is terminal")
     return burst
+
+
+def kinod_burst(root: Path, n: int, workers: int, limit_s: float) -> Burst:
+    """``kinod run --burst`` on n job files renamed into its inbox before it starts: seconds
+    from the start of the process until it exits, every job filed under done/, less what
+    the same command takes on an empty inbox (its start-up and shutdown, measured just
+    before on a farm of its own)."""
+    empty = make_farm(root / "empty", workers=workers)
+    overhead_s, _ = _burst(empty, limit_s)
+    config = make_farm(root / "farm", workers=workers)
+    write_jobs(root / "farm" / "inbox", n)
+    seconds, cpu_s = _burst(config, limit_s)
+    ended = len(os.listdir(_done_folder(root / "farm")))
+    burst = Burst(n, max(seconds - overhead_s, 1e-3), ended, cpu_s)
+    if burst.complete and count_ended(root / "farm" / "outbox") != n:
+        raise BenchError("every job was filed under done/ but not every sidecar is terminal")
+    return burst
+
+
+def _burst(config: Path, limit_s: float) -> tuple[float, float]:
+    """Seconds ``kinod run --burst`` ran on ``config``, and its CPU seconds."""
+    before = os.times()
+    started = time.perf_counter()
+    with open(config.parent / "daemon.log", "ab") as log:
+        proc = subprocess.run([sys.executable, "-m", "kinod", "run", "--burst", "--config",
+                               str(config)], stdout=subprocess.DEVNULL, stderr=log,
+                              timeout=limit_s, check=False)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise BenchError(f"kinod run --burst exited with {proc.returncode}")
+    after = os.times()
+    cpu_s = (after.children_user - before.children_user
+             + after.children_system - before.children_system)
+    return seconds, cpu_s
 
 
 # --- pickup latency -------------------------------------------------------------------------

@@ -9,7 +9,10 @@ its turn, which any daemon keeping that contract must do, whatever it is written
 same, plus a ``queued`` sidecar first and the job's log, a line for each of its three
 states. It leaves out what is kinod's own choice (the move into ``running/<node>/`` that
 makes a claim exclusive between nodes, a ``done/<id>/`` folder for each job's runs) and
-all of a daemon's own work.
+all of a daemon's own work. ``handle_contract_batched`` is the same with the final flushes
+batched as kinod batches them (``kinod.atomic_files.FolderFlush``): jobs that end while
+another's flush of the outbox folder runs share the next one; a job ending alone is flushed
+at once.
 
     python bench/plain.py once JOB OUTBOX DONE      # one job, then exit: a process per job
     python bench/plain.py watch INBOX OUTBOX DONE   # a plain inotify loop, until SIGTERM
@@ -25,7 +28,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from kinod.atomic_files import atomic_write, rename_noreplace
+from kinod.atomic_files import FolderFlush, atomic_write, rename_noreplace
 from kinod.logs import append_job_line
 
 Handler = Callable[[Path, Path, Path], None]
@@ -39,16 +42,28 @@ def handle_contract(path: Path, outbox: Path, done: Path) -> None:
     _run(path, outbox, done, ("queued", "running", "succeeded"), job_log=True)
 
 
-def _run(path: Path, outbox: Path, done: Path, states: tuple[str, ...], job_log: bool) -> None:
-    """Read the job, write a sidecar for each state (the last one flushed to disk), and a
-    line for each in the job's log if ``job_log``; then move the job file."""
+# The outbox folders' shared flushes, for handle_contract_batched.
+_folder_flushes: dict[Path, FolderFlush] = {}
+
+
+def handle_contract_batched(path: Path, outbox: Path, done: Path) -> None:
+    shared = _folder_flushes.setdefault(outbox, FolderFlush(outbox))
+    _run(path, outbox, done, ("queued", "running", "succeeded"), job_log=True,
+         folder_flush=shared)
+
+
+def _run(path: Path, outbox: Path, done: Path, states: tuple[str, ...], job_log: bool,
+         folder_flush: FolderFlush | None = None) -> None:
+    """Read the job, write a sidecar for each state (the last one flushed to disk, its
+    folder through ``folder_flush`` if given), and a line for each in the job's log if
+    ``job_log``; then move the job file."""
     job = json.loads(path.read_bytes())
     job_id = path.name.rsplit(".", 1)[0]
     sidecar = {"id": job_id, "state": states[0], "task": job}
     for state in states:
         sidecar["state"] = state
         atomic_write(outbox / f"{job_id}.json", json.dumps(sidecar).encode(),
-                     durable=state == states[-1])
+                     durable=state == states[-1], folder_flush=folder_flush)
         if job_log:
             append_job_line(outbox / f"{job_id}.log", f"job {job_id} is {state}\n")
     rename_noreplace(path, done / path.name)

@@ -7,6 +7,7 @@ import ctypes
 import errno
 import os
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -24,11 +25,14 @@ MOVER_GRACE_S = 1.0
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def atomic_write(path: str | Path, data: bytes, *, durable: bool = False) -> None:
+def atomic_write(path: str | Path, data: bytes, *, durable: bool = False,
+                 folder_flush: FolderFlush | None = None) -> None:
     """Replace ``path`` with ``data`` in one step: a temporary file beside it, then rename.
 
     ``durable`` also flushes the data and the folder entry to disk, so the new
-    content survives a power cut (not only a crash of this process).
+    content survives a power cut (not only a crash of this process). The folder's
+    flush goes through ``folder_flush`` when given: one flush then serves every
+    write that waits for it at the moment.
     """
     folder, name = os.path.split(path)
     fd, tmp = new_temporary(folder, name)
@@ -49,7 +53,51 @@ def atomic_write(path: str | Path, data: bytes, *, durable: bool = False) -> Non
         _unlink_quietly(tmp)
         raise
     if durable:
-        fsync_dir(folder)
+        if folder_flush is not None:
+            folder_flush.flush()
+        else:
+            fsync_dir(folder)
+
+
+class FolderFlush:
+    """Flushes of one folder's entries to disk, shared by the threads that ask at once.
+
+    A thread calls ``flush`` after its rename into the folder; it returns once a flush
+    that began after that call has ended. One thread flushes while the others wait;
+    those that asked meanwhile are served together by the next flush, which their
+    first arrival starts at once. So a write alone is flushed at once, writes that end
+    together share a flush, and nobody waits for company: only what already waits is
+    batched. A flush that fails raises in the thread that made it; the others try
+    their own.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = folder
+        self.flushes = 0  # made so far: how many flushes served the asks
+        self._cond = threading.Condition(threading.Lock())
+        self._asked = 0  # asks so far; each is numbered
+        self._served = 0  # every ask up to this number is on disk
+        self._busy = False
+
+    def flush(self) -> None:
+        with self._cond:
+            self._asked += 1
+            mine = self._asked
+            while self._served < mine:
+                if self._busy:
+                    self._cond.wait()
+                    continue
+                self._busy = True
+                covers = self._asked  # every ask made before the flush begins
+                self._cond.release()
+                try:
+                    fsync_dir(self.folder)
+                finally:
+                    self._cond.acquire()
+                    self._busy = False
+                    self._cond.notify_all()
+                self._served = max(self._served, covers)
+                self.flushes += 1
 
 
 def new_temporary(folder: str, name: str, mode: int = 0o644) -> tuple[int, str]:

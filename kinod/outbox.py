@@ -13,7 +13,7 @@ from pathlib import Path
 from loguru import logger
 from pydantic import ValidationError
 
-from kinod.atomic_files import atomic_write, fsync_dir, read_whole
+from kinod.atomic_files import FolderFlush, atomic_write, fsync_dir, read_whole
 from kinod.logs import log_job_event
 from kinod.models import Sidecar
 
@@ -23,6 +23,8 @@ class Outbox:
         self.folder = folder
         self.archive = folder / "archive"
         self._folder = str(folder)  # sidecar paths are made as text: a Path costs more
+        # Final sidecars written on several threads at once share one flush of the folder.
+        self.folder_flush = FolderFlush(self._folder)
 
     def ensure_folder(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -54,16 +56,20 @@ class Outbox:
         self.published(sidecar, previous)
 
     def write(self, sidecar: Sidecar) -> None:
-        """``publish``'s write alone; safe on any thread, for a sidecar no other write races."""
+        """``publish``'s write alone; safe on any thread, for a sidecar no other write races.
+        A terminal state is flushed to disk before this returns: the file itself, then the
+        folder's entries, in a flush shared with the final sidecars written meanwhile on
+        other threads (``FolderFlush``)."""
         path, data = f"{self._folder}/{sidecar.id}.json", sidecar.to_json()
+        durable = sidecar.state.is_terminal
         try:
-            atomic_write(path, data, durable=sidecar.state.is_terminal)
+            atomic_write(path, data, durable=durable, folder_flush=self.folder_flush)
         except FileNotFoundError:
             if self.folder.is_dir():
                 raise
             logger.warning("the outbox {} is gone; making it again", self.folder)
             self.ensure_folder()
-            atomic_write(path, data, durable=sidecar.state.is_terminal)
+            atomic_write(path, data, durable=durable, folder_flush=self.folder_flush)
 
     def published(self, sidecar: Sidecar, previous: Sidecar | None) -> None:
         """``publish``'s log line, for a sidecar ``write`` put on disk."""

@@ -8,12 +8,15 @@ import os
 import stat
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from kinod import atomic_files
 from kinod.atomic_files import (
+    FolderFlush,
     atomic_write,
     flush_tree,
     fsync_dir,
@@ -201,6 +204,81 @@ def test_durable_write_flushes_the_file_then_the_folder(tmp_path: Path, fsyncs: 
     assert fsyncs == ["file", "dir"]
     assert (tmp_path / "a.json").read_bytes() == b"data"
     assert _names(tmp_path) == ["a.json"]
+
+
+def test_a_durable_write_alone_flushes_its_file_then_the_folder_at_once(
+        tmp_path: Path, fsyncs: list[str]) -> None:
+    shared = FolderFlush(tmp_path)
+    atomic_write(tmp_path / "a.json", b"data", durable=True, folder_flush=shared)
+    assert fsyncs == ["file", "dir"]
+    assert shared.flushes == 1
+    atomic_write(tmp_path / "b.json", b"data", durable=True, folder_flush=shared)
+    assert fsyncs == ["file", "dir", "file", "dir"]  # alone again: flushed at once again
+
+
+def test_writes_that_wait_while_a_flush_runs_share_the_next_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Thread A's flush of the folder is held up; B, C and D write meanwhile and ask.
+    Their files are flushed each, and one flush of the folder, begun after their asks,
+    serves all three: no ask returns before a flush that began after it."""
+    real_fsync = os.fsync
+    first_flush_began, release_first = threading.Event(), threading.Event()
+    log: list[str] = []
+    lock = threading.Lock()
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            with lock:
+                log.append("dir begins")
+                first = log.count("dir begins") == 1
+            if first:
+                first_flush_began.set()
+                assert release_first.wait(30)
+            real_fsync(fd)
+            with lock:
+                log.append("dir ends")
+        else:
+            real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    shared = FolderFlush(tmp_path)
+
+    def write(name: str) -> None:
+        atomic_write(tmp_path / f"{name}.json", name.encode(), durable=True,
+                     folder_flush=shared)
+        with lock:
+            log.append(f"{name} returns")
+
+    a = threading.Thread(target=write, args=("a",))
+    a.start()
+    assert first_flush_began.wait(30)
+    others = [threading.Thread(target=write, args=(name,)) for name in "bcd"]
+    for thread in others:
+        thread.start()
+    while True:  # every one of them has asked (and waits) before A's flush may end
+        with shared._cond:
+            if shared._asked == 4:
+                break
+        time.sleep(0.001)
+    release_first.set()
+    for thread in [a, *others]:
+        thread.join(30)
+    assert shared.flushes == 2
+    assert log.count("dir begins") == 2
+    second = log.index("dir begins", log.index("dir begins") + 1)
+    for name in "bcd":
+        assert log.index(f"{name} returns") > log.index("dir ends", second)
+    assert log.index("a returns") > log.index("dir ends")
+
+
+def test_a_failed_flush_raises_in_its_thread_and_the_next_ask_flushes_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shared = FolderFlush(tmp_path / "gone")
+    with pytest.raises(FileNotFoundError):
+        shared.flush()
+    (tmp_path / "gone").mkdir()
+    shared.flush()
+    assert shared.flushes == 1
 
 
 def test_plain_write_does_not_flush(tmp_path: Path, fsyncs: list[str]) -> None:

@@ -89,9 +89,10 @@ def test_only_final_states_are_flushed_to_disk(outbox: Outbox, monkeypatch: pyte
     seen: list[bool] = []
     real = outbox_module.atomic_write
 
-    def recording(path: Path, data: bytes, *, durable: bool = False) -> None:
+    def recording(path: Path, data: bytes, *, durable: bool = False,
+                  folder_flush: object = None) -> None:
         seen.append(durable)
-        real(path, data, durable=durable)
+        real(path, data, durable=durable, folder_flush=folder_flush)
 
     monkeypatch.setattr(outbox_module, "atomic_write", recording)
     outbox.publish(sidecar(state=state))
