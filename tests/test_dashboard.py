@@ -190,9 +190,18 @@ def test_stop_hold_release_and_run_again(farm: tuple[DaemonProcess, str],
     gate = kinod_root / "never"
     daemon.drop("long.json", scripted(steps=1, gate=str(gate)))
     expect(state_of(page, "long")).to_have_text("running")
-    row(page, "long").get_by_role("button", name="Stop").click()
+    # By keyboard: the job's link opens its view, whose log is followed while it runs.
+    row(page, "long").get_by_role("link", name="long").focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#job-log-follow")).to_have_text("(following)")
+    expect(page.locator("#job-log")).to_contain_text("scripted run 1 of long starting")
+    page.locator("#job-actions").get_by_role("button", name="Stop").click()
     expect(state_of(page, "long")).to_have_text("stopped")
     expect(page.locator("#notice")).to_contain_text("Job long: stop asked")
+    expect(page.locator("#job-facts")).to_contain_text("stopped")
+    expect(page.locator("#job-log-follow")).to_have_text("")
+    page.keyboard.press("Escape")
+    expect(page.locator("#job")).to_be_hidden()
 
     # Pause the farm from the page, so a dropped job waits queued.
     page.get_by_role("button", name="Pause farm").click()

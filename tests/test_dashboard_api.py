@@ -129,7 +129,7 @@ def test_pause_and_resume_the_farm_or_a_node(api: httpx.Client, kinod_root: Path
     assert (inbox / ".pause.gpu-1").exists()
     assert api.post("/api/v1/nodes/gpu-1/resume").status_code == 200
     assert not (inbox / ".pause.gpu-1").exists()
-    for bad in (".hidden", "..", "a%2Fb"):
+    for bad in (".hidden", "..", "a%2Fb", "%C2%85", "%E2%80%A8", "%F0%9F%90%91" * 80):
         assert api.post(f"/api/v1/nodes/{bad}/pause").status_code in (404, 422), bad
     assert not [name for name in os.listdir(inbox) if name.startswith(".pause")]
 

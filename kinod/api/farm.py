@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request
 from pydantic import BaseModel, Field
 
+from kinod.api.errors import ApiError
 from kinod.api.jobs import unavailable
 from kinod.api.schemas import ERRORS, NodesView, NodeView
 from kinod.control import pause, pause_file, paused_by, resume
@@ -50,6 +51,10 @@ class Paused(BaseModel):
 def _set_pause(request: Request, node: str | None, paused: bool) -> Paused:
     """Make or remove ``inbox/.pause`` (or ``.pause.<node>``), as ``kinod pause`` does."""
     inbox = request.app.state.api.settings.inbox
+    if node is not None and (not node.isprintable()
+                             or len(pause_file(inbox, node).name.encode()) > 255):
+        raise ApiError.invalid({"node": "not a node's name: printable, and short enough "
+                                "for a file name"})
     try:
         if paused:
             pause(inbox, node)
