@@ -89,7 +89,9 @@ class Mailbox:
         return started, progress
 
 
-_classes: dict[tuple[str, str], type[BasePlugin]] = {}  # a worker runs many jobs
+# A worker runs many jobs: each plugin is imported once, each outbox's log sink added once.
+_classes: dict[tuple[str, str], type[BasePlugin]] = {}
+_log_sinks: dict[str, int] = {}
 
 
 def run_job(job: RayJob, mailbox: Any) -> tuple:
@@ -102,7 +104,8 @@ def run_job(job: RayJob, mailbox: Any) -> tuple:
     mailbox.started.remote(job.key, context.get_node_id(), os.getpid())
     returned = job.output_dir is None
     output_dir = Path(tempfile.mkdtemp(prefix="kinod-") if returned else job.output_dir)
-    sink = add_job_log_sink(Path(job.outbox)) if job.outbox else None
+    if job.outbox and job.outbox not in _log_sinks:  # one a worker: adding one costs ms
+        _log_sinks[job.outbox] = add_job_log_sink(Path(job.outbox))
 
     def make_plugin() -> BasePlugin:
         cls = _classes.get((job.plugin_name, job.plugin_source))
@@ -136,8 +139,6 @@ def run_job(job: RayJob, mailbox: Any) -> tuple:
         done.set()
         watcher.join()
         loop.close()
-        if sink is not None:
-            logger.remove(sink)
         if returned:
             shutil.rmtree(output_dir, ignore_errors=True)
 
