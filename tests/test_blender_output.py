@@ -106,7 +106,7 @@ def test_the_command_line_renders_last_and_never_runs_the_files_scripts(tmp_path
     assert argv[-3:-1] == ["1..3,7", "--"]
     assert argv[-4] == "--render-frame"
     assert json.loads(argv[-1]) == {"scene": "S", "camera": "C", "samples": 8,
-                                    "resolution_percent": 50, "frames": [1, 2, 3, 7]}
+                                    "resolution_percent": 50, "frames": "1-3,7"}
 
 
 @pytest.mark.parametrize("output", ["../x", "a/../../x", "/abs_#", "a\\b", "sub/", "a\nb",
@@ -133,3 +133,10 @@ def test_the_projects_setting_reaches_the_plugin_unless_its_own_setting_says(
     assert plugin_settings(settings, "blender") == {"projects": str(tmp_path / "blends")}
     settings = load_settings(write_config(tmp_path, plugins={"blender": {"projects": "/srv"}}))
     assert plugin_settings(settings, "blender")["projects"] == "/srv"
+
+
+def test_a_long_range_fits_blenders_command_line(tmp_path: Path) -> None:
+    (tmp_path / "a.blend").write_bytes(b"BLENDER")
+    argv = check_render({"blend_file": "a.blend", "frames": "0-199999"}, tmp_path,
+                        tmp_path / "out").argv("blender")
+    assert max(len(arg.encode()) for arg in argv) < 8192  # one argument may hold 128 KiB

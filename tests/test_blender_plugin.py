@@ -226,25 +226,17 @@ def test_blender_dies_with_the_process_that_started_it(scenes: Path, tmp_path: P
          str(scenes / "slow.blend"), "--render-output", str(tmp_path / "f_#"),
          "--render-frame", "1"], stdout=subprocess.PIPE, text=True, cwd=Path.cwd())
     try:
-        pid = int(starter.stdout.readline())
+        assert int(starter.stdout.readline()) > 0
         wait_for(lambda: blender_processes(str(scenes)), 30, what="Blender to start")
         starter.kill()
         starter.wait(10)
-        wait_for(lambda: not blender_processes(str(scenes)), 10,
+        wait_for(lambda: not blender_processes(str(scenes)), 30,
                  what="Blender to die with its parent")
-        assert _state(pid) in (None, "Z"), "Blender still runs"  # gone, or a zombie
+        # (Its pid is not looked at again: on a busy machine another process may have it.)
     finally:
         starter.kill()
         starter.wait(10)
         starter.stdout.close()
-
-
-def _state(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as file:
-            return file.read().rpartition(")")[2].split()[0]
-    except FileNotFoundError:
-        return None
 
 
 def test_blenders_status_lines_are_throttled_in_the_log(scenes: Path, tmp_path: Path,

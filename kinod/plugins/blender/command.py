@@ -47,8 +47,10 @@ if o["samples"] is not None:
         scene.cycles.samples = o["samples"]
     elif r.engine.startswith("BLENDER_EEVEE"):
         scene.eevee.taa_render_samples = o["samples"]
-for frame in o["frames"]:
-    print("KINOD_FRAME %d %s" % (frame, r.frame_path(frame=frame)), flush=True)
+for part in o["frames"].split(","):
+    first, _, last = part.partition("-")
+    for frame in range(int(first), int(last or first) + 1):
+        print("KINOD_FRAME %d %s" % (frame, r.frame_path(frame=frame)), flush=True)
 """
 
 
@@ -103,7 +105,9 @@ class Render:
         if self.threads is not None:
             argv += ["--threads", str(self.threads)]
         options = {"scene": self.scene, "camera": self.camera, "samples": self.samples,
-                   "resolution_percent": self.resolution_percent, "frames": self.frames}
+                   "resolution_percent": self.resolution_percent,
+                   # As ranges: one argument may not exceed 128 KiB (Linux's MAX_ARG_STRLEN).
+                   "frames": format_frames(self.frames)}
         argv += ["--python-exit-code", "3", "--python-expr", SCENE_SCRIPT,
                  "--render-frame", format_frames(self.frames, ".."),
                  "--", json.dumps(options)]
