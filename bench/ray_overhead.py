@@ -37,7 +37,7 @@ BENCH = Path(__file__).resolve().parent
 RAY = Path(sys.executable).parent / "ray"
 PORTS = ("port", "node-manager-port", "object-manager-port", "dashboard-port",
          "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-         "runtime-env-agent-port")
+         "ray-client-server-port", "runtime-env-agent-port")
 
 
 def noop_job() -> dict:

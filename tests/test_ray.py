@@ -40,7 +40,7 @@ pytestmark = pytest.mark.timeout(180)
 RAY = Path(sys.executable).parent / "ray"
 PORT_NAMES = ("port", "node-manager-port", "object-manager-port", "dashboard-port",
               "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-              "metrics-export-port", "runtime-env-agent-port")
+              "metrics-export-port", "ray-client-server-port", "runtime-env-agent-port")
 
 
 def free_port() -> int:
