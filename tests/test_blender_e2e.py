@@ -181,3 +181,16 @@ def test_a_daemon_shutting_down_ends_blender_and_hands_the_job_back(
     assert daemon.stop() == 0
     assert blender_processes(str(daemon.root)) == []
     assert daemon.sidecar("slow")["state"] == "queued"
+
+
+def test_isolated_in_a_process_of_its_own_a_stop_leaves_no_blender(
+        start_daemon: Callable[..., DaemonProcess], projects: Path) -> None:
+    daemon = start_daemon(plugins={"blender": {"isolation": "process"}})
+    daemon.drop("fine.yaml", render_job(frames="1-2"))
+    assert wait_end(daemon, "fine", 60)["state"] == "succeeded"
+    daemon.drop("slow.yaml", render_job("slow.blend", "1"))
+    wait_for(lambda: ", sample " in ((daemon.sidecar("slow") or {}).get("message") or ""), 60,
+             what="the slow frame to be sampling")
+    (daemon.inbox / "slow.stop").touch()
+    assert wait_end(daemon, "slow", 20)["state"] == "stopped"
+    no_blender_left(daemon.root)
