@@ -23,6 +23,7 @@ from tests.stage_fakes import (
     eventually,
     job_of,
     make_rig,
+    sidecar_in,
     write_job,
 )
 
@@ -294,6 +295,20 @@ def test_a_disk_fault_while_taking_in_leaves_the_file_for_the_next_rescan(
     intake.scan()
     intake.take_turn()
     assert begun(rig) == ["full"]
+
+
+def test_a_node_that_loses_a_file_to_another_leaves_the_winners_sidecar_alone(
+        tmp_path: Path) -> None:
+    # Another node took the file in and ran it to its end while this one was reading it:
+    # the sidecar on disk is the winner's, not a run before to archive.
+    rig = make_rig(tmp_path, spool=FaultySpool)
+    rig.ctx.intake = intake = Intake(rig.ctx)
+    assert isinstance(rig.spool, FaultySpool)
+    rig.spool.faults["accept"] = FileNotFoundError("taken by another node")
+    rig.ctx.outbox.publish(sidecar_in(JobState.SUCCEEDED, "won", node=OTHER_NODE))
+    look_at(intake, write_job(rig.inbox, "won"))
+    assert rig.sidecar("won").state is JobState.SUCCEEDED
+    assert not (rig.ctx.outbox.archive / "won").exists()
 
 
 def test_a_turn_looks_at_no_more_than_intake_batch_paths(tmp_path: Path) -> None:

@@ -40,6 +40,20 @@ def test_a_running_file_whose_run_had_ended_is_filed_away(tmp_path: Path) -> Non
     assert rig.intake.calls == [] and rig.sidecar("ended").state is JobState.SUCCEEDED
 
 
+def test_a_new_submission_beside_the_last_runs_sidecar_is_taken_in_not_filed(
+        tmp_path: Path) -> None:
+    # The daemon died after taking the new file in and before archiving the sidecar of
+    # the run before, whose file done/ holds already.
+    rig, recovery = recovery_rig(tmp_path)
+    path = left_running(rig, "again", JobState.SUCCEEDED)
+    write_job(rig.spool.done / "again", "1")
+    recovery.recover_running(path)
+    assert rig.ending.calls == []
+    assert [call[0] for call in rig.intake.calls if call[0] != "read_held"] == ["take_in"]
+    assert rig.sidecar("again") is None  # archived: the new run writes its own
+    assert (rig.ctx.outbox.archive / "again" / "1.json").exists()
+
+
 @pytest.mark.parametrize(("case", "handed_to"), [
     ("no sidecar", "take_in"), ("a queued sidecar", "let_wait"),
     ("a queued sidecar, an invalid file", "take_in")])

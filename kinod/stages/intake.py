@@ -197,12 +197,16 @@ class Intake:
                 return
         if read.error is not None and ctx.fleet.served_elsewhere(_plugin_named(read)):
             return  # a plugin this node lacks: a node that has it takes the file in
-        ctx.outbox.archive_previous_run(job_id)
-        ctx.spool.forget_counts(job_id)  # a new run starts with none, whatever a crash left
         try:
             held = ctx.spool.accept(path)
         except FileNotFoundError:
             return  # taken away meanwhile, by a writer or another node
+        # Only now, holding the file: a node that lost the race for it must never move the
+        # sidecar of the run that won, which may have ended already. A crash before this
+        # leaves the file beside the last run's terminal sidecar: recovery tells that from
+        # an end whose filing was cut short by counting the runs in done/.
+        ctx.outbox.archive_previous_run(job_id)
+        ctx.spool.forget_counts(job_id)  # a new run starts with none, whatever a crash left
         if read.raw is not None and not holds_bytes(held, read.raw):
             # Renamed over after it was read: the newer file was moved, and it is what runs.
             logger.info("{}: replaced while it was read; reading the new version", path)

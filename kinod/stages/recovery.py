@@ -58,7 +58,14 @@ class Recovery:
             return  # another node took it over meanwhile
         _finish_move_in(ctx.settings.inbox, path, job_id)
         if sidecar is not None and sidecar.state.is_terminal:
-            ctx.ending.file_away(path, job_id)
+            if not self._run_filed(job_id):
+                ctx.ending.file_away(path, job_id)  # its end was recorded, its filing cut short
+                return
+            # A new submission, taken in by a daemon that died before it archived the last
+            # run's sidecar: taken in now.
+            ctx.outbox.archive_previous_run(job_id)
+            ctx.spool.forget_counts(job_id)
+            ctx.intake.take_in(path, job_id, ctx.intake.read_held(path))
             return
         if sidecar is not None and sidecar.state is JobState.HELD:
             ctx.holds.put_back_on_hold(path, job_id)  # a hold (or a release) cut short
@@ -84,6 +91,14 @@ class Recovery:
         ctx.spool.requeue(path)
         logger.bind(job_id=job_id).warning(
             "job {} was running when the daemon on {} died; it runs again", job_id, was)
+
+    def _run_filed(self, job_id: str) -> bool:
+        """The run the outbox's terminal sidecar of ``job_id`` tells of has its file in done/
+        already: done/<id>/ holds one file per ended run, archive/<id>/ one sidecar per run
+        before the latest."""
+        ctx = self._ctx
+        return (_runs_in(ctx.spool.done / job_id, "")
+                > _runs_in(ctx.outbox.archive / job_id, ".json"))
 
     def recover_orphans(self) -> None:
         """Files in this node's running/ that no job here stands for: their taking in or
@@ -149,6 +164,15 @@ class Recovery:
     def forget_passed_over(self) -> None:
         """After a reload: this node may serve those plugins now."""
         self._passed_over.clear()
+
+
+def _runs_in(folder: Path, suffix: str) -> int:
+    """How many run files (``<n>.<ext>``, ending in ``suffix``) ``folder`` holds."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return 0
+    return sum(1 for name in names if name.partition(".")[0].isdigit() and name.endswith(suffix))
 
 
 def _finish_move_in(inbox: Path, held: Path, job_id: str) -> None:
