@@ -169,6 +169,17 @@ def test_pause_lets_running_jobs_finish_and_starts_nothing_until_resumed(
     assert wait_end(daemon, "waiting")["state"] == "succeeded"
 
 
+def test_a_resume_is_seen_at_once_not_at_the_next_rescan(
+        start_daemon: Callable[..., DaemonProcess]) -> None:
+    daemon = start_daemon(rescan_interval_s=600)  # a removal makes no file event
+    assert cli(daemon, "pause").returncode == 0
+    wait_for(lambda: "paused by" in daemon.log(), what="the daemon to see the pause")
+    daemon.drop("soon.yaml", QUICK)
+    daemon.wait_state("soon", "queued")
+    assert cli(daemon, "resume").returncode == 0
+    assert wait_end(daemon, "soon", timeout_s=10)["state"] == "succeeded"
+
+
 def test_a_node_paused_alone_leaves_the_work_to_the_others(
         nodes: Callable[..., DaemonProcess]) -> None:
     a = nodes("a")

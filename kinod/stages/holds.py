@@ -26,6 +26,7 @@ from kinod.stages.job import first_sidecar, unlink
 
 HELD_MESSAGE = "held: `kinod release {id}` (or an empty {id}.release in the inbox) queues it"
 PAUSED_MESSAGE = "the farm is paused (inbox/{}): it starts once that file is removed"
+PAUSE_LOOK_S = 1.0
 TELL_BATCH = 200  # queued sidecars rewritten per turn of the loop on a pause or resume
 
 
@@ -133,9 +134,22 @@ class Holds:
             logger.info("resumed: jobs start again")
         else:
             logger.warning("paused by {}: no new job starts; running jobs go on", now)
+        self._look_while_paused(now is not None)
         ctx.fleet.beat()  # `kinod nodes` shows it now, not a heartbeat later
         ctx.wake()
         self._tell_queued()
+
+    def _look_while_paused(self, paused: bool) -> None:
+        """A file's removal makes no event kinod follows: while paused, the pause file is
+        looked at every PAUSE_LOOK_S, so a resume takes effect at once, not at a rescan."""
+        timers = self._ctx.timers
+        if timers is None:
+            return
+        if paused and timers.get_job("pause") is None:
+            timers.add_job(self.look_at_pause, "interval", seconds=PAUSE_LOOK_S, id="pause",
+                           coalesce=True, max_instances=1)
+        elif not paused and timers.get_job("pause") is not None:
+            timers.remove_job("pause")
 
     def _farm_paused(self) -> bool:
         return self._paused_by is not None and self._paused_by.name == PAUSE_NAME
