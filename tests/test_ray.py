@@ -27,6 +27,7 @@ import pytest
 
 from tests.helpers import (
     DaemonProcess,
+    assert_done,
     executions,
     runs_log,
     scripted,
@@ -116,7 +117,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
 def ray_daemon(start_daemon: Callable[..., DaemonProcess], address: str,
                **settings: Any) -> DaemonProcess:
     settings.setdefault("workers", 8)
-    return start_daemon(executor="ray", ray={"address": address}, **settings)
+    settings.setdefault("ray", {"address": address})
+    return start_daemon(executor="ray", **settings)
 
 
 def worker_pid(daemon: DaemonProcess, job_id: str) -> int:
@@ -189,7 +191,7 @@ def test_the_seed_job_runs_on_the_cluster_with_progress(
     assert len({p for p in running if 0 < p < 100}) >= 2, seen  # progress while it ran
     assert any(message and message.startswith("running on Ray node 127.0.0.1")
                for _, _, message in seen), sorted({str(m) for _, _, m in seen})
-    assert spool_files(daemon, "done", "seed") == ["1.yaml"]
+    assert_done(daemon, "seed", ["1.yaml"])  # moved there just after the final sidecar
 
 
 def test_a_stop_mid_run_reaches_the_plugin_then_ray_cancel_with_force(
@@ -265,3 +267,18 @@ def test_five_hundred_jobs_each_run_exactly_once(
         assert sidecar["attempt"] == 1
         assert sidecar["result"]["tag"] == job_id
         assert executions(daemon, job_id) == 1
+
+
+def test_returned_outputs_are_written_into_the_jobs_frames_by_the_daemon(
+        start_daemon: Callable[..., DaemonProcess], cluster: str) -> None:
+    daemon = ray_daemon(start_daemon, cluster, ray={"address": cluster, "outputs": "returned"})
+    daemon.drop("back.yaml", scripted(steps=1, step_s=0.05))
+
+    sidecar = wait_end(daemon, "back", timeout_s=60)
+    assert sidecar["state"] == "succeeded", sidecar
+    # The plugin wrote into a temporary folder on its worker, gone now; the daemon wrote
+    # what came back into data/frames/back/.
+    worker_folder = Path(sidecar["result"]["output_dir"])
+    assert worker_folder != daemon.frames / "back"
+    assert not worker_folder.exists()
+    assert [line.split()[0] for line in runs_log(daemon.frames, "back")] == ["start", "end"]
