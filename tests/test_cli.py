@@ -218,7 +218,8 @@ def test_a_broken_plugin_is_listed_with_its_error_and_the_others_still_load(
     listing = cli(tmp_path, "plugins", "--json")
     assert listing.returncode == 1
     report = json.loads(listing.stdout)
-    assert {p["name"] for p in report["plugins"]} == {"blender", "comfyui", "example", "sdxl", "fails"}
+    assert {p["name"] for p in report["plugins"]} == {"blender", "comfyui", "example", "sdxl",
+                                                      "fails"}
     assert "ModuleNotFoundError" in report["errors"]["broken"]
     assert "loader.py" in report["errors"]["broken"]  # where it broke
 
