@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ import yaml
 from PIL import Image
 
 from tests.helpers import DaemonProcess, kinod_cli, wait_end, wait_for
-from tests.test_blender_scenes import SCENES, blender_processes, scenes
+from tests.test_blender_scenes import SCENES, blender_processes, need_blender, scenes
 
 __all__ = ["scenes"]  # the fixture
 
@@ -194,3 +195,27 @@ def test_isolated_in_a_process_of_its_own_a_stop_leaves_no_blender(
     (daemon.inbox / "slow.stop").touch()
     assert wait_end(daemon, "slow", 20)["state"] == "stopped"
     no_blender_left(daemon.root)
+
+
+EXAMPLE = Path(__file__).parent.parent / "projects" / "example"
+
+
+def test_the_example_project_renders_as_the_readme_says(
+        start_daemon: Callable[..., DaemonProcess], kinod_root: Path) -> None:
+    folder = kinod_root / "projects" / "example"
+    folder.mkdir(parents=True)
+    made = subprocess.run([need_blender(), "--background", "--factory-startup", "--python",
+                           str(EXAMPLE / "make_turntable.py"), "--",
+                           str(folder / "turntable.blend")],
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0 and (folder / "turntable.blend").is_file(), made.stdout
+    job = shutil.copy(EXAMPLE / "turntable.yaml", kinod_root / "turntable.yaml")
+    daemon = start_daemon(workers=2)
+
+    done = kinod_cli("submit", "--chunk", "12", str(job), "--wait", "--config",
+                     str(daemon.config), timeout_s=300)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "submitted turntable.0001-0012" in done.stdout
+    frames = sorted(p.name for p in (daemon.frames / "turntable.0013-0024").iterdir())
+    assert frames == [f"turntable_{n:04d}.png" for n in range(13, 25)]
