@@ -404,14 +404,16 @@ def test_nodes_and_pausing_one(kinod_root: Path, start_daemon: Callable[..., Dae
     assert not (daemon.inbox / ".pause.testnode").exists()
 
 
-def test_readable_at_phone_width(kinod_root: Path, serve_api: Callable[..., str],
-                                 open_page: Callable[..., Page], shots: Path) -> None:
+@pytest.mark.parametrize(("width", "name"), [(390, "phone"), (1280, "laptop")])
+def test_readable_at_phone_and_laptop_widths(
+        kinod_root: Path, serve_api: Callable[..., str], open_page: Callable[..., Page],
+        shots: Path, width: int, name: str) -> None:
     publish_hostile(kinod_root)
     url = serve_api(write_config(kinod_root, plugin_dirs=[str(WORKING_PLUGINS)]))
-    page = open_page(url + "/", width=390, height=800)
+    page = open_page(url + "/", width=width, height=800)
     button = row(page, "evil").get_by_role("button", name="Run again")
     expect(button).to_be_visible()
     box = button.bounding_box()
-    assert box is not None and box["x"] + box["width"] <= 390
-    assert page.evaluate("document.documentElement.scrollWidth") <= 390
-    shoot(page, shots / "phone.png")
+    assert box is not None and box["x"] + box["width"] <= width
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    shoot(page, shots / f"{name}.png")

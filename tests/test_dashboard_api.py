@@ -72,6 +72,9 @@ def test_the_compact_listing_has_every_job_and_follows_changes(api: httpx.Client
     assert rows[1]["name"] == "<b>bold</b>" and rows[1]["error"] == "it broke"
     assert len(rows[1]["message"]) == 300 and rows[1]["message"].endswith("…")
     assert rows[0]["created"] == T0.timestamp() * 1000 and rows[0]["finished"] is None
+    newest = api.get(JOBS, params={"newest": 1}).json()  # a first paint's part
+    assert [row[0] for row in newest["rows"]] == ["2"] and newest["total"] == 2
+    assert body["total"] == 2
     publish(kinod_root / "outbox", sidecar("1", "succeeded"))
 
     def state_of_1() -> str:

@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field, ValidationError
 
@@ -96,9 +96,10 @@ class RowCache:
         rows = self._rows
         return [e for e in entries if (rows.get(e.id) or (None,))[0] != e.file_key]
 
-    async def listing(self, entries: list[Entry]) -> bytes:
-        """``{"columns": [...], "rows": [...]}`` for these entries, in their order."""
-        if self._task is not None and not self._task.done():
+    async def listing(self, entries: list[Entry], total: int, every: bool = True) -> bytes:
+        """``{"columns", "rows", "total"}`` for these entries, in their order. ``every``: they
+        are every job (rows of others are dropped; the warm-up is waited for)."""
+        if every and self._task is not None and not self._task.done():
             await asyncio.shield(self._task)  # rather than make the same rows twice
         missing = self._missing(entries)
         if len(missing) > 500:  # a cold start: not on the event loop
@@ -107,9 +108,13 @@ class RowCache:
             made = self._make(missing)
         fresh = dict(self._rows)
         fresh.update((entry.id, (entry.file_key, blob)) for entry, blob in made)
-        self._rows = {entry.id: fresh[entry.id] for entry in entries}
-        return (b'{"columns":' + json.dumps(COLUMNS).encode() + b',"rows":['
-                + b",".join(blob for _, blob in self._rows.values()) + b"]}")
+        if every:
+            self._rows = {entry.id: fresh[entry.id] for entry in entries}
+        else:
+            self._rows = fresh
+        return (b'{"columns":' + json.dumps(COLUMNS).encode() + b',"total":'
+                + str(total).encode() + b',"rows":['
+                + b",".join(fresh[entry.id][1] for entry in entries) + b"]}")
 
 
 def _time(text: str | None) -> int | None:
@@ -137,15 +142,25 @@ def row_of(sidecar: dict[str, Any]) -> list[Any]:
 
 
 @router.get("/api/v1/dashboard/jobs", tags=["dashboard"],
-            responses={200: {"description": "`{columns, rows}`: one row per job, oldest "
-                             "first, each a list in the order of `columns`"}})
-async def dashboard_jobs(request: Request) -> Response:
+            responses={200: {"description": "`{columns, total, rows}`: one row per job, "
+                             "oldest first, each a list in the order of `columns`"}})
+async def dashboard_jobs(
+        request: Request,
+        newest: Annotated[int | None, Query(ge=1, le=1000, description="only this many, "
+                                            "the newest: a first paint that waits on nothing")
+                          ] = None,
+) -> Response:
     """Every job's latest run, as the dashboard's table shows it: state, progress, plugin,
-    node, attempt, times (milliseconds since the epoch) and message, for a first paint that does
-    not read 10,000 whole sidecars. Changes after it come from `/api/v1/events`."""
+    node, attempt, times (milliseconds since the epoch) and message, without reading
+    10,000 whole sidecars; `total` counts every job. Changes after it come from
+    `/api/v1/events`."""
     index = request.app.state.api.index
-    entries = sorted(index.entries(), key=lambda entry: entry.sort_key)
-    body = await request.app.state.dashboard_rows.listing(entries)
+    if newest is not None:
+        entries = index.page(newest)[0][::-1]
+    else:
+        entries = sorted(index.entries(), key=lambda entry: entry.sort_key)
+    body = await request.app.state.dashboard_rows.listing(entries, len(index),
+                                                          every=newest is None)
     return Response(body, media_type="application/json")
 
 

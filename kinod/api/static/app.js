@@ -280,7 +280,8 @@
     for (const [id, row] of keep) rendered.set(id, row);
     $("table").setAttribute("aria-rowcount", String(shown.length + 1));
     $("empty").hidden = shown.length > 0;
-    setText($("shown"), shown.length === jobs.size ? `${jobs.size} jobs` : `${shown.length} of ${jobs.size} jobs shown`);
+    setText($("shown"), partOf ? `the newest ${jobs.size} of ${partOf} jobs (the rest on the way)`
+      : shown.length === jobs.size ? `${jobs.size} jobs` : `${shown.length} of ${jobs.size} jobs shown`);
     const all = $("select-all");
     all.checked = shown.length > 0 && shown.every((job) => selected.has(job.id));
     renderBulk();
@@ -301,22 +302,37 @@
   let jobsLoaded = false;
   let sinceSnapshot = null;
 
-  async function loadJobs() {
-    sinceSnapshot = new Set();
-    const body = await (await api(API + "/dashboard/jobs")).json();
-    const columns = body.columns;
-    const fresh = new Map();
+  function rowsOf(body) {
+    const rows = new Map();
     for (const values of body.rows) {
       const job = {};
-      columns.forEach((name, i) => { job[name] = values[i]; });
-      fresh.set(job.id, job);
+      body.columns.forEach((name, i) => { job[name] = values[i]; });
+      rows.set(job.id, job);
     }
+    return rows;
+  }
+
+  let partOf = 0; // while only the newest jobs are in: how many there are in all
+
+  async function loadJobs() {
+    sinceSnapshot = new Set();
+    if (!jobsLoaded) { // the newest first, for a first paint that waits on nothing else
+      const body = await (await api(API + "/dashboard/jobs?newest=200")).json();
+      for (const job of rowsOf(body).values()) if (!sinceSnapshot.has(job.id)) put(job);
+      partOf = body.rows.length < body.total ? body.total : 0;
+      jobsLoaded = true;
+      render();
+    }
+    const fresh = rowsOf(await (await api(API + "/dashboard/jobs")).json());
     // What an event brought while the listing was on its way is newer than the listing.
     for (const id of sinceSnapshot) if (jobs.has(id)) fresh.set(id, jobs.get(id));
-    jobs.clear();
-    for (const [id, job] of fresh) jobs.set(id, job);
+    for (const [id, job] of fresh) {
+      const old = jobs.get(id);
+      if (old) Object.assign(old, job); else jobs.set(id, job);
+    }
+    for (const id of [...jobs.keys()]) if (!fresh.has(id)) jobs.delete(id); // pruned
     sinceSnapshot = null;
-    jobsLoaded = true;
+    partOf = 0;
     orderDirty = true;
     render();
   }
