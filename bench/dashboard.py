@@ -1,4 +1,4 @@
-"""The dashboard's speed in headless Chromium (Debian's ``chromium``), against the API alone.
+"""The dashboard's speed in headless Chromium (Debian's ``chromium``), against ``kinod serve``.
 
 - **First paint:** with N sidecars (default 10,000) in the outbox, the time from the start
   of navigation to the first rows of the jobs table on screen (the page marks it as
@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,10 +28,9 @@ from playwright.sync_api import sync_playwright
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kinod.api.server import ApiServer  # noqa: E402
-from kinod.config import load_settings  # noqa: E402
 from kinod.models import JobState, Sidecar  # noqa: E402
 
+LISTENING = re.compile(r"HTTP API listening on (http://\S+)")
 STATES = [JobState.SUCCEEDED] * 6 + [JobState.FAILED, JobState.QUEUED, JobState.RUNNING,
                                      JobState.HELD]
 
@@ -57,6 +58,22 @@ def write(outbox: Path, sidecar: Sidecar) -> None:
     tmp = outbox / f".{sidecar.id}.json.tmp"
     tmp.write_bytes(sidecar.to_json())
     os.rename(tmp, outbox / f"{sidecar.id}.json")
+
+
+def serve(root: Path) -> tuple[subprocess.Popen, str]:
+    """``kinod serve`` on ``root`` in a process of its own (as a web node runs it), once
+    it listens (it has read the outbox); its URL."""
+    log = open(root / "serve.log", "wb")  # noqa: SIM115 - the process holds it
+    server = subprocess.Popen([sys.executable, "-m", "kinod", "serve", "--config",
+                               str(root / "config.yaml")], stdout=log, stderr=log)
+    log.close()
+    deadline = time.monotonic() + 120
+    while (found := LISTENING.search((root / "serve.log").read_text())) is None:
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise SystemExit(f"kinod serve did not start:\n{(root / 'serve.log').read_text()}")
+        time.sleep(0.02)
+    return server, found.group(1)
 
 
 def first_paint(browser, url: str) -> tuple[float, float]:
@@ -121,22 +138,21 @@ def main() -> int:
         now = datetime.now(UTC)
         for n in range(args.jobs):
             write(root / "outbox", make_sidecar(n, now))
-        (root / "config.yaml").write_text("node: bench\n")
-        settings = load_settings(root / "config.yaml",
-                                 overrides={"http": {"listen": "127.0.0.1:0"}})
+        (root / "config.yaml").write_text('node: bench\nhttp: {listen: "127.0.0.1:0"}\n')
         started = time.perf_counter()
-        server = ApiServer(settings).start()
+        server, url = serve(root)
         start_s = time.perf_counter() - started
         try:
             with sync_playwright() as playwright:
                 browser = playwright.chromium.launch(executable_path=chromium)
-                cold = first_paint(browser, server.url + "/")
-                warm = [first_paint(browser, server.url + "/") for _ in range(args.loads)]
-                latencies = live_updates(browser, server.url + "/", root / "outbox",
+                cold = first_paint(browser, url + "/")
+                warm = [first_paint(browser, url + "/") for _ in range(args.loads)]
+                latencies = live_updates(browser, url + "/", root / "outbox",
                                          args.updates, now)
                 browser.close()
         finally:
-            server.stop()
+            server.terminate()
+            server.wait(10)
     marked = [m for m, _ in warm]
     report = {
         "jobs": args.jobs,

@@ -55,6 +55,10 @@ def test_the_page_and_its_files_allow_nothing_from_elsewhere(api: httpx.Client) 
         if path.suffix in (".html", ".js", ".css"):
             text = path.read_text()
             assert "http://" not in text and "https://" not in text and "//cdn" not in text
+    # Text goes into the page as text: nothing in the script parses a string as markup.
+    script = (static / "app.js").read_text()
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
+        assert sink not in script, sink
 
 
 # --- every job, compactly ------------------------------------------------------------------
@@ -189,6 +193,9 @@ def test_with_a_token_the_page_is_open_and_a_ticket_opens_the_events_only(
     (kinod_root / "token").write_text("s3cret\n")
     api = start_api(http={"listen": "127.0.0.1:0", "token_file": "token"})
     assert api.get("/").status_code == 200 and api.get("/ui/app.js").status_code == 200
+    for sneaky in ("/ui/%2e%2e/api/v1/dashboard/jobs", "/ui/..%2Fapi%2Fv1%2Fdashboard%2Fjobs",
+                   "/ui//api/v1/dashboard/jobs"):
+        assert api.get(sneaky).status_code == 404, sneaky  # the open prefix opens no route
     for path in (JOBS, "/api/v1/events"):
         error_of(api.get(path), 401)
     error_of(api.post("/api/v1/events/ticket"), 401)

@@ -281,7 +281,8 @@
     $("table").setAttribute("aria-rowcount", String(shown.length + 1));
     $("empty").hidden = shown.length > 0;
     setText($("shown"), partOf ? `the newest ${jobs.size} of ${partOf} jobs (the rest on the way)`
-      : shown.length === jobs.size ? `${jobs.size} jobs` : `${shown.length} of ${jobs.size} jobs shown`);
+      : shown.length === jobs.size ? `${jobs.size} job${jobs.size === 1 ? "" : "s"}`
+        : `${shown.length} of ${jobs.size} jobs shown`);
     const all = $("select-all");
     all.checked = shown.length > 0 && shown.every((job) => selected.has(job.id));
     renderBulk();
