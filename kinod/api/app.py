@@ -71,7 +71,6 @@ def create_app(settings: Settings, token: str | None,
         except BaseException as exc:
             context.startup_error = exc
             raise
-        app.state.dashboard_rows.warm(index)
         try:
             yield
         finally:

@@ -44,7 +44,9 @@ router = APIRouter(responses=ERRORS)
 
 
 @router.get("/", include_in_schema=False)
-async def page() -> Response:
+async def page(request: Request) -> Response:
+    # The page will ask for every job: their rows are made meanwhile (once per API).
+    request.app.state.dashboard_rows.warm(request.app.state.api.index)
     return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8",
                         headers=SAFE_HEADERS)
 
@@ -62,14 +64,17 @@ async def asset(name: str) -> Response:
 
 class RowCache:
     """Each job's row as JSON, made once per sidecar file (its key), so a listing of 10,000
-    jobs encodes only what changed since the last one. Warmed in a thread once the API has
-    read the outbox, so the first page to ask does not wait on every sidecar."""
+    jobs encodes only what changed since the last one. Warmed in a thread when the page is
+    first loaded (an API no browser visits spends nothing on it), while the page paints the
+    newest jobs."""
 
     def __init__(self) -> None:
         self._rows: dict[str, tuple[FileKey, bytes]] = {}
         self._task: asyncio.Task | None = None
 
     def warm(self, index: OutboxIndex) -> None:
+        if self._task is not None:
+            return
         entries = list(index.entries())
 
         async def warm() -> None:
