@@ -140,3 +140,13 @@ def test_a_long_range_fits_blenders_command_line(tmp_path: Path) -> None:
     argv = check_render({"blend_file": "a.blend", "frames": "0-199999"}, tmp_path,
                         tmp_path / "out").argv("blender")
     assert max(len(arg.encode()) for arg in argv) < 8192  # one argument may hold 128 KiB
+
+
+def test_a_second_file_of_the_same_frame_is_not_a_second_frame() -> None:
+    output, shown, _ = feed_all("Fra:3 Mem:1M | Scene | Sample 4/4\n"
+                                "Saved: '/f/depth_0003.exr'\n"
+                                "Saved: '/f/frame_0003.png'\n"
+                                " Time: 00:00.50 (Saving: 00:00.01)\n")
+    assert [(d.frame, d.file, d.render_time_s) for d in output.done] == [
+        (3, "/f/depth_0003.exr", 0.5)]
+    assert shown[-1] == (50.0, "frame 4 (2/2)")

@@ -43,6 +43,7 @@ class BlenderOutput:
     last_error: str | None = None
     current: int | None = None  # the frame being rendered
     sample: tuple[int, int] | None = None
+    _last_status: int | None = None  # the frame of the last status line
     _logged: int = 0
     _status_logged_at: float | None = None
 
@@ -65,8 +66,12 @@ class BlenderOutput:
         self._log("WARNING" if line.startswith("Error") else "DEBUG", line)
         saved = _SAVED.match(line)
         if saved is not None:
-            self.done.append(FrameDone(self.current if self.current is not None
-                                       else self._next_frame(), saved.group(1)))
+            frame = self.current if self.current is not None else self._last_status
+            if frame is None:
+                frame = self._next_frame()
+            if self.done and self.done[-1].frame == frame:
+                return False  # another file of the same frame (a File Output node's)
+            self.done.append(FrameDone(frame, saved.group(1)))
             self.current, self.sample = None, None
             return True
         timing = _TIME.match(line)
@@ -85,7 +90,7 @@ class BlenderOutput:
             self._status_logged_at = now
             self._log("DEBUG", line)
         changed = frame != self.current
-        self.current = frame
+        self.current = self._last_status = frame
         found = _CYCLES_SAMPLE.search(line) or _EEVEE_SAMPLE.search(line)
         if found is not None:
             sample = (int(found.group(1)), int(found.group(2)))
