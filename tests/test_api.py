@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -423,3 +424,16 @@ def test_stops_within_a_second_or_two_with_a_stream_open(kinod_root: Path) -> No
         assert list(lines) == [""]  # the stream ended, cleanly
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.url}/healthz", timeout=2)
+
+
+def test_docs_are_served_from_this_api_with_nothing_loaded_from_elsewhere(
+        api: httpx.Client) -> None:
+    page = api.get("/docs")
+    assert page.status_code == 200
+    loaded = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert loaded and all(url.startswith("/ui/swagger/") for url in loaded), loaded
+    assert "cdn" not in page.text
+    for asset in ("/ui/swagger/swagger-ui-bundle.js", "/ui/swagger/swagger-ui.css"):
+        answer = api.get(asset)
+        assert answer.status_code == 200 and len(answer.content) > 1000, asset
+    assert api.get("/ui/swagger/package.json").status_code == 404

@@ -16,6 +16,7 @@ from kinod.api import (
     dashboard,
     dashboard_thumbnails,
     dashboard_tickets,
+    docs_page,
     errors,
     events,
     farm,
@@ -79,13 +80,13 @@ def create_app(settings: Settings, token: str | None,
             await index.stop()
 
     app = FastAPI(title="kinod", version=__version__, description=DESCRIPTION,
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url=None, redoc_url=None)  # /docs: docs_page
     app.state.api = context
     app.state.tickets = dashboard_tickets.Tickets()
     app.state.dashboard_rows = dashboard.RowCache()
     errors.install(app)
     for module in (tasks, dashboard_thumbnails, events, dashboard_tickets, farm, metrics,
-                   dashboard):
+                   docs_page, dashboard):
         app.include_router(module.router)
     app.add_middleware(Guard, token=token, max_body_bytes=settings.max_job_bytes,
                        tickets=app.state.tickets)
