@@ -53,7 +53,18 @@ def test_the_built_in_plugins_are_the_ones_tested_here() -> None:
     registry = PluginRegistry()
     assert sorted(name for name, plugin in registry.plugins.items()
                   if Path(plugin.source).parent == BUILTIN_DIR) == sorted(
-        [*BUILT_IN, "comfyui"])  # comfyui (no prompt): tests/test_comfyui_plugin.py
+        [*BUILT_IN, "blender", "comfyui"])  # no prompt: the test below, and comfyui's in
+                                            # tests/test_comfyui_plugin.py
+
+
+def test_null_optional_blender_parameters_get_their_defaults() -> None:
+    registry, plugin = built_in("blender")
+    required = {"blend_file": "shot.blend", "frames": "1-10"}
+    nulls = {name: None for name in optional(plugin) if name not in required}
+    assert nulls
+    _, _, data = check_job({"type": "blender", "data": {**required, **nulls}}, registry)
+    _, _, left_out = check_job({"type": "blender", "data": required}, registry)
+    assert data == left_out == {**defaults(plugin), **required}
 
 
 @pytest.mark.parametrize("name", BUILT_IN)

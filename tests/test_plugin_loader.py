@@ -214,7 +214,7 @@ def test_seed_calls_on_the_class_without_config_yaml_use_the_defaults(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_default: None) -> None:
     monkeypatch.chdir(tmp_path)
     assert PluginRegistry.get_plugin("example").__name__ == "ExamplePlugin"
-    assert set(PluginRegistry.get_all_plugins()) == {"comfyui", "example", "sdxl"}
+    assert set(PluginRegistry.get_all_plugins()) == {"blender", "comfyui", "example", "sdxl"}
 
 
 def test_the_seeds_troubleshooting_line_prints_the_plugins(tmp_path: Path) -> None:
@@ -420,7 +420,7 @@ def test_folders_that_are_not_plugins_are_skipped(plugins_dir: Path) -> None:
     make_plugin(plugins_dir, "good", plain_plugin())
     registry = registry_of(plugins_dir)
     assert registry.errors == {}
-    assert set(registry.plugins) == {"comfyui", "example", "sdxl", "good"}
+    assert set(registry.plugins) == {"blender", "comfyui", "example", "sdxl", "good"}
 
 
 def test_missing_plugin_folder_is_reported(tmp_path: Path) -> None:
