@@ -119,12 +119,26 @@ def read_whole(path: str | Path) -> bytes:
     file object, at the cost of an fstat, an isatty ioctl and two seeks."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        chunks = []
-        while chunk := os.read(fd, 1 << 16):
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return read_rest(fd)
     finally:
         os.close(fd)
+
+
+_CHUNK = 1 << 16
+
+
+def read_rest(fd: int, limit: int | None = None) -> bytes:
+    """What is left to read of a regular file, up to a little past ``limit`` bytes if given.
+    A read shorter than asked is the end of a regular file: a small file takes one read,
+    not a second one that returns nothing."""
+    chunk = os.read(fd, _CHUNK)
+    if len(chunk) < _CHUNK:
+        return chunk
+    chunks, total = [chunk], len(chunk)
+    while (limit is None or total <= limit) and (chunk := os.read(fd, _CHUNK)):
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
 
 
 def move_noreplace(src: Path, dst: Path) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from kinod.atomic_files import read_rest
 from kinod.errors import InvalidJob
 from kinod.job_document import parse_document
 from kinod.models import JobSpec
@@ -122,13 +123,10 @@ def read_job_bytes(path: Path, max_bytes: int) -> tuple[bytes, os.stat_result]:
         if st.st_size > max_bytes:
             raise InvalidJob(f"is {st.st_size} bytes, over the limit of {max_bytes} "
                              "(max_job_bytes)")
-        chunks, total = [], 0
-        while chunk := os.read(fd, 1 << 16):
-            chunks.append(chunk)
-            total += len(chunk)
-            if total > max_bytes:
-                raise InvalidJob(f"grew past the limit of {max_bytes} bytes (max_job_bytes)")
-        return b"".join(chunks), st
+        raw = read_rest(fd, max_bytes)
+        if len(raw) > max_bytes:
+            raise InvalidJob(f"grew past the limit of {max_bytes} bytes (max_job_bytes)")
+        return raw, st
     finally:
         os.close(fd)
 

@@ -76,6 +76,8 @@ def escape_controls(record) -> None:
 
 
 def printable(message: str) -> str:
+    if message.isprintable():  # the common case: no control character, no lone surrogate
+        return message
     message = message.translate(_ESCAPED)
     try:
         message.encode("utf-8")
@@ -92,10 +94,14 @@ def log_job_event(outbox: str | Path, job_id: str, level: str, message: str) -> 
     message = printable(message)
     with contextlib.suppress(OSError):  # a full disk: the sidecar says it, the line is lost
         append_job_line(f"{outbox}/{job_id}.log", f"{_utc_stamp()} {level: <7} {message}\n")
-    if logger.level(level).no >= _daemon_level_no:
+    number = _LEVEL_NO.get(level)
+    if (number if number is not None else logger.level(level).no) >= _daemon_level_no:
         # job_id for the daemon's JSON lines; written=True keeps it out of the job's log.
         logger.bind(job_id=job_id, written=True).log(level, "{}", message)
 
+
+# The numbers of the levels kinod writes job events at (loguru's own lookup takes a lock).
+_LEVEL_NO = {name: logger.level(name).no for name in ("DEBUG", "INFO", "WARNING", "ERROR")}
 
 _last_second: tuple[int, str] = (0, "")
 
