@@ -57,6 +57,8 @@ class Spool:
         # A node's folder made since the last listing shows within RUNNING_SAFETY_S even
         # where a client caches the folder's attributes (NFS).
         self._running_gate = ListingGate(self.running_root, time.monotonic, RUNNING_SAFETY_S)
+        # Ids whose done/<id>/ prepare_done made, empty, for finish to rename into.
+        self._done_made: set[str] = set()
         self._running_cache: list[str] | None = None
 
     def ensure_folders(self) -> None:
@@ -213,7 +215,19 @@ class Spool:
 
     def finish(self, path: Path, job_id: str) -> Path:
         """→ done/<id>/<n>.<ext>, where the job file stays for good."""
-        return self._file_away(path, self.done / job_id)
+        made = job_id in self._done_made
+        self._done_made.discard(job_id)
+        return self._file_away(path, self.done / job_id, made)
+
+    def prepare_done(self, job_id: str) -> None:
+        """Make done/<id>/ ahead of ``finish``, on any thread (making a folder is the
+        dearest step of filing a job away): ``finish`` then renames into it at once. A
+        folder there already (an earlier run's) is left to ``finish`` to count."""
+        try:
+            os.mkdir(self.done / job_id)
+        except OSError:
+            return
+        self._done_made.add(job_id)
 
     def set_aside_duplicate(self, path: Path, job_id: str) -> Path:
         return self._file_away(path, self.duplicates / job_id)
@@ -257,14 +271,16 @@ class Spool:
     def running_names(self) -> list[str]:
         return _names_in(self.running)
 
-    def _file_away(self, path: Path, folder: Path) -> Path:
-        """Move to ``folder/<n><suffix>``, n one more than any run number there.
+    def _file_away(self, path: Path, folder: Path, made: bool = False) -> Path:
+        """Move to ``folder/<n><suffix>``, n one more than any run number there
+        (``made``: the folder was made empty for this move a moment ago).
 
         FileNotFoundError if ``path`` is gone, or the spool with it (the inbox was
         deleted): the inbox itself is never re-created behind its owner's back.
         """
         try:
-            os.mkdir(folder)
+            if not made:
+                os.mkdir(folder)
             n = 1  # a new id's folder, the common case: nothing to list
         except FileExistsError:
             numbers = [int(stem) for stem, _, _ in
@@ -278,6 +294,11 @@ class Spool:
             except FileExistsError:
                 n += 1
             except FileNotFoundError:
+                if made and os.path.lexists(path):  # the folder made ahead went meanwhile
+                    made = False
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(folder)
+                    continue
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # made for nothing: another node took the file (if empty)
                 raise

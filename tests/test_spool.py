@@ -210,6 +210,28 @@ def test_finish_numbers_runs_and_keeps_each_suffix(spool: Spool) -> None:
     assert sorted(os.listdir(INBOX)) == [".kinod"]
 
 
+def test_finish_renames_into_a_done_folder_prepared_ahead(spool: Spool) -> None:
+    held = spool.accept(drop("job1.yaml", "body"))
+    spool.prepare_done("job1")
+    assert (spool.done / "job1").is_dir() and os.listdir(spool.done / "job1") == []
+    assert spool.finish(held, "job1") == spool.done / "job1" / "1.yaml"
+    assert (spool.done / "job1" / "1.yaml").read_text() == "body"
+
+
+def test_finish_counts_the_runs_in_a_done_folder_that_was_there(spool: Spool) -> None:
+    spool.finish(spool.accept(drop("job1.yaml", "first")), "job1")
+    held = spool.accept(drop("job1.yaml", "second"))
+    spool.prepare_done("job1")  # there already: left to finish to count
+    assert spool.finish(held, "job1") == spool.done / "job1" / "2.yaml"
+
+
+def test_finish_makes_again_a_prepared_done_folder_that_went(spool: Spool) -> None:
+    held = spool.accept(drop("job1.yaml", "body"))
+    spool.prepare_done("job1")
+    (spool.done / "job1").rmdir()
+    assert spool.finish(held, "job1") == spool.done / "job1" / "1.yaml"
+
+
 def test_finish_from_running(spool: Spool) -> None:
     running = spool.accept(drop("job1.yaml", "body"))
     done = spool.finish(running, "job1")

@@ -52,7 +52,12 @@ class Running:
         """Claim a waiting job's file and run it, unless the file or the sidecar on disk
         says otherwise. OSError when the disk refuses: then the job waits as it did."""
         ctx = self._ctx
-        claimed = self.claim(job)
+        if job.folder == ctx.spool.running:  # it waited here: one look says it is still ours
+            identity = file_identity(job.path)
+            claimed = job.path if identity is not None else None
+        else:
+            claimed = ctx.spool.claim(job.path)
+            identity = file_identity(claimed) if claimed is not None else None
         if claimed is None:
             ctx.ending.claimed_elsewhere(job)
             return
@@ -63,8 +68,7 @@ class Running:
             ctx.scheduler.remove(job.id)
             ctx.ending.file_away(claimed, job.id)
             return
-        same_file = job.file_identity is not None and job.file_identity == file_identity(
-            claimed)
+        same_file = job.file_identity is not None and job.file_identity == identity
         if same_file and job.spec is None:  # it waited light
             same_file = self._make_whole(job, claimed)
         if not same_file:
@@ -123,6 +127,11 @@ class Running:
         # As a retried job's last attempt left them.
         job.ending, job.final, job.settled, job.end_lock = False, None, None, threading.Lock()
         job.last_write_s = ctx.clock()  # the throttle counts from this write
+        # The first progress write is due one interval from now: planned here, on the loop,
+        # so that a report made before then needs no word from the plugin's thread.
+        job.progress_pending = False
+        job.progress_timer = ctx.loop.call_later(ctx.settings.progress_interval_s,
+                                                 self._write_progress, job)
         self._running[job.id] = job
         ctx.scheduler.take_slot(job)
         job.task = asyncio.create_task(self._run(job), name=f"job {job.id}")
@@ -237,15 +246,24 @@ class Running:
             ctx.outbox.write(job.final)
         except Exception:  # noqa: BLE001 - see above
             job.final = None
+            return verdict
+        # Its folder in done/ made here too: the loop, which files the job away, only
+        # renames into it, and goes on with other jobs meanwhile.
+        ctx.spool.prepare_done(job.id)
         return verdict
 
     # --- progress -------------------------------------------------------------------
 
     def _on_progress(self, job: Job, percent: float, message: str | None) -> None:
-        """The plugin's progress callback; runs on the plugin's thread."""
+        """The plugin's progress callback; runs on the plugin's thread. The loop is told
+        only when no write is planned: a planned write takes the latest report. (Under the
+        GIL each step is seen in order: ``pending`` set before ``timer`` is read here, and
+        cleared after ``timer`` there, before the report is read: none is lost.)"""
         job.progress = (percent, message)
         if not job.progress_pending:
             job.progress_pending = True
+            if job.progress_timer is not None:
+                return  # the planned write takes it
             try:
                 self._ctx.loop.call_soon_threadsafe(self._progress_due, job)
             except RuntimeError:
@@ -253,10 +271,10 @@ class Running:
 
     def _progress_due(self, job: Job) -> None:
         """Write progress at most once per ``progress_interval_s``; the last report wins."""
-        job.progress_pending = False
         # `is job`: a plugin thread left behind must not write over a new run of its id.
         if self._running.get(job.id) is not job or job.progress_timer is not None:
             return
+        job.progress_pending = False
         ctx = self._ctx
         wait_s = job.last_write_s + ctx.settings.progress_interval_s - ctx.clock()
         if wait_s > 0:
@@ -268,6 +286,7 @@ class Running:
         job.progress_timer = None
         if self._running.get(job.id) is not job:
             return
+        job.progress_pending = False  # before the report is read: a later one tells the loop
         # Never waits: a held lock means the job's end is being written on its thread.
         if job.end_lock.acquire(blocking=False):
             try:
