@@ -437,3 +437,18 @@ def test_docs_are_served_from_this_api_with_nothing_loaded_from_elsewhere(
         answer = api.get(asset)
         assert answer.status_code == 200 and len(answer.content) > 1000, asset
     assert api.get("/ui/swagger/package.json").status_code == 404
+
+
+def test_a_task_being_taken_in_can_be_released_before_its_sidecar_exists(
+        api: httpx.Client, kinod_root: Path) -> None:
+    # A daemon has moved the file into the spool and not yet written its held sidecar:
+    # neither the inbox nor the outbox shows it, and the API must not answer 404.
+    created = api.post(TASKS, json={"type": "example", "data": {"prompt": "p"}})
+    task_id = created.json()["id"]
+    spool = Spool(kinod_root / "inbox", "somenode")
+    spool.ensure_folders()
+    spool.accept(kinod_root / "inbox" / f"{task_id}.json")
+    (kinod_root / "outbox" / f"{task_id}.json").unlink(missing_ok=True)
+    assert api.post(f"{TASKS}/{task_id}/generate").status_code == 202
+    assert (kinod_root / "inbox" / f"{task_id}.release").exists()
+    assert api.post(f"{TASKS}/nosuchtask/generate").status_code == 404

@@ -26,6 +26,7 @@ from kinod.job_document import parse_document
 from kinod.models import JobState, Sidecar, utc_now
 from kinod.params import check_data
 from kinod.plugins.plugin_loader import PluginRegistry
+from kinod.spool import Spool
 
 WAITING = "waiting in the inbox for a node to take it in"
 
@@ -44,6 +45,8 @@ class Jobs:
         self.max_job_bytes = max_job_bytes
         self.registry = registry
         self.ids = ids
+        # Only to ask whether a job's file is in the spool; this client runs nothing.
+        self._spool = Spool(inbox, "api")
 
     # --- creating ----------------------------------------------------------------------
 
@@ -149,7 +152,9 @@ class Jobs:
         state = JobState(entry.state) if entry is not None else None
         if waiting and (state is None or state.is_terminal):
             state = None  # the request is for the run waiting in the inbox
-        elif state is None:
+        elif state is None and not self._spool.holds(job_id):
+            # (Its file in the spool and no sidecar yet: a daemon is taking it in this very
+            # moment, and sees the control file once it has.)
             raise ApiError(404, "not_found", f"no job {job_id}")
         if state is not None and state.is_terminal:
             raise ApiError(409, "conflict", f"job {job_id} has ended ({state})")
