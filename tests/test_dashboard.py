@@ -31,6 +31,7 @@ expect.set_options(timeout=TIMEOUT_MS)
 
 # A plugin that paints one PNG frame, as an image plugin would.
 PAINTER = '''\
+import asyncio
 import os
 import sys
 
@@ -43,6 +44,10 @@ class PainterPlugin(BasePlugin):
     async def generate(self, task_id, data, progress_callback=None):
         path = os.path.join(str(self.output_dir), "frame_0001.png")
         Image.new("RGB", (data["width"], data["height"]), (30, 120, 200)).save(path)
+        self.update_progress(50.0, progress_callback)
+        while data["gate"] and not os.path.exists(data["gate"]):  # a render going on
+            await asyncio.sleep(0.05)
+            self.update_progress(50.0, progress_callback)
         self.update_progress(100.0, progress_callback)
         return PluginResult(success=True, data={"images": [path]})
 
@@ -53,7 +58,8 @@ class PainterPlugin(BasePlugin):
     def get_plugin_info(cls):
         return {"name": "painter", "version": "1.0", "description": "paints one frame",
                 "parameters": {"width": {"type": "integer", "default": 320, "minimum": 1},
-                               "height": {"type": "integer", "default": 200, "minimum": 1}}}
+                               "height": {"type": "integer", "default": 200, "minimum": 1},
+                               "gate": {"type": "string", "default": ""}}}
 '''
 
 
@@ -286,6 +292,26 @@ def test_an_image_job_shows_a_thumbnail_that_opens_the_full_image(
     expect(page.locator("#job")).to_be_hidden()
 
 
+def test_a_running_render_shows_its_latest_frame(farm: tuple[DaemonProcess, str],
+                                                 open_page: Callable[..., Page],
+                                                 kinod_root: Path, shots: Path) -> None:
+    daemon, url = farm
+    gate = kinod_root / "gate"
+    daemon.drop("render.json", {"type": "painter", "data": {"width": 640, "height": 360,
+                                                            "gate": str(gate)}})
+    daemon.wait_state("render", "running")
+    page = open_page(url + "/#/job/render")
+    expect(page.locator("#job-preview")).to_be_visible()
+    expect(page.locator("#job-preview-name")).to_have_text("frame_0001.png")
+    page.wait_for_function("""() => {
+        const img = document.querySelector('#job-preview-img');
+        return img.complete && img.naturalWidth === 512; }""")
+    shoot(page, shots / "render-preview.png")
+    gate.touch()
+    daemon.wait_state("render", "succeeded")
+    expect(page.locator("#job-preview")).to_be_hidden()  # a preview of a running job only
+
+
 # --- the new job form ----------------------------------------------------------------------
 
 
@@ -356,7 +382,8 @@ def test_job_text_that_looks_like_html_is_shown_as_text(
     expect(evil).to_be_visible()
     page.get_by_label("Search").fill("nothing like it")
     expect(evil).to_have_count(0)
-    assert page.locator("main img, main script, main b").count() == 0
+    # (the preview of a running render is the page's own element, empty here)
+    assert page.locator("main img:not(#job-preview-img), main script, main b").count() == 0
     assert page.evaluate("window.pwned") is None
 
 

@@ -488,7 +488,7 @@
     if (key !== outputsKey || (running && now - outputsAt > 2000)) {
       outputsKey = key;
       outputsAt = now;
-      loadOutputs(s.id).catch(() => {});
+      loadOutputs(s.id, running).catch(() => {});
     }
     if (!logTimer) followLog(s.id);
   }
@@ -516,6 +516,8 @@
   function closeJob() {
     openId = null;
     outputsKey = "";
+    previewKey = "";
+    $("job-preview").hidden = true;
     clearTimeout(logTimer);
     logTimer = 0;
     $("job").hidden = true;
@@ -552,11 +554,12 @@
     return url;
   }
 
-  async function loadOutputs(id) {
+  async function loadOutputs(id, running = false) {
     const response = await api(`${TASKS}/${encodeURIComponent(id)}/outputs`, { accept: [404] });
     if (openId !== id) return;
     const list = $("job-outputs");
     const outputs = response.ok ? await response.json() : [];
+    showPreview(id, outputs, running);
     if (!outputs.length) { list.replaceChildren(el("li", { class: "muted" }, "none yet")); return; }
     const base = `${TASKS}/${encodeURIComponent(id)}`;
     const items = [];
@@ -578,6 +581,29 @@
     }
     if (outputs.length > MAX_OUTPUTS_SHOWN) items.push(el("li", { class: "muted" }, `and ${outputs.length - MAX_OUTPUTS_SHOWN} more`));
     list.replaceChildren(...items);
+  }
+
+  // While a job runs, its newest image (a render's last frame) is shown large.
+  let previewKey = "";
+
+  function showPreview(id, outputs, running) {
+    const images = running ? outputs.filter((o) => IMAGE.test(o.path)) : [];
+    const box = $("job-preview");
+    if (!images.length) { box.hidden = true; previewKey = ""; return; }
+    const newest = images.reduce((a, b) => (b.modified_at > a.modified_at ? b : a));
+    const key = `${id}|${newest.path}|${newest.modified_at}`;
+    if (key === previewKey) return;
+    previewKey = key;
+    const path = newest.path.split("/").map(encodeURIComponent).join("/");
+    blobUrl(`${TASKS}/${encodeURIComponent(id)}/thumbnails/${path}?size=512&v=${newest.modified_at}`)
+      .then((url) => {
+        if (openId !== id || previewKey !== key) return;
+        $("job-preview-img").src = url;
+        $("job-preview-img").alt = newest.path;
+        setText($("job-preview-name"), newest.path);
+        box.hidden = false;
+      })
+      .catch(() => {});
   }
 
   async function openImage(path, name) {
