@@ -346,14 +346,18 @@ def _drop(raw: bytes, dst: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def cmd_stop(args: argparse.Namespace) -> int:
+def _control_target(args: argparse.Namespace) -> tuple[Settings, Path, Sidecar | None]:
+    """The settings, the inbox and the job's sidecar for a command that drops a control
+    file. A bad id is a bad command line: ConfigError, exit status 2."""
     settings = _settings(args)
+    if not is_valid_job_id(args.id):
+        raise ConfigError(f"{args.id!r} is not a valid job id")
+    return settings, _inbox(settings), _read_sidecar(settings, args.id)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    settings, inbox, current = _control_target(args)
     job_id = args.id
-    if not is_valid_job_id(job_id):
-        err.print(f"{job_id!r} is not a valid job id", markup=False)
-        return EXIT_USAGE
-    inbox = _inbox(settings)
-    current = _read_sidecar(settings, job_id)
     waiting_in_inbox = inbox_has_job(inbox, job_id)
     if (current is None or current.state.is_terminal) and not waiting_in_inbox:
         state = f"already {current.state}" if current else "unknown"
@@ -378,13 +382,8 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 def _ask(args: argparse.Namespace, kind: str, done: str, states: set[JobState]) -> int:
     """Drop ``<id>.<kind>`` for a job in one of ``states`` (or still in the inbox)."""
-    settings = _settings(args)
+    _, inbox, current = _control_target(args)
     job_id = args.id
-    if not is_valid_job_id(job_id):
-        err.print(f"{job_id!r} is not a valid job id", markup=False)
-        return EXIT_USAGE
-    inbox = _inbox(settings)
-    current = _read_sidecar(settings, job_id)
     if (current is None or current.state not in states) and not inbox_has_job(inbox, job_id):
         state = current.state if current else "unknown"
         wanted = " or ".join(sorted(states))

@@ -118,13 +118,7 @@ class Spool:
     def put_on_hold(self, running: Path) -> Path:
         """running/<node> → held/, where it waits to be released. A file of that name held
         already (it cannot be: its id is active) is set aside, never replaced."""
-        dst = self.held / _spool_name(running.name)
-        while True:
-            try:
-                rename_noreplace(running, dst)
-                return dst
-            except FileExistsError:
-                self.set_aside_duplicate(dst, _job_id(dst))
+        return self._move_in(running, self.held)
 
     def held_job(self, job_id: str) -> Path | None:
         """The file of a held job, or None."""
@@ -205,7 +199,12 @@ class Spool:
         A file of the same name already in queued/ is a later submission that
         should have waited: it is set aside as a duplicate, never overwritten.
         """
-        dst = self.queued / _spool_name(running.name)
+        return self._move_in(running, self.queued)
+
+    def _move_in(self, running: Path, folder: Path) -> Path:
+        """running/<node> → ``folder``; a file of that name there already is set aside as a
+        duplicate, never overwritten."""
+        dst = folder / _spool_name(running.name)
         while True:
             try:
                 rename_noreplace(running, dst)
