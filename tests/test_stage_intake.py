@@ -322,6 +322,35 @@ def test_a_turn_looks_at_no_more_than_intake_batch_paths(tmp_path: Path) -> None
     assert not intake.has_pending()
 
 
+def test_a_scan_reads_the_inbox_a_batch_at_a_time(tmp_path: Path) -> None:
+    rig, intake = intake_rig(tmp_path)
+    for n in range(2 * INTAKE_BATCH + 2):  # bad ids: each look leaves a file in invalid/
+        write_job(rig.inbox, f"bad {n}")
+    intake.scan()
+    assert intake.has_pending() and not intake.idle()
+    assert intake._pending == {}  # nothing read yet: the turns read the listing
+    intake.take_turn()  # .kinod, the spool, may be among the names read
+    assert INTAKE_BATCH - 1 <= len(os.listdir(rig.spool.invalid)) <= INTAKE_BATCH
+    assert intake.has_pending()
+    intake.take_turn()
+    intake.take_turn()
+    assert len(os.listdir(rig.spool.invalid)) == 2 * INTAKE_BATCH + 2
+    assert not intake.has_pending() and intake.idle()
+
+
+def test_a_scan_made_again_while_one_is_under_way_starts_the_listing_again(
+        tmp_path: Path) -> None:
+    rig, intake = intake_rig(tmp_path)
+    for n in range(INTAKE_BATCH + 2):
+        write_job(rig.inbox, f"bad {n}")
+    intake.scan()
+    intake.take_turn()
+    intake.scan()  # sees only what is left
+    intake.take_turn()
+    assert len(os.listdir(rig.spool.invalid)) == INTAKE_BATCH + 2
+    assert not intake.has_pending()
+
+
 class Ticking(Clock):
     """A clock that moves on at every look: each costs 0.6 of the turn's budget."""
 

@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,11 @@ INCOMPLETE_GRACE = 3
 class Intake:
     def __init__(self, ctx: Context) -> None:
         self._ctx = ctx
-        # Inbox paths to look at -> arrived by rename. Text, not Paths: a start-up scan of
-        # 100,000 files holds them all at once.
+        # Inbox paths to look at -> arrived by rename. Text, not Paths.
         self._pending: dict[str, bool] = {}
+        # The listing of the inbox under way (scan): read a batch at a time, so a start-up
+        # on 100,000 files never holds all their names at once.
+        self._listing: Iterator[os.DirEntry[str]] | None = None
         self._settling: dict[str, asyncio.TimerHandle] = {}  # path -> its look again
         # Files being written in place: (mtime_ns, size) and when first seen so.
         self._unchanged: dict[Path, tuple[tuple[int, int], float]] = {}
@@ -49,22 +52,44 @@ class Intake:
         self._ctx.wake()
 
     def scan(self) -> None:
-        """Look at every name in the inbox: catches whatever the watcher missed. OSError
-        if the inbox cannot be listed."""
-        with os.scandir(self._ctx.settings.inbox) as entries:
-            for entry in entries:
+        """Look at every name in the inbox: catches whatever the watcher missed. The names
+        are read as the turns take them (a listing under way starts again). OSError if
+        the inbox cannot be listed."""
+        listing = os.scandir(self._ctx.settings.inbox)
+        self._end_listing()
+        self._listing = listing
+        self._ctx.wake()
+
+    def _end_listing(self) -> None:
+        if self._listing is not None:
+            self._listing.close()
+            self._listing = None
+
+    def _read_listing(self, wanted: int) -> None:
+        """Up to ``wanted`` more names of the listing under way into the paths to look at."""
+        read = 0
+        try:
+            for entry in itertools.islice(self._listing, wanted):
+                read += 1
                 if entry.path not in self._settling:
                     self._pending.setdefault(entry.path, False)
+            if read < wanted:  # the end of the listing
+                self._end_listing()
+        except OSError as exc:  # the inbox went meanwhile: the daemon notices that
+            logger.warning("listing the inbox {} stopped: {}", self._ctx.settings.inbox, exc)
+            self._end_listing()
 
     def has_pending(self) -> bool:
-        return bool(self._pending)
+        return bool(self._pending) or self._listing is not None
 
     def idle(self) -> bool:
-        return not self._pending and not self._settling
+        return not self._pending and not self._settling and self._listing is None
 
     def take_turn(self) -> None:
         """Look at the next batch of inbox paths, within the turn's budget."""
         clock = self._ctx.clock
+        if self._listing is not None and len(self._pending) < INTAKE_BATCH:
+            self._read_listing(INTAKE_BATCH - len(self._pending))
         batch = list(itertools.islice(self._pending.items(), INTAKE_BATCH))
         started = clock()
         for path, renamed in batch:
@@ -83,6 +108,7 @@ class Intake:
     def cancel_timers(self) -> None:
         for handle in self._settling.values():
             handle.cancel()
+        self._end_listing()
 
     def take_in_resubmitted(self, job_id: str) -> None:
         """A new run of ``job_id`` waits in the inbox for its last run's file to be filed
