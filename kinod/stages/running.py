@@ -24,6 +24,7 @@ from kinod.models import JobState, Sidecar, utc_now
 from kinod.outcome import Outcome, StopReason, Verdict, judge
 from kinod.plugins.base_plugin import BasePlugin
 from kinod.runner import PluginRun, new_plugin
+from kinod.runner import plugin_settings as settings_for_plugin
 from kinod.stages.context import Context
 from kinod.stages.job import Job, document_of, file_identity, final_sidecar
 
@@ -182,7 +183,7 @@ class Running:
         settings = self._ctx.settings
         output_dir = settings.frames / job.id
         entry = settings.plugins.get(job.plugin.name)
-        plugin_settings = entry.plugin_settings() if entry else {}
+        plugin_settings = settings_for_plugin(settings, job.plugin.name)
 
         def on_progress(percent: float, message: str | None) -> None:
             self._on_progress(job, percent, message)
