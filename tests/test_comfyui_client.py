@@ -11,7 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from kinod.plugins.sdxl import explain, messages
-from tests.comfyui_server import MODERN, ComfyUITestServer, ws_messages
+from tests.comfyui_peer import MODERN, ComfyUITestServer, ws_messages
 from tests.test_sdxl_plugin import SDXL, SMALL_JOB, JobThread, make_plugin, run_job
 
 PROTOCOL = Path(__file__).parent / "comfyui_protocol"

@@ -18,7 +18,7 @@ from kinod.plugins.plugin_loader import PluginRegistry
 from kinod.plugins.sdxl.parameters import check_parameters
 from kinod.plugins.sdxl.workflow import build_txt2img
 from kinod.runner import new_plugin
-from tests.comfyui_server import MODERN, ComfyUITestServer
+from tests.comfyui_peer import MODERN, ComfyUITestServer
 from tests.test_sdxl_plugin import QUICK, SDXL, JobThread, png_text
 
 REPO = Path(__file__).parent.parent

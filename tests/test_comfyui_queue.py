@@ -13,7 +13,7 @@ import pytest
 from kinod.outcome import Outcome, StopReason
 from kinod.plugins.base_plugin import PluginResult
 from kinod.runner import PluginRun
-from tests.comfyui_server import MODERN, ComfyUITestServer
+from tests.comfyui_peer import MODERN, ComfyUITestServer
 from tests.helpers import Clock, DaemonProcess, wait_end, wait_for
 from tests.test_sdxl_plugin import DEADLINE_S, QUICK, SDXL, SMALL_JOB, JobThread, make_plugin
 

