@@ -132,20 +132,21 @@ class Ending:
         """
         ctx = self._ctx
         previous = sidecar if published else None
-        if written is None:
-            ctx.outbox.publish(final_sidecar(sidecar, state, error, result), previous)
+        final = written
+        if final is None:
+            final = final_sidecar(sidecar, state, error, result)
+            ctx.outbox.publish(final, previous)
         else:
-            ctx.outbox.published(written, previous)
+            ctx.outbox.published(final, previous)
         ctx.scheduler.remove(job_id)
         ctx.dependencies.ended(job_id, state)
         # Looked for first: unlinking a missing file locks the inbox against every rename
         # into it and out of it. One made after the look is seen to by the stops stage.
         if os.path.lexists(stop := ctx.stop_file(job_id)):
             unlink(stop)
-        final = (written or ctx.outbox.read(job_id)) if ctx.settings.hooks else None
         if path is not None:
             self.file_away(path, job_id, final)
-        elif final is not None:
+        elif ctx.settings.hooks:
             try:
                 ctx.hooks.enqueue(final)
             except OSError as exc:
