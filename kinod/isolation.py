@@ -7,8 +7,10 @@ plugin with a ``PluginRun`` of its own, so ``generate()`` and ``stop()`` behave 
 in a thread; ``ProcessRun`` supervises it from the daemon like one.
 
 One pipe carries the messages. Daemon to child: ``("stop", reason)``, then perhaps
-``("cancel",)``. Child to daemon: ``("progress", percent, message)`` any number of
-times, then ``("result", ending)`` once, where ``ending`` is one of
+``("cancel",)``. Child to daemon: ``("progress", percent, message, waiting)`` any
+number of times (``waiting``: whether the plugin says it waits, see
+``BasePlugin.update_progress``; the daemon also reads the older
+``("progress", percent, message)``), then ``("result", ending)`` once, where ``ending`` is one of
 ``("plugin_result", success, data, error, retryable)``, ``("raised", type name,
 text)`` or ``("returned", type name)``.
 """
@@ -153,7 +155,8 @@ class ProcessRun(SupervisedRun):
                 except (EOFError, OSError):
                     break  # it ended
                 if message[0] == "progress":
-                    self._progress(message[1], message[2])
+                    waiting = message[3] if len(message) > 3 else None
+                    self._progress(message[1], message[2], waiting=waiting)
                 elif message[0] == "result":
                     self._outcome.result, self._outcome.exception = _rebuilt(message[1])
                     got_result = True
@@ -204,8 +207,9 @@ def child_main(conn: Connection, job: ChildJob) -> None:
         return new_plugin(cls, Path(job.output_dir), job.settings, Path(job.models_dir))
 
     loop = asyncio.new_event_loop()
-    run = PluginRun(make_plugin, job.job_id, job.data,
-                    on_progress=lambda percent, message: send(("progress", percent, message)))
+    run = _ChildRun(make_plugin, job.job_id, job.data,
+                    on_progress=lambda percent, message: send(
+                        ("progress", percent, message, run.waiting)))
     # No limits, no grace and no giving up here: the daemon keeps the time, says when to
     # cancel, and kills this process if cancelling does not end the plugin.
     run.cancel_wait_s = math.inf
@@ -214,6 +218,22 @@ def child_main(conn: Connection, job: ChildJob) -> None:
     outcome = loop.run_until_complete(run.run(None, None, math.inf))
     send(("result", _ending(outcome)))
     _exit(0)
+
+
+class _ChildRun(PluginRun):
+    """The child's run: each report it passes on says whether the plugin waits, so the
+    daemon holds the job's timeout and stall limit as it would for a plugin in a thread."""
+
+    @property
+    def waiting(self) -> bool:
+        return self._waiting
+
+    def _progress(self, value: Any, message: Any = None, *, waiting: bool | None = None) -> None:
+        if waiting is not None and bool(waiting) != self._waiting:
+            self._last_report = None  # the same words, waiting or not: the daemon must hear it
+        super()._progress(value, message, waiting=waiting)
+
+    _progress.accepts_waiting = True  # type: ignore[attr-defined]  # see update_progress
 
 
 def _obey_daemon(conn: Connection, loop: asyncio.AbstractEventLoop, run: PluginRun,

@@ -20,12 +20,12 @@ from typing import Any
 import pytest
 
 from kinod.errors import JobStalled, JobTimeout, PluginCrashed
-from kinod.isolation import ORPHANED_EXIT_CODE, ChildJob, ProcessRun, child_main
+from kinod.isolation import ORPHANED_EXIT_CODE, ChildJob, ProcessRun, _ChildRun, child_main
 from kinod.models import JobState
 from kinod.outcome import Outcome, StopReason, Verdict, judge
 from kinod.plugins.plugin_loader import load_plugin_class
 from kinod.runner import CANCEL_WAIT_S
-from tests.helpers import WORKING_PLUGINS, wait_for
+from tests.helpers import WORKING_PLUGINS, Clock, wait_for
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -43,6 +43,7 @@ class Ran:
 
 
 def new_run(root: Path, plugin: str = "crashy", source: str = str(CRASHY),
+            clock: Callable[[], float] = time.monotonic,
             **data: Any) -> tuple[ProcessRun, Reports]:
     reports: Reports = []
     for folder in ("outbox", "frames", "models"):
@@ -50,7 +51,7 @@ def new_run(root: Path, plugin: str = "crashy", source: str = str(CRASHY),
     run = ProcessRun(plugin, source, JOB_ID, {"action": "succeed", "code": 7, "steps": 3, **data},
                      lambda percent, message: reports.append((percent, message)),
                      output_dir=root / "frames", settings={"colour": "aces"},
-                     models_dir=root / "models", outbox=root / "outbox")
+                     models_dir=root / "models", outbox=root / "outbox", clock=clock)
     return run, reports
 
 
@@ -73,6 +74,13 @@ def run_job(root: Path, meanwhile: Callable[[ProcessRun, Reports], Awaitable[Non
 async def until(condition: Callable[[], Any], what: str) -> None:
     """wait_for, without blocking the loop the run needs."""
     await asyncio.to_thread(wait_for, condition, 15, what=what)
+
+
+async def look_again(run: ProcessRun) -> None:
+    """Have the supervision check its limits now, as its timers would."""
+    for _ in range(3):
+        run._wake.set()
+        await asyncio.sleep(0)
 
 
 def gone(pid: int | None) -> bool:
@@ -181,6 +189,60 @@ def test_stall_timeout(tmp_path: Path) -> None:
     assert not ran.outcome.forced
     assert isinstance(ran.verdict.error, JobStalled)
     assert ran.reports == [(90.0, "step 1/1")]
+
+
+WAITING = (0.0, "waiting in a queue")
+
+
+def wait_in_a_queue(tmp_path: Path, say_waiting: bool) -> tuple[Ran, list[StopReason | None]]:
+    """A job whose plugin waits in a queue (until a file exists) while the run's clock
+    moves far past its timeout and stall limit; the queue lets it run only if nothing
+    stopped it meanwhile."""
+    clock = Clock()
+    queue = tmp_path / "queue"
+    seen: list[StopReason | None] = []
+
+    async def wait_long(run: ProcessRun, reports: Reports) -> None:
+        await until(lambda: WAITING in reports, "the plugin to say it waits")
+        clock.now += 100
+        await look_again(run)
+        seen.append(run._outcome.stop_reason)
+        if run._outcome.stop_reason is None:
+            queue.touch()
+
+    ran = run_job(tmp_path, wait_long, timeout_s=10.0, stall_timeout_s=5.0, clock=clock,
+                  queue=str(queue), say_waiting=say_waiting, steps=1)
+    return ran, seen
+
+
+def test_a_plugin_waiting_in_a_queue_is_timed_only_once_it_runs(tmp_path: Path) -> None:
+    ran, seen = wait_in_a_queue(tmp_path, say_waiting=True)
+    assert seen == [None]  # 100 s of waiting: no limit ran
+    assert ran.verdict.state is JobState.SUCCEEDED, ran.verdict
+    assert ran.outcome.stop_reason is None
+    # What the daemon writes to the sidecar: the waiting text, then the work.
+    assert ran.reports == [WAITING, (0.0, "running"), (90.0, "step 1/1")]
+
+
+def test_a_plugin_that_does_not_say_it_waits_is_timed_from_its_start(tmp_path: Path) -> None:
+    ran, seen = wait_in_a_queue(tmp_path, say_waiting=False)
+    assert seen == [StopReason.TIMEOUT]
+    assert ran.outcome.stop_reason is StopReason.TIMEOUT
+    assert isinstance(ran.verdict.error, JobTimeout)
+    assert ran.verdict.error.message == "ran longer than its timeout of 10 s"
+    assert ran.reports == [WAITING]
+
+
+def test_the_child_passes_on_a_change_of_waiting_even_in_the_same_words() -> None:
+    sent: list[tuple[float, str | None, bool]] = []
+    run = _ChildRun(lambda: None, JOB_ID, {},  # type: ignore[arg-type, return-value]
+                    on_progress=lambda percent, message: sent.append(
+                        (percent, message, run.waiting)))
+    assert run._progress.accepts_waiting
+    run._progress(0, "queued", waiting=True)
+    run._progress(0, "queued")                 # nothing new: not sent again
+    run._progress(0, "queued", waiting=False)  # the work began, in the same words
+    assert sent == [(0.0, "queued", True), (0.0, "queued", False)]
 
 
 def test_the_child_ignores_sigterm_and_sigint(tmp_path: Path) -> None:

@@ -1,6 +1,9 @@
 # crashy/loader.py: a test plugin that takes its process down in the way the job's data
 # chooses, written the way the seed's plugin README tells plugin authors to write theirs.
 #
+#   queue       first wait until this file exists, as a prompt in a server's queue does,
+#               saying so ("waiting in a queue", update_progress(waiting=True)) unless
+#               say_waiting is false
 #   steps       progress reports ("step 1/3", ...) before the action
 #   gate        then wait until this file exists (stopping if asked to)
 #   action      succeed; raise; os_exit (os._exit(code)); sys_exit (sys.exit(code));
@@ -31,6 +34,17 @@ class CrashyPlugin(BasePlugin):
                        progress_callback=None) -> PluginResult:
         action, steps = data["action"], data["steps"]
         log.info("crashy %s: %s in process %d", task_id, action, os.getpid())
+        queue = data.get("queue")
+        if queue:
+            say_waiting = data.get("say_waiting", True)
+            self.update_progress(0, progress_callback, message="waiting in a queue",
+                                 waiting=True if say_waiting else None)
+            while not os.path.exists(queue):
+                if self.should_stop:
+                    return PluginResult(success=False, error="Stopped by user")
+                await asyncio.sleep(0.02)
+            self.update_progress(0, progress_callback, message="running",
+                                 waiting=False if say_waiting else None)
         for step in range(1, steps + 1):
             self.update_progress(step * 90.0 / steps, progress_callback,
                                  message=f"step {step}/{steps}")
@@ -73,5 +87,8 @@ class CrashyPlugin(BasePlugin):
                 "code": {"type": "integer", "default": 7},
                 "steps": {"type": "integer", "default": 3, "minimum": 0},
                 "gate": {"type": "string", "description": "wait until this file exists"},
+                "queue": {"type": "string",
+                          "description": "first wait in a queue until this file exists"},
+                "say_waiting": {"type": "boolean", "default": True},
             },
         }
