@@ -16,15 +16,13 @@ from loguru import logger
 from kinod.plugins.base_plugin import BasePlugin, PluginResult, ProgressCallback
 from kinod.plugins.sdxl.comfyui_client import ComfyUIClient, new_http_client
 from kinod.plugins.sdxl.errors import InvalidJob, SdxlError
-from kinod.plugins.sdxl.explain import one_line
 from kinod.plugins.sdxl.job import ComfyJob, check_outcome, timings
+from kinod.plugins.sdxl.results import plugin_result
 from kinod.plugins.sdxl.servers import SdxlSettings
 
 from .files import image_sources, save_outputs, upload_images
 from .node_types import check_against_server
 from .workflows import apply_inputs, check_classes, load_workflow, randomize_seeds
-
-STOPPED = "stopped on request"
 
 PARAMETERS: dict[str, dict[str, Any]] = {
     "workflow": {"type": "string", "required": True,
@@ -53,21 +51,9 @@ class ComfyuiPlugin(BasePlugin):
 
     async def generate(self, task_id: str, data: dict[str, Any],
                        progress_callback: ProgressCallback | None = None) -> PluginResult:
-        self.is_running = True
-        try:
-            data_out = await self._generate(task_id, data, progress_callback)
-        except SdxlError as exc:
-            return PluginResult(success=False, error=str(exc), retryable=exc.retryable)
-        except Exception as exc:  # noqa: BLE001 - the job's error is one readable line
-            logger.opt(exception=exc).error("comfyui job {} failed unexpectedly", task_id)
-            return PluginResult(success=False, error=f"unexpected {type(exc).__name__}: "
-                                                     f"{one_line(str(exc))}")
-        finally:
-            self.is_running = False
-        if data_out is None:
-            return PluginResult(success=False, error=STOPPED)
-        self.update_progress(100.0, progress_callback, f"{len(data_out['files'])} file(s)")
-        return PluginResult(success=True, data=data_out)
+        return await plugin_result(
+            self, "comfyui", task_id, lambda: self._generate(task_id, data, progress_callback),
+            progress_callback, lambda data_out: f"{len(data_out['files'])} file(s)")
 
     async def _generate(self, task_id: str, data: dict[str, Any],
                         progress_callback: ProgressCallback | None) -> dict[str, Any] | None:
