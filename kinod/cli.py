@@ -18,12 +18,11 @@ from kinod import __version__
 from kinod.atomic_files import new_temporary, rename_noreplace
 from kinod.chunks import ChunkError, encode, split_job
 from kinod.config import Settings, load_settings
-from kinod.control import drop_control, pause, resume
 from kinod.errors import ConfigError, InvalidJob
 from kinod.intake import InboxName, check_job, inbox_has_job, read_job_bytes
 from kinod.job_document import parse_document
 from kinod.job_threads import IDLE_NAME
-from kinod.models import JOB_ID_RULES, JobState, Sidecar, is_valid_job_id
+from kinod.models import JOB_ID_RULES, Sidecar, is_valid_job_id
 from kinod.plugins.plugin_loader import PluginRegistry
 
 EXIT_OK = 0
@@ -117,28 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
                 "serves (from <inbox>/.kinod/nodes/).")
     p.add_argument("--json", action="store_true", help="print the heartbeats as JSON")
 
-    p = command("stop", cmd_stop, "ask a queued or running job to stop",
-                "Drop <inbox>/<ID>.stop: a queued job never starts, a running one is stopped.")
-    p.add_argument("id", metavar="ID", help="the job's id")
-    p.add_argument("--wait", action="store_true",
-                   help="wait until the job has ended; exit 1 unless it ended stopped")
+    # stop, hold, release, pause and resume: kinod.cli_control (imported here: it uses this
+    # module's helpers, so it cannot be imported while this module is still loading)
+    from kinod.cli_control import add_control_commands
 
-    p = command("hold", cmd_hold, "hold a queued job",
-                "Drop <inbox>/<ID>.hold: a queued job is held (state held) until released; "
-                "a running job is not affected.")
-    p.add_argument("id", metavar="ID", help="the job's id")
-
-    p = command("release", cmd_release, "release a held job",
-                "Drop <inbox>/<ID>.release: a held job (hold: true, or held by `kinod hold`) "
-                "is queued.")
-    p.add_argument("id", metavar="ID", help="the job's id")
-
-    for name, func, verb in (("pause", cmd_pause, "pause"), ("resume", cmd_resume, "resume")):
-        p = command(name, func, f"{verb} the farm, or one node",
-                    "Make <inbox>/.pause (or .pause.NAME): no new job starts while it exists; "
-                    "running jobs go on to their end." if name == "pause" else
-                    "Remove <inbox>/.pause (or .pause.NAME): queued jobs start again.")
-        p.add_argument("--node", metavar="NAME", help=f"{verb} only this node")
+    add_control_commands(command)
 
     p = command("serve", cmd_serve, "serve the HTTP API alone, running no jobs",
                 "Serve the HTTP API and dashboard on http.listen (default 127.0.0.1:8000) "
@@ -253,7 +235,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# --- submit, stop and wait -----------------------------------------------
+# --- submit and wait -------------------------------------------------------
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -344,90 +326,6 @@ def _drop(raw: bytes, dst: Path) -> None:
         rename_noreplace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _control_target(args: argparse.Namespace) -> tuple[Settings, Path, Sidecar | None]:
-    """The settings, the inbox and the job's sidecar for a command that drops a control
-    file. A bad id is a bad command line: ConfigError, exit status 2."""
-    settings = _settings(args)
-    if not is_valid_job_id(args.id):
-        raise ConfigError(f"{args.id!r} is not a valid job id")
-    return settings, _inbox(settings), _read_sidecar(settings, args.id)
-
-
-def cmd_stop(args: argparse.Namespace) -> int:
-    settings, inbox, current = _control_target(args)
-    job_id = args.id
-    waiting_in_inbox = inbox_has_job(inbox, job_id)
-    if (current is None or current.state.is_terminal) and not waiting_in_inbox:
-        state = f"already {current.state}" if current else "unknown"
-        err.print(f"job {job_id} is not queued or running ({state})", markup=False)
-        return EXIT_NOT_FOUND
-    if not _drop_control(inbox, job_id, "stop"):
-        return EXIT_FAILED
-    out.print(f"stop requested for {job_id}", markup=False)
-    if args.wait:
-        previous = current.created_at.isoformat() if current and waiting_in_inbox else None
-        return EXIT_OK if _wait_for(settings, {job_id: previous}, want="stopped") else EXIT_FAILED
-    return EXIT_OK
-
-
-def cmd_hold(args: argparse.Namespace) -> int:
-    return _ask(args, "hold", "held", {JobState.QUEUED})
-
-
-def cmd_release(args: argparse.Namespace) -> int:
-    return _ask(args, "release", "released", {JobState.HELD})
-
-
-def _ask(args: argparse.Namespace, kind: str, done: str, states: set[JobState]) -> int:
-    """Drop ``<id>.<kind>`` for a job in one of ``states`` (or still in the inbox)."""
-    _, inbox, current = _control_target(args)
-    job_id = args.id
-    if (current is None or current.state not in states) and not inbox_has_job(inbox, job_id):
-        state = current.state if current else "unknown"
-        wanted = " or ".join(sorted(states))
-        err.print(f"job {job_id} is not {wanted} ({state})", markup=False)
-        return EXIT_NOT_FOUND
-    if not _drop_control(inbox, job_id, kind):
-        return EXIT_FAILED
-    out.print(f"{job_id}: {kind} requested (it is {done} once a daemon has seen it)",
-              markup=False)
-    return EXIT_OK
-
-
-def _drop_control(inbox: Path, job_id: str, kind: str) -> bool:
-    try:
-        drop_control(inbox, job_id, kind)
-    except OSError as exc:
-        err.print(f"cannot ask {job_id} to {kind}: cannot write into the inbox {inbox}: "
-                  f"{exc.strerror or exc}", markup=False)
-        return False
-    return True
-
-
-def cmd_pause(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    try:
-        path = pause(_inbox(settings), args.node)
-    except OSError as exc:
-        err.print(f"cannot pause: {exc.strerror or exc}", markup=False)
-        return EXIT_FAILED
-    what = f"node {args.node}" if args.node else "the farm"
-    out.print(f"{what} paused ({path}); running jobs go on to their end", markup=False)
-    return EXIT_OK
-
-
-def cmd_resume(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    what = f"node {args.node}" if args.node else "the farm"
-    try:
-        was_paused = resume(_inbox(settings), args.node)
-    except OSError as exc:
-        err.print(f"cannot resume: {exc.strerror or exc}", markup=False)
-        return EXIT_FAILED
-    out.print(f"{what} resumed" if was_paused else f"{what} was not paused", markup=False)
-    return EXIT_OK
 
 
 def _wait_for(settings: Settings, jobs: dict[str, str | None], want: str = "succeeded") -> bool:
