@@ -9,6 +9,7 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 _AT_FDCWD = -100
@@ -69,11 +70,15 @@ class FolderFlush:
     together share a flush, and nobody waits for company: only what already waits is
     batched. A flush that fails raises in the thread that made it; the others try
     their own.
+
+    ``also``: more syncs each flush makes after the folder's (a journal written beside
+    the folder's files, whose lines must be on disk with them).
     """
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = folder
         self.flushes = 0  # made so far: how many flushes served the asks
+        self.also: list[Callable[[], None]] = []
         self._cond = threading.Condition(threading.Lock())
         self._asked = 0  # asks so far; each is numbered
         self._served = 0  # every ask up to this number is on disk
@@ -92,6 +97,8 @@ class FolderFlush:
                 self._cond.release()
                 try:
                     fsync_dir(self.folder)
+                    for sync in self.also:
+                        sync()
                 finally:
                     self._cond.acquire()
                     self._busy = False

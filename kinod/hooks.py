@@ -1,22 +1,33 @@
-"""Completion hooks (SPEC §10): a queue of deliveries on disk, and one thread that delivers.
+"""Completion hooks (SPEC §10): deliveries queued on disk, and one thread that delivers.
 
-    inbox/.kinod/hooks/pending/<due>.<hook>.<id>.json      waiting; <due> in ns since 1970
-    inbox/.kinod/hooks/claimed/<node>/<due>.<hook>.<id>.json  being delivered by <node>
+    inbox/.kinod/hooks/journal/<node>/<stem>.jsonl        every end to tell, a line each
+    inbox/.kinod/hooks/journal/<node>/<stem>.cursor       how far its lines are settled
+    inbox/.kinod/hooks/pending/<due>.<hook>.<id>.json      a retry waiting; <due> in ns since 1970
+    inbox/.kinod/hooks/claimed/<node>/<due>.<hook>.<id>.json  a retry being delivered by <node>
     inbox/.kinod/hooks/given_up/<due>.<hook>.<id>.json     out of retries; kept for people
     inbox/.kinod/hooks/invalid/<name>                      a file that is no delivery
 
-A job's end writes one file per matching hook into pending/ (``Hooks.enqueue``) and never
-waits for the delivery. A node claims a file by renaming it into its claimed/ folder (only
-one node's rename succeeds), and removes it once the hook took it or it ran out of retries:
-a crash at any point leaves the file on disk, and it is delivered again (at least once).
-A failed attempt puts the file back in pending/ under its next due time, so nothing waits
-in memory: at most ``max_in_flight`` deliveries are held, and the rest is read in, oldest
-first, as room frees up.
+A job's end appends one line to this node's journal (kinod.hooks_journal), written with
+its final sidecar and flushed to disk in the same flush (``Outbox.on_final``): no new file
+per end, and the job's file moves to done/ only once its line is on disk. Nothing waits
+for a delivery. The delivering thread reads the journal in order and delivers at most
+``max_in_flight`` at once; a line is settled once its hooks took it, it ran out of
+retries, or a failed attempt handed it over to a file in pending/. The cursor of the
+journal records how far lines are settled; a restart reads on from it (at least once).
+
+A failed attempt writes the delivery to pending/ under its next due time, so nothing
+waits in memory. A node claims a pending file by renaming it into its claimed/ folder
+(only one node's rename succeeds), and removes it once the hook took it or it ran out of
+retries: a crash at any point leaves the file on disk, and it is delivered again.
+
+A node whose lease ran out hands its work over to the node that sees it first
+(``take_back``): its claimed files go back to pending/, and its journal segments not
+written to for a lease are renamed into the taker's journal folder with their cursors.
 
 A delivery names its hook by a key of the hook's target (``hook_key``), never by the
 command or URL itself: whoever can write the spool cannot make the daemon run anything the
-settings do not list. A file whose hook is not in this node's settings is left for a node
-that has it (or for the hook to come back).
+settings do not list. A delivery whose hook is not in this node's settings is left in
+pending/ for a node that has it (or for the hook to come back).
 """
 
 from __future__ import annotations
@@ -28,12 +39,13 @@ import heapq
 import json
 import os
 import random
+import re
 import threading
 import time
-from collections import deque
-from collections.abc import Iterator
+from collections import OrderedDict, deque
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import httpx
 from loguru import logger
@@ -42,14 +54,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from kinod.atomic_files import atomic_write
 from kinod.config import HookSettings, Settings
 from kinod.hooks_delivery import attempt, describe
+from kinod.hooks_journal import JournalReader, JournalWriter, Line, adopt
 from kinod.logs import log_job_event
-from kinod.models import Sidecar, is_valid_job_id, utc_now
+from kinod.models import Sidecar, is_valid_job_id
 
 HOOK_SCHEMA = "kinod.hook/1"
 MAX_IN_FLIGHT = 16      # deliveries held at once; every other one waits on disk
 MAX_BACKOFF_S = 3600.0
 POLL_S = 30.0           # a look at pending/ for what other nodes left, when nothing else wakes us
 MAX_DELIVERY_BYTES = 16 << 20  # a sidecar's result is the plugin's; a bigger file is no delivery
+MAX_REMEMBERED = 4096   # ends journaled as written, remembered until the ending stage queues them
+_BREAKS = re.compile(rb"\n *")
 _KEY_CHARS = frozenset("0123456789abcdef")
 
 
@@ -109,8 +124,8 @@ def parse_name(name: str) -> tuple[int, str] | None:
 
 
 class Hooks:
-    """The hook deliveries of this node: ``enqueue`` from any thread; ``start`` and ``stop``
-    the thread that delivers them."""
+    """The hook deliveries of this node: ``journal`` and ``enqueue`` from any thread;
+    ``start`` and ``stop`` the thread that delivers them."""
 
     def __init__(self, settings: Settings, spool_root: Path, *,
                  max_in_flight: int = MAX_IN_FLIGHT, backoff_s: float | None = None,
@@ -122,6 +137,8 @@ class Hooks:
         self.claimed = self.claimed_root / str(settings.node)
         self.given_up = self.root / "given_up"
         self.invalid = self.root / "invalid"
+        self.journal_root = self.root / "journal"
+        self.journal_folder = self.journal_root / str(settings.node)
         self.max_in_flight = max_in_flight
         self._backoff_s = backoff_s
         self._poll_s = poll_s
@@ -134,43 +151,69 @@ class Hooks:
         self._tasks: set[asyncio.Task] = set()
         self._ready: deque[str] = deque()
         self._unknown_seen = 0
+        self._keys = _keyed(settings.hooks)
+        self._writer = JournalWriter(self.journal_folder, idle_s=settings.lease / 2,
+                                     on_synced=self._wake_up)
+        self._reader: JournalReader | None = None
+        self._lines: deque[tuple[Line, Delivery]] = deque()  # read, not yet started
+        self._look_at = 0.0  # monotonic time of the next look at pending/
+        # Ends whose line is on disk, by identity: the ending stage's enqueue of them
+        # writes nothing more. Bounded: one forgotten only costs a second delivery.
+        self._journaled: OrderedDict[tuple, None] = OrderedDict()
+        self._journaled_lock = threading.Lock()
 
     # --- what the daemon calls ----------------------------------------------------------
 
-    def enqueue(self, sidecar: Sidecar) -> None:
-        """Queue one delivery per hook that wants this end. Returns once the files are on
-        disk (flushed), without waiting for any delivery. OSError if the disk refuses; calling
-        again is safe: the names are made from the end's time, so a file still waiting is
-        replaced, not doubled."""
+    def journal(self, sidecar: Sidecar, data: bytes | None = None) -> None:
+        """A final sidecar is being written (``data``: its bytes): append its line to the
+        journal, for the flush under way to put on disk with it (``sync``). OSError if the
+        disk refuses."""
         if not sidecar.state.is_terminal:
             return
-        hooks = matching_hooks(self._settings.hooks, sidecar)
-        if not hooks:
+        keys = self._keys_for(sidecar)
+        if not keys:
             return
-        ended = sidecar.finished_at or sidecar.updated_at or utc_now()
-        due_ns = int(ended.timestamp() * 1e9)
-        for key in hooks:
-            path = self.pending / delivery_name(due_ns, key, sidecar.id)
-            data = Delivery(hook=key, sidecar=sidecar).to_json()
-            try:
-                atomic_write(path, data, durable=True)
-            except FileNotFoundError:
-                self.pending.mkdir(parents=True, exist_ok=True)
-                atomic_write(path, data, durable=True)
-        self._wake_up()
+        self._writer.append(journal_line(keys, sidecar, data))
+        with self._journaled_lock:
+            self._journaled[_identity(sidecar)] = None
+            if len(self._journaled) > MAX_REMEMBERED:
+                self._journaled.popitem(last=False)
+
+    def sync(self) -> None:
+        """Put every line appended so far on disk (``Outbox.folder_flush`` calls this)."""
+        self._writer.sync()
+
+    def enqueue(self, sidecar: Sidecar) -> None:
+        """Queue one delivery per hook that wants this end. Returns once it is on disk
+        (flushed), without waiting for any delivery: at once when the end's final
+        sidecar was journaled as it was written, else by a line appended and flushed here.
+        OSError if the disk refuses; calling again is safe (at worst, a hook is told
+        twice)."""
+        if not sidecar.state.is_terminal:
+            return
+        keys = self._keys_for(sidecar)
+        if not keys:
+            return
+        with self._journaled_lock:
+            if self._journaled.pop(_identity(sidecar), 0) is None:
+                return  # on disk already, flushed with the sidecar
+        self._writer.append(journal_line(keys, sidecar))
+        self._writer.sync()
 
     def start(self) -> None:
         """Take back what this node had claimed when it last stopped or died, and start
         delivering (nothing runs while no hook is set)."""
         self._started = True
-        for folder in (self.pending, self.claimed, self.given_up, self.invalid):
+        for folder in (self.pending, self.claimed, self.given_up, self.invalid,
+                       self.journal_folder):
             folder.mkdir(parents=True, exist_ok=True)
         self.take_back(self._settings.node or "")
         self._start_thread()
 
     def stop(self) -> None:
         """Stop delivering within a couple of seconds: attempts under way are cut short
-        (a command is killed) and their files go back to pending/."""
+        (a command is killed); their lines are read again at the next start, and the
+        pending files they came from go back to pending/."""
         self._started = False
         thread = self._thread
         if thread is None:
@@ -183,12 +226,15 @@ class Hooks:
     def update_settings(self, settings: Settings) -> None:
         """The settings were reloaded: new hooks are delivered from now on."""
         self._settings = settings
+        self._keys = _keyed(settings.hooks)
+        self._writer.idle_s = settings.lease / 2
         if self._started:
             self._start_thread()
         self._wake_up()
 
     def take_back(self, node: str) -> int:
-        """Put what ``node`` had claimed back in pending/: this node at start, or another
+        """Put what ``node`` had claimed back in pending/, and take over its journal
+        segments no line was written to for a lease: this node's own at start, or another
         one whose lease ran out. Returns how many files."""
         if not node or "/" in node or node.startswith("."):
             return 0
@@ -201,6 +247,15 @@ class Hooks:
         if moved:
             logger.info("hooks: {} deliveries node {} had under way are queued again",
                         moved, node)
+        if node != self._settings.node:
+            adopted = adopt(self.journal_root / node, self.journal_folder,
+                            self._settings.lease)
+            if adopted:
+                logger.warning("hooks: node {} is gone; this node delivers the {} journal "
+                               "segments it left", node, adopted)
+                self._relist = True
+            moved += adopted
+        self._wake_up()
         return moved
 
     @property
@@ -209,10 +264,22 @@ class Hooks:
 
     @property
     def read_in(self) -> int:
-        """Names read in from pending/ and not yet claimed (at most a batch)."""
-        return len(self._ready)
+        """Deliveries held in memory and not under way: names read in from pending/ and
+        not yet claimed (at most a batch), and journal lines read and not yet started."""
+        return len(self._ready) + len(self._lines)
 
     # --- the delivering thread ----------------------------------------------------------
+
+    _relist = True  # the journal folder holds segments the reader has not listed
+
+    def _keys_for(self, sidecar: Sidecar) -> list[str]:
+        state, type_ = sidecar.state.value, sidecar.type
+        found: list[str] = []
+        for key, hook in self._keys:
+            if state in hook.on and (hook.types is None or type_ in hook.types) \
+                    and key not in found:
+                found.append(key)
+        return found
 
     def _start_thread(self) -> None:
         if self._thread is not None or not self._settings.hooks:
@@ -234,7 +301,7 @@ class Hooks:
 
     def _wake_up(self) -> None:
         loop, wake = self._loop, self._wake
-        if loop is None or wake is None:
+        if loop is None or wake is None or wake.is_set():
             return
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             loop.call_soon_threadsafe(wake.set)
@@ -242,41 +309,109 @@ class Hooks:
     async def _deliver_all(self, ready: threading.Event) -> None:
         self._wake = asyncio.Event()
         self._loop = asyncio.get_running_loop()
+        self._reader = JournalReader(self.journal_folder, self._writer, MAX_DELIVERY_BYTES)
+        self._relist = True
+        self._look_at = 0.0
         ready.set()
         limits = httpx.Limits(max_connections=self.max_in_flight)
-        async with httpx.AsyncClient(limits=limits, follow_redirects=False) as client:
-            while not self._stopping:
-                self._wake.clear()
-                wait_s = self._fill(client)
-                if self._stopping:
-                    break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait_s)
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            async with httpx.AsyncClient(limits=limits, follow_redirects=False) as client:
+                while not self._stopping:
+                    self._wake.clear()
+                    try:
+                        wait_s = self._fill(client)
+                    except Exception:  # a disk fault, or a bug: never the end of delivering
+                        logger.opt(exception=True).error(
+                            "hooks: cannot read the deliveries; trying again in {:g} s",
+                            self._poll_s)
+                        wait_s = self._poll_s
+                    cursor_s = self._reader.write_cursors()
+                    if cursor_s is not None:
+                        wait_s = cursor_s if wait_s is None else min(wait_s, cursor_s)
+                    if self._stopping:
+                        break
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), wait_s)
+                for task in list(self._tasks):
+                    task.cancel()
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+        finally:
+            self._lines.clear()
+            self._reader.close()  # the cursors as far as settled: the rest is read again
 
     def _fill(self, client: httpx.AsyncClient) -> float | None:
-        """Start deliveries while there is room; returns how long to wait for more (None:
-        until woken, by an end queued here or a delivery done)."""
-        looked, started, wait_s = False, 0, self._poll_s
+        """Start deliveries while there is room: retries due in pending/ first, then the
+        journal's lines in order. Returns how long to wait (None: until woken, by a line
+        on disk or a delivery done)."""
+        assert self._reader is not None
+        if self._relist:
+            self._relist = False
+            self._reader.relist()
+        now = time.monotonic()
+        claimed = True  # a look at pending/ is worth making: none yet, or the last gave some
         while len(self._tasks) < self.max_in_flight:
-            if not self._ready:
-                if looked:  # a whole batch gone and room left: look again, at once if it
-                    return 0.0 if started else wait_s  # was ours (others' claims: later)
+            if self._ready:
+                name = self._ready.popleft()
+                delivery = self._claim(name)
+                if delivery is not None:
+                    claimed = True
+                    self._launch(self._deliver_file(name, delivery, client))
+                continue
+            if now >= self._look_at and claimed:
+                claimed = False
                 names, wait_s = self._look()
-                if not names:
-                    return wait_s
-                looked = True
-                self._ready.extend(names)
-            name = self._ready.popleft()
-            delivery = self._claim(name)
-            if delivery is not None:
-                started += 1
-                task = asyncio.ensure_future(self._deliver(name, delivery, client))
-                self._tasks.add(task)
-                task.add_done_callback(self._done)
-        return None  # full: a delivery that ends wakes us
+                # A whole batch: look again once it is gone; else when the next falls due.
+                self._look_at = now + (0.0 if len(names) >= self._batch else wait_s)
+                if names:
+                    self._ready.extend(names)
+                    continue
+            if not self._lines and not self._read_line():
+                break
+            line, delivery = self._lines.popleft()
+            self._launch(self._deliver_line(line, delivery, client))
+        else:
+            return None  # full: a delivery that ends wakes us
+        if self._look_at <= now:  # a batch of which other nodes claimed every one
+            self._look_at = now + min(self._poll_s, 1.0)
+        return self._look_at - now
+
+    def _read_line(self) -> bool:
+        """Read the journal's next line into ``_lines``; False when there is none now.
+        Lines that are no delivery are skipped."""
+        assert self._reader is not None
+        while (got := self._reader.next_line()) is not None:
+            line, raw = got
+            deliveries = parse_line(raw)
+            if deliveries is None:
+                logger.warning("hooks: a line of {} is no delivery; skipped",
+                               line.segment.path)
+            line.left = len(deliveries or ())
+            if not deliveries:
+                self._reader.settle(line, 0)
+                continue
+            # One for a hook this node lacks is handed over to pending/ (_deliver_line).
+            self._lines.extend((line, delivery) for delivery in deliveries)
+            return True
+        return False
+
+    def _hand_over(self, delivery: Delivery) -> None:
+        """A journal line's delivery for a hook this node lacks: a file in pending/, left
+        for a node that has it (or for a reload that brings the hook back)."""
+        name = delivery_name(time.time_ns(), delivery.hook, delivery.sidecar.id)
+        self._write_pending(name, delivery)
+
+    def _write_pending(self, name: str, delivery: Delivery) -> None:
+        """Raises OSError if the disk refuses."""
+        try:
+            atomic_write(self.pending / name, delivery.to_json(), durable=True)
+        except FileNotFoundError:
+            self.pending.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.pending / name, delivery.to_json(), durable=True)
+
+    def _launch(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
@@ -285,10 +420,10 @@ class Hooks:
 
     def _look(self) -> tuple[list[str], float]:
         """The oldest names in pending/ that are due and whose hook this node has (at most
-        a batch: pending/ may hold a storm's worth, and only a batch is kept while looking),
-        and the seconds until the next one falls due."""
+        a batch: pending/ may hold many, and only a batch is kept while looking), and the
+        seconds until the next one falls due."""
         now_ns = time.time_ns()
-        known = {hook_key(hook) for hook in self._settings.hooks}
+        known = {key for key, _ in self._keys}
         counts = {"unknown": 0, "next_ns": now_ns + int(self._poll_s * 1e9)}
 
         def due(entries) -> Iterator[tuple[int, str]]:
@@ -338,42 +473,120 @@ class Hooks:
                 os.rename(path, self.invalid / name)
             return None
 
-    async def _deliver(self, name: str, delivery: Delivery, client: httpx.AsyncClient) -> None:
+    def _hook(self, key: str) -> HookSettings | None:
+        return next((hook for k, hook in self._keys if k == key), None)
+
+    async def _attempt(self, delivery: Delivery, client: httpx.AsyncClient,
+                       hook: HookSettings) -> str | None:
+        """One attempt; None when delivered, else why not (logged by the caller)."""
         sidecar = delivery.sidecar
-        hook = next((h for h in self._settings.hooks if hook_key(h) == delivery.hook), None)
-        if hook is None:  # removed by a reload since it was claimed
-            self._move(name, self.pending / name)
-            return
-        number, total = delivery.attempts + 1, hook.retries + 1
-        what = f"hook {describe(hook)} ({sidecar.state.value})"
         try:
-            failure = await attempt(hook, sidecar, self._settings.outbox / f"{sidecar.id}.json",
-                                    client)
+            return await attempt(hook, sidecar, self._settings.outbox / f"{sidecar.id}.json",
+                                 client)
         except asyncio.CancelledError:
-            self._move(name, self.pending / name)  # the daemon stops: someone delivers it later
             raise
         except Exception as exc:  # a bug here must not lose the delivery
-            logger.exception("hooks: {} for job {} failed", what, sidecar.id)
-            failure = f"{type(exc).__name__}: {exc}"
+            logger.exception("hooks: hook {} for job {} failed", describe(hook), sidecar.id)
+            return f"{type(exc).__name__}: {exc}"
+
+    def _judge(self, delivery: Delivery, hook: HookSettings, failure: str | None,
+               kept_as: str) -> tuple[str, float]:
+        """Log the attempt's outcome in the job's log; returns what comes next: "done",
+        "give up" (kept in given_up/ as ``kept_as``), or "retry" after the returned
+        seconds."""
+        sidecar = delivery.sidecar
+        number, total = delivery.attempts + 1, hook.retries + 1
+        what = f"hook {describe(hook)} ({sidecar.state.value})"
         if failure is None:
             self._log(sidecar.id, "INFO", f"{what}: delivered (attempt {number} of {total})")
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.claimed / name)
-            return
+            return "done", 0.0
         if number >= total:
-            # Kept with its count reset: moved back into pending/, it is tried afresh.
             self._log(sidecar.id, "ERROR", f"{what}: attempt {number} of {total} failed: "
-                      f"{failure}; giving up (kept in {self.given_up.name}/{name})")
-            self._rewrite(name, delivery.model_copy(update={"attempts": 0}), self.given_up / name)
-            return
+                      f"{failure}; giving up (kept in {self.given_up.name}/{kept_as})")
+            return "give up", 0.0
         first_s = hook.backoff if self._backoff_s is None else self._backoff_s
         delay_s = min(first_s * 2 ** (number - 1), MAX_BACKOFF_S)
         delay_s *= random.uniform(0.9, 1.1)  # a storm's retries do not all come back at once
         self._log(sidecar.id, "WARNING", f"{what}: attempt {number} of {total} failed: "
                   f"{failure}; next attempt in {delay_s:.1f} s")
-        later = delivery_name(time.time_ns() + int(delay_s * 1e9), delivery.hook, sidecar.id)
-        self._rewrite(name, delivery.model_copy(update={"attempts": number}),
-                      self.pending / later)
+        return "retry", delay_s
+
+    async def _deliver_line(self, line: Line, delivery: Delivery,
+                            client: httpx.AsyncClient) -> None:
+        """A journal line's delivery: settled once delivered, given up, or handed over to
+        pending/ for its next attempt. Cut short by a stop, it stays unsettled: read again
+        at the next start."""
+        assert self._reader is not None
+        hook = self._hook(delivery.hook)
+        if hook is None:  # removed by a reload since it was read
+            self._settle_by(line, self._hand_over, delivery)
+            return
+        failure = await self._attempt(delivery, client, hook)
+        name = delivery_name(time.time_ns(), delivery.hook, delivery.sidecar.id)
+        outcome, delay_s = self._judge(delivery, hook, failure, name)
+        if outcome == "done":
+            self._reader.settle(line)
+        elif outcome == "give up":
+            self._settle_by(line, self._write_given_up, name, delivery)
+        else:
+            self._settle_by(line, self._write_retry, delivery, delay_s)
+
+    def _settle_by(self, line: Line, write: Callable[..., None], *args: Any) -> None:
+        """Settle the line once ``write`` put its delivery on disk; if the disk refuses, the
+        line stays unsettled and its delivery is tried again after POLL_S."""
+        assert self._reader is not None
+        try:
+            write(*args)
+        except OSError as exc:
+            logger.error("hooks: cannot record a delivery of a line of {}: {}; trying it "
+                         "again in {:g} s", line.segment.path, exc, self._poll_s)
+            assert self._loop is not None
+            self._loop.call_later(self._poll_s, self._again, line, args)
+            return
+        self._reader.settle(line, handed_over=True)
+
+    def _again(self, line: Line, args: tuple) -> None:
+        delivery = next(arg for arg in args if isinstance(arg, Delivery))
+        self._lines.appendleft((line, delivery))
+        self._wake_up()
+
+    def _write_retry(self, delivery: Delivery, delay_s: float) -> None:
+        later = delivery_name(time.time_ns() + int(delay_s * 1e9), delivery.hook,
+                              delivery.sidecar.id)
+        self._write_pending(later, delivery.model_copy(update={"attempts":
+                                                               delivery.attempts + 1}))
+        self._look_at = min(self._look_at, time.monotonic() + delay_s)
+
+    def _write_given_up(self, name: str, delivery: Delivery) -> None:
+        # Kept with its count reset: moved back into pending/, it is tried afresh.
+        atomic_write(self.given_up / name, delivery.model_copy(update={"attempts": 0}).to_json(),
+                     durable=True)
+
+    async def _deliver_file(self, name: str, delivery: Delivery,
+                            client: httpx.AsyncClient) -> None:
+        """A pending file's delivery (a retry): its file removed once delivered, moved to
+        given_up/, or back to pending/ under its next due time."""
+        hook = self._hook(delivery.hook)
+        if hook is None:  # removed by a reload since it was claimed
+            self._move(name, self.pending / name)
+            return
+        try:
+            failure = await self._attempt(delivery, client, hook)
+        except asyncio.CancelledError:
+            self._move(name, self.pending / name)  # the daemon stops: someone delivers it later
+            raise
+        outcome, delay_s = self._judge(delivery, hook, failure, name)
+        if outcome == "done":
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.claimed / name)
+        elif outcome == "give up":
+            self._rewrite(name, delivery.model_copy(update={"attempts": 0}), self.given_up / name)
+        else:
+            later = delivery_name(time.time_ns() + int(delay_s * 1e9), delivery.hook,
+                                  delivery.sidecar.id)
+            self._rewrite(name, delivery.model_copy(update={"attempts": delivery.attempts + 1}),
+                          self.pending / later)
+            self._look_at = min(self._look_at, time.monotonic() + delay_s)
 
     def _rewrite(self, name: str, delivery: Delivery, dst: Path) -> None:
         """Record the attempts in the claimed file, then move it on: a crash between the two
@@ -394,6 +607,35 @@ class Hooks:
 
     def _log(self, job_id: str, level: str, message: str) -> None:
         log_job_event(self._settings.outbox, job_id, level, message)
+
+
+def journal_line(keys: list[str], sidecar: Sidecar, data: bytes | None = None) -> bytes:
+    """One journal line: the hooks to tell, and the sidecar as written (``data``, its
+    indented JSON: its line breaks are only whitespace, so taking them out keeps it the
+    same JSON, on one line)."""
+    body = _BREAKS.sub(b"", data if data is not None else sidecar.to_json())
+    return b'{"hooks":' + json.dumps(keys).encode() + b',"sidecar":' + body + b"}\n"
+
+
+def parse_line(raw: bytes) -> list[Delivery] | None:
+    """The deliveries of a journal line; None for a line that is none."""
+    try:
+        record = json.loads(raw)
+        keys, body = record["hooks"], record["sidecar"]
+        if not isinstance(keys, list) or not keys:
+            return None
+        sidecar = Sidecar.model_validate(body)
+        return [Delivery(hook=key, sidecar=sidecar) for key in dict.fromkeys(keys)]
+    except (ValueError, TypeError, KeyError, RecursionError, ValidationError):
+        return None
+
+
+def _identity(sidecar: Sidecar) -> tuple:
+    return sidecar.id, sidecar.attempt, sidecar.state, sidecar.finished_at, sidecar.node
+
+
+def _keyed(hooks: list[HookSettings]) -> list[tuple[str, HookSettings]]:
+    return [(hook_key(hook), hook) for hook in hooks]
 
 
 def _read_file(path: Path) -> bytes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from loguru import logger
@@ -25,6 +26,10 @@ class Outbox:
         self._folder = str(folder)  # sidecar paths are made as text: a Path costs more
         # Final sidecars written on several threads at once share one flush of the folder.
         self.folder_flush = FolderFlush(self._folder)
+        # Told of each final sidecar once it is in place, before the flush that puts it on
+        # disk (the hooks' journal: kinod.hooks); what it writes is flushed with it through
+        # ``folder_flush.also``.
+        self.on_final: Callable[[Sidecar, bytes], None] | None = None
 
     def ensure_folder(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -62,14 +67,17 @@ class Outbox:
         other threads (``FolderFlush``)."""
         path, data = f"{self._folder}/{sidecar.id}.json", sidecar.to_json()
         durable = sidecar.state.is_terminal
+        flush: FolderFlush | _ToldFirst = self.folder_flush
+        if durable and self.on_final is not None:
+            flush = _ToldFirst(self.on_final, sidecar, data, self.folder_flush)
         try:
-            atomic_write(path, data, durable=durable, folder_flush=self.folder_flush)
+            atomic_write(path, data, durable=durable, folder_flush=flush)
         except FileNotFoundError:
             if self.folder.is_dir():
                 raise
             logger.warning("the outbox {} is gone; making it again", self.folder)
             self.ensure_folder()
-            atomic_write(path, data, durable=durable, folder_flush=self.folder_flush)
+            atomic_write(path, data, durable=durable, folder_flush=flush)
 
     def published(self, sidecar: Sidecar, previous: Sidecar | None) -> None:
         """``publish``'s log line, for a sidecar ``write`` put on disk."""
@@ -110,3 +118,18 @@ class Outbox:
         level = "WARNING" if sidecar.state.value == "failed" else "INFO"
         log_job_event(self._folder, sidecar.id, level, f"job {sidecar.id} {was} -> "
                       f"{sidecar.state.value} (attempt {sidecar.attempt}){detail}")
+
+
+class _ToldFirst:
+    """The flush of a final sidecar's folder that first tells ``on_final`` of it: the
+    sidecar is in place by then, and what ``on_final`` writes is flushed with it."""
+
+    __slots__ = ("_data", "_flush", "_sidecar", "_tell")
+
+    def __init__(self, tell: Callable[[Sidecar, bytes], None], sidecar: Sidecar, data: bytes,
+                 flush: FolderFlush) -> None:
+        self._tell, self._sidecar, self._data, self._flush = tell, sidecar, data, flush
+
+    def flush(self) -> None:
+        self._tell(self._sidecar, self._data)
+        self._flush.flush()

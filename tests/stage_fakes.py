@@ -353,6 +353,12 @@ class FakeHooks(Fake):
     def enqueue(self, sidecar: Sidecar) -> None:
         self._record("enqueue", sidecar)
 
+    def journal(self, sidecar: Sidecar, data: bytes | None = None) -> None:
+        self._record("journal", sidecar)
+
+    def sync(self) -> None:
+        pass
+
     def take_back(self, node: str) -> int:
         self._record("take_back", node)
         return 0

@@ -29,6 +29,11 @@ class Ending:
         # Ends not yet recorded (the disk refused), and the job files not yet in done/.
         self._unrecorded: dict[str, tuple[Job, Verdict, bool]] = {}  # bool: run it again
         self._unfiled: dict[str, Path] = {}
+        # A final sidecar's hook deliveries go into the hooks' journal as it is written, and
+        # on disk in the same flush (kinod.hooks); ctx.hooks, set after this stage, is
+        # looked up at each write.
+        ctx.outbox.on_final = lambda sidecar, data: ctx.hooks.journal(sidecar, data)
+        ctx.outbox.folder_flush.also.append(lambda: ctx.hooks.sync())
 
     # --- what other stages ask ----------------------------------------------------------
 
@@ -158,8 +163,9 @@ class Ending:
         done/ for good.
 
         Hooks and counts go first: a crash in between leaves the file beside a terminal
-        sidecar, which recovery files away (queueing the hooks, which replaces a delivery
-        still waiting, and forgetting the counts) again. What the disk refuses now is
+        sidecar, which recovery files away (queueing the hooks again: at worst a hook is
+        told twice, and forgetting the counts) again. The hooks of a final sidecar this
+        daemon wrote are on disk already, journaled with it. What the disk refuses now is
         tried again in RETRY_S.
         """
         ctx = self._ctx
