@@ -247,7 +247,8 @@ class Hooks:
         if moved:
             logger.info("hooks: {} deliveries node {} had under way are queued again",
                         moved, node)
-        if node != self._settings.node:
+        if node != self._settings.node and self._started and self._settings.hooks:
+            # Only a node that delivers takes a journal over.
             adopted = adopt(self.journal_root / node, self.journal_folder,
                             self._settings.lease)
             if adopted:
