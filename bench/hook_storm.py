@@ -5,7 +5,8 @@ in one run. Does the farm slow down, does memory grow?
 
 The webhook is a local server on 127.0.0.1 that answers each POST after ``--delay``
 seconds. Figures: seconds until every job is filed under done/ (the hooks still being
-delivered), the daemon's peak RSS, and how many deliveries were made by then.
+delivered), the daemon's peak RSS, how many deliveries were made by then, and what waits
+on disk then (the bytes of the hooks' journal, the files in ``hooks/pending/``).
 """
 
 from __future__ import annotations
@@ -49,7 +50,16 @@ class SlowHook:
         self.server.server_close()
 
 
-def run(root: Path, jobs: int, hooks: list[dict]) -> tuple[float, float]:
+def on_disk(root: Path) -> tuple[int, int]:
+    """The bytes of the hooks' journal and the files in hooks/pending/."""
+    hooks = root / "inbox" / ".kinod" / "hooks"
+    journal = sum(path.stat().st_size for path in (hooks / "journal").rglob("*.jsonl"))
+    pending = sum(1 for _ in (hooks / "pending").iterdir()) if (hooks / "pending").is_dir() \
+        else 0
+    return journal, pending
+
+
+def run(root: Path, jobs: int, hooks: list[dict]) -> tuple[float, float, tuple[int, int]]:
     config = make_farm(root, workers=8, hooks=hooks)
     names = write_jobs(root / "staged", jobs)
     with Daemon(config) as daemon:
@@ -61,7 +71,7 @@ def run(root: Path, jobs: int, hooks: list[dict]) -> tuple[float, float]:
         done.close()
         if finished is None:
             raise BenchError(f"{len(done.names)} of {jobs} ended: {daemon.log_tail()}")
-        return finished - started, daemon.peak_rss_mb()
+        return finished - started, daemon.peak_rss_mb(), on_disk(root)
 
 
 def main() -> int:
@@ -82,23 +92,23 @@ def main() -> int:
                     if which == "a":
                         plain.append(run(work / f"plain{round_}", args.jobs, []))
                     else:
-                        storm.append(run(work / f"storm{round_}", args.jobs,
-                                         [{"url": hook.url}]))
-                        delivered = hook.delivered
+                        storm.append((*run(work / f"storm{round_}", args.jobs,
+                                            [{"url": hook.url}]), hook.delivered))
                         hook.delivered = 0
-            plain_s, plain_rss = min(plain)
-            storm_s, storm_rss = min(storm)
+            plain_s, plain_rss, _ = min(plain)
+            storm_s, storm_rss, (journal, pending), delivered = min(storm)
             where = machine(work)
     finally:
         hook.close()
     text = "\n".join([
         f"{args.jobs:,} jobs, 8 workers, a webhook answering after {args.delay:g} s; the "
         f"best of two rounds turn about; {where}",
-        "", "| | seconds | jobs/s | peak RSS MB | deliveries made by then |",
-        "| --- | --- | --- | --- | --- |",
-        f"| no hook | {plain_s:.1f} | {args.jobs / plain_s:.0f} | {plain_rss:.0f} | |",
+        "", "| | seconds | jobs/s | peak RSS MB | deliveries made by then | waiting on disk "
+        "then |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| no hook | {plain_s:.1f} | {args.jobs / plain_s:.0f} | {plain_rss:.0f} | | |",
         f"| slow webhook | {storm_s:.1f} | {args.jobs / storm_s:.0f} | {storm_rss:.0f} | "
-        f"{delivered:,} |",
+        f"{delivered:,} | journal {journal / 1e6:.1f} MB, {pending:,} files in pending/ |",
         "", f"Throughput with the storm: {plain_s / storm_s:.2f}x of without.", ""])
     print(text)
     if args.out:

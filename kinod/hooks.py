@@ -247,6 +247,7 @@ class Hooks:
         if moved:
             logger.info("hooks: {} deliveries node {} had under way are queued again",
                         moved, node)
+            self._look_at = 0.0  # looked at by the next fill, not the next poll
         if node != self._settings.node and self._started and self._settings.hooks:
             # Only a node that delivers takes a journal over.
             adopted = adopt(self.journal_root / node, self.journal_folder,
