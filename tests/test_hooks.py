@@ -19,7 +19,14 @@ from typing import Any
 import pytest
 
 from kinod.config import HookSettings, Settings
-from kinod.hooks import Delivery, Hooks, hook_key, journal_line, matching_hooks
+from kinod.hooks import (
+    Delivery,
+    Hooks,
+    hook_key,
+    journal_line,
+    matching_hooks,
+    parse_line,
+)
 from kinod.models import JobState, Sidecar
 from kinod.outbox import Outbox
 from tests.helpers import wait_for
@@ -502,6 +509,10 @@ def test_an_end_is_journaled_with_its_final_sidecar_and_flushed_in_the_same_flus
     assert [job for _, job in journal_lines(hooks)] == ["shot010", "other"]
     line = json.loads(segment.read_bytes().splitlines()[0])
     assert Sidecar.model_validate(line["sidecar"]) == sidecar()
+    # A line break inside a value is escaped in JSON: a line holds one end whatever it says.
+    said = sidecar("said").model_copy(update={"result": {"text": "a\nb\r\n  c\u2028"}})
+    [delivery] = parse_line(journal_line(["0123456789abcdef"], said))  # type: ignore[misc]
+    assert delivery.sidecar == said
 
 
 def test_a_torn_last_line_and_a_line_that_is_no_delivery_are_skipped(
