@@ -617,3 +617,39 @@ def test_a_dead_nodes_journal_is_taken_over_once_it_has_been_still_for_a_lease(
     # Written to within the lease: its node may only be held up; left where it is.
     assert files_in(dead) == [fresh.name]
     assert hooks.take_back("../n2") == 0
+
+
+def test_a_line_the_disk_cut_short_is_never_appended_to(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = make_settings(tmp_path, [{"url": "http://127.0.0.1:1/x"}])
+    hooks = Hooks(settings, spool_root(settings))
+    hooks.enqueue(sidecar("first"))
+    real_write = os.write
+    calls = {"n": 0}
+
+    def full_disk(fd: int, data: bytes) -> int:  # half the line goes down, then ENOSPC
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return real_write(fd, data[:len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full_disk)
+    with pytest.raises(OSError):
+        hooks.enqueue(sidecar("torn"))
+    monkeypatch.setattr(os, "write", real_write)
+    hooks.enqueue(sidecar("after"))  # the ending stage tries again: a new segment
+
+    first, second = segments(hooks)
+    assert not first.read_bytes().endswith(b"\n")  # the torn half, last in its segment
+    assert [json.loads(raw)["sidecar"]["id"] for raw in second.read_bytes().splitlines()] == [
+        "after"]
+
+
+def test_a_node_without_hooks_takes_no_journal_over(tmp_path: Path,
+                                                    started: list[Hooks]) -> None:
+    settings = make_settings(tmp_path, [])
+    dead = spool_root(settings) / "hooks" / "journal" / "n2"
+    old = write_segment(dead, f"{1:020d}", journal_line(["0123456789abcdef"], sidecar()))
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    hooks = start(started, settings)
+    assert hooks.take_back("n2") == 0 and old.exists()
