@@ -157,9 +157,10 @@ class Hooks:
         self._reader: JournalReader | None = None
         self._lines: deque[tuple[Line, Delivery]] = deque()  # read, not yet started
         self._look_at = 0.0  # monotonic time of the next look at pending/
-        # Ends whose line is on disk, by identity: the ending stage's enqueue of them
-        # writes nothing more. Bounded: one forgotten only costs a second delivery.
-        self._journaled: OrderedDict[tuple, None] = OrderedDict()
+        # Where the line of each end journaled as it was written ends, by the end's
+        # identity: the ending stage's enqueue of it writes nothing more once that is on
+        # disk. Bounded: one forgotten only costs a second delivery.
+        self._journaled: OrderedDict[tuple, tuple[str, int]] = OrderedDict()
         self._journaled_lock = threading.Lock()
 
     # --- what the daemon calls ----------------------------------------------------------
@@ -173,9 +174,9 @@ class Hooks:
         keys = self._keys_for(sidecar)
         if not keys:
             return
-        self._writer.append(journal_line(keys, sidecar, data))
+        where = self._writer.append(journal_line(keys, sidecar, data))
         with self._journaled_lock:
-            self._journaled[_identity(sidecar)] = None
+            self._journaled[_identity(sidecar)] = where
             if len(self._journaled) > MAX_REMEMBERED:
                 self._journaled.popitem(last=False)
 
@@ -195,8 +196,9 @@ class Hooks:
         if not keys:
             return
         with self._journaled_lock:
-            if self._journaled.pop(_identity(sidecar), 0) is None:
-                return  # on disk already, flushed with the sidecar
+            where = self._journaled.pop(_identity(sidecar), None)
+        if where is not None and self._writer.is_synced(*where):
+            return  # on disk already, flushed with the sidecar
         self._writer.append(journal_line(keys, sidecar))
         self._writer.sync()
 

@@ -63,9 +63,10 @@ class JournalWriter:
         self._torn = False     # a write was cut short: the next line goes to a new segment
         self._last = 0.0       # monotonic time of the last append
 
-    def append(self, line: bytes) -> None:
-        """One whole line at the end of the open segment (not yet flushed). OSError if the
-        disk refuses; then nothing of it counts, and the next line starts a new segment."""
+    def append(self, line: bytes) -> tuple[str, int]:
+        """One whole line at the end of the open segment (not yet flushed); returns the
+        segment's stem and where the line ends in it. OSError if the disk refuses; then
+        nothing of it counts, and the next line starts a new segment."""
         with self._lock:
             now = time.monotonic()
             if (self._fd < 0 or self._torn or self._size >= SEGMENT_BYTES
@@ -81,6 +82,14 @@ class JournalWriter:
                 raise
             self._size += len(line)
             self._last = now
+            assert self._stem is not None
+            return self._stem, self._size
+
+    def is_synced(self, stem: str, end: int) -> bool:
+        """Whether the line ending at ``end`` of segment ``stem`` is on disk (a segment
+        closed since is on disk whole)."""
+        with self._lock:
+            return stem != self._stem or end <= self._synced
 
     def sync(self) -> None:
         """Put every line appended so far on disk. Safe beside appends on other threads."""

@@ -507,6 +507,11 @@ def test_an_end_is_journaled_with_its_final_sidecar_and_flushed_in_the_same_flus
     # An end this daemon did not journal (one recovery files away) gets its own line.
     hooks.enqueue(sidecar("other"))
     assert [job for _, job in journal_lines(hooks)] == ["shot010", "other"]
+    # One whose flush failed is not taken for on disk: queued, it is written and flushed.
+    hooks.journal(sidecar("unflushed"))
+    hooks.enqueue(sidecar("unflushed"))
+    assert [job for _, job in journal_lines(hooks)][2:] == ["unflushed", "unflushed"]
+    assert hooks._writer.live()[1] == segment.stat().st_size
     line = json.loads(segment.read_bytes().splitlines()[0])
     assert Sidecar.model_validate(line["sidecar"]) == sidecar()
     # A line break inside a value is escaped in JSON: a line holds one end whatever it says.
