@@ -153,7 +153,7 @@ class Hooks:
         self._unknown_seen = 0
         self._keys = _keyed(settings.hooks)
         self._writer = JournalWriter(self.journal_folder, idle_s=settings.lease / 2,
-                                     on_synced=self._wake_up)
+                                     on_synced=self._line_on_disk)
         self._reader: JournalReader | None = None
         self._lines: deque[tuple[Line, Delivery]] = deque()  # read, not yet started
         self._look_at = 0.0  # monotonic time of the next look at pending/
@@ -302,6 +302,12 @@ class Hooks:
             logger.exception("hooks: the delivering thread failed; deliveries wait on disk")
         finally:
             self._loop = None
+
+    def _line_on_disk(self) -> None:
+        # With every slot taken, the delivery that ends first wakes the thread anyway: a
+        # storm's flushes need not wake it each time.
+        if len(self._tasks) < self.max_in_flight:
+            self._wake_up()
 
     def _wake_up(self) -> None:
         loop, wake = self._loop, self._wake
