@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ from kinod.plugins.plugin_loader import LoadedPlugin
 from kinod.runner import SupervisedRun
 
 
-@dataclass(slots=True)
 class Job:
     """An accepted job that has not ended: queued, waiting for ``not_before``, or running.
 
@@ -28,16 +26,17 @@ class Job:
     data, and its sidecar, are made again from its file when it is claimed. Kept whole,
     they would cost a backlog of 100,000 jobs 200 MB more, and its bytes up to
     ``max_job_bytes`` each on every node.
+
+    What only a run needs lives in the instance's ``__dict__``, made when the first of it is
+    set: a waiting job reads the defaults below from the class, and costs a backlog of
+    100,000 jobs 10 MB less than a slot for each would.
     """
 
-    id: str
-    folder: Path  # where its file is now (queued/ or running/<node>/): one object for all
-    suffix: str  # its file's name is id + suffix; one object for all of a kind
-    spec: JobSpec | None
-    plugin: LoadedPlugin
-    data: dict[str, Any] | None
-    sidecar: Sidecar | None
-    submitted_ns: int
+    __slots__ = ("id", "folder", "suffix", "spec", "plugin", "data", "sidecar",
+                 "submitted_ns", "file_identity", "priority", "after", "not_before",
+                 "__dict__")
+
+    # What a run sets (see the class docstring): read from here until set on the instance.
     run: SupervisedRun | None = None
     task: asyncio.Task | None = None
     progress: tuple[float, str | None] | None = None  # latest report, not yet written
@@ -46,12 +45,6 @@ class Job:
     last_write_s: float = 0.0
     stop_requested: bool = False
     fenced: bool = False  # another node took it over: its end here is never recorded
-    file_identity: int | None = None  # of the file read: a claim skips rereading
-    # Kept while it waits light: a claim the disk refused queues it again, and what it
-    # waits for before it is queued at all.
-    priority: int = 0
-    after: list[str] | None = None
-    not_before: datetime | None = None
     ending: bool = False  # its run is over: no progress write may follow
     final: Sidecar | None = None  # its final sidecar, written by the run's settling
     settled: Verdict | None = None  # its end, settled on its plugin's thread
@@ -59,6 +52,24 @@ class Job:
     # end while the loop writes progress. Made when it starts: a waiting job needs none.
     end_lock: threading.Lock | None = None
     holds_slot: bool = False  # counted against ``workers`` (see Scheduler.free_slot)
+
+    def __init__(self, id: str, folder: Path, suffix: str, spec: JobSpec | None,  # noqa: A002
+                 plugin: LoadedPlugin, data: dict[str, Any] | None, sidecar: Sidecar | None,
+                 submitted_ns: int) -> None:
+        self.id = id
+        self.folder = folder  # where its file is now (queued/ or running/<node>/): shared
+        self.suffix = suffix  # its file's name is id + suffix; one object for all of a kind
+        self.spec, self.plugin, self.data, self.sidecar = spec, plugin, data, sidecar
+        self.submitted_ns = submitted_ns
+        self.file_identity: int | None = None  # of the file read: a claim skips rereading
+        # Kept while it waits light: a claim the disk refused queues it again, and what it
+        # waits for before it is queued at all.
+        self.priority = 0
+        self.after: list[str] | None = None
+        self.not_before: datetime | None = None
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r}, {str(self.path)!r})"
 
     def wait_light(self) -> None:
         """Keep only what a claim needs to make the rest again from the job's file."""
