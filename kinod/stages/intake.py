@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import os
 import stat
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,10 @@ INCOMPLETE_GRACE = 3
 class Intake:
     def __init__(self, ctx: Context) -> None:
         self._ctx = ctx
-        # Inbox paths to look at -> arrived by rename. Text, not Paths.
-        self._pending: dict[str, bool] = {}
+        # Inbox paths to look at -> arrived by rename. Text, not Paths. Ordered, to take
+        # from the front in O(1): a plain dict walks past every entry deleted before, and
+        # 100,000 files dropped at once made that the dearest line of the daemon.
+        self._pending: OrderedDict[str, bool] = OrderedDict()
         # The listing of the inbox under way (scan): read a batch at a time, so a start-up
         # on 100,000 files never holds all their names at once.
         self._listing: Iterator[os.DirEntry[str]] | None = None
@@ -90,12 +93,11 @@ class Intake:
         clock = self._ctx.clock
         if self._listing is not None and len(self._pending) < INTAKE_BATCH:
             self._read_listing(INTAKE_BATCH - len(self._pending))
-        batch = list(itertools.islice(self._pending.items(), INTAKE_BATCH))
         started = clock()
-        for path, renamed in batch:
+        for _ in range(min(INTAKE_BATCH, len(self._pending))):
             if clock() - started > TURN_BUDGET_S:
                 break  # the rest next turn: heartbeats, progress and stops go first
-            del self._pending[path]
+            path, renamed = self._pending.popitem(last=False)
             try:
                 self._look_at(Path(path), renamed)
             except OSError as exc:  # a full or read-only disk: the file stays where it is
