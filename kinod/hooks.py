@@ -45,9 +45,8 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import httpx
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -57,6 +56,9 @@ from kinod.hooks_delivery import attempt, describe
 from kinod.hooks_journal import JournalReader, JournalWriter, Line, adopt
 from kinod.logs import log_job_event
 from kinod.models import Sidecar, is_valid_job_id
+
+if TYPE_CHECKING:
+    import httpx
 
 HOOK_SCHEMA = "kinod.hook/1"
 MAX_IN_FLIGHT = 16      # deliveries held at once; every other one waits on disk
@@ -323,6 +325,8 @@ class Hooks:
         self._relist = True
         self._look_at = 0.0
         ready.set()
+        import httpx  # here: a daemon with no webhook never loads it (about 6 MB)
+
         limits = httpx.Limits(max_connections=self.max_in_flight)
         try:
             async with httpx.AsyncClient(limits=limits, follow_redirects=False) as client:

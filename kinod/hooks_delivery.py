@@ -12,11 +12,14 @@ import contextlib
 import os
 import signal
 from pathlib import Path
-
-import httpx
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from kinod.config import HookSettings
 from kinod.models import Sidecar
+
+if TYPE_CHECKING:
+    import httpx
 
 STDERR_TAIL_BYTES = 2000  # what of a failing command's stderr goes into the job's log
 # After a command exits, how long its stderr may stay open (held by a child it left behind).
@@ -28,9 +31,9 @@ def describe(hook: HookSettings) -> str:
     command's arguments may hold a token, and anyone who submits jobs reads the job's log."""
     if hook.run is not None:
         return f"command {os.path.basename(hook.run[0]) or hook.run[0]}"
-    url = httpx.URL(hook.url or "")
+    url = urlsplit(hook.url or "")
     port = f":{url.port}" if url.port else ""
-    return f"webhook {url.scheme}://{url.host}{port}{url.path}"
+    return f"webhook {url.scheme}://{url.hostname or ''}{port}{url.path or '/'}"
 
 
 async def attempt(hook: HookSettings, sidecar: Sidecar, sidecar_path: Path,
@@ -112,6 +115,8 @@ async def post_webhook(client: httpx.AsyncClient, url: str, timeout_s: float,
                        body: bytes) -> str | None:
     """POST the sidecar; any 2xx is delivered. Redirects are not followed, and the answer's
     body is never read: a webhook that says a lot costs nothing."""
+    import httpx  # loaded by the client already; here, so that kinod loads it only for one
+
     try:
         async with asyncio.timeout(timeout_s):
             async with client.stream(

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
 EXR_MAGIC = b"\x76\x2f\x31\x01"
 
 
@@ -22,6 +20,8 @@ def check_frame(path: Path) -> str | None:
         return f"cannot be read: {exc.strerror or exc}"
     if size == 0:
         return "is empty"
+    from PIL import Image, UnidentifiedImageError  # here: a daemon that renders none never loads it
+
     try:
         if path.suffix.lower() == ".exr":
             with open(path, "rb") as file:
