@@ -7,6 +7,9 @@ Two cautions. A change made within the file system's clock tick just after a lis
 leaves the mtime as it was: a listing counts as up to date only if it began TICK_S after
 the mtime it saw first appeared. And a client may cache a folder's attributes for a
 while (NFS's acdirmax): a full listing every ``safety_s`` whatever the mtime says.
+A gate asked many times a second (a lookup for every file dropped) may be given
+``min_interval_s``: while the mtime stays as it was, a listing within the tick is not
+repeated sooner than that; only a change made in the very tick of a listing waits for it.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ TICK_S = 2.0  # coarser than any file system's mtime (FAT's is 2 s)
 
 
 class ListingGate:
-    def __init__(self, folder: Path, clock: Callable[[], float], safety_s: float) -> None:
+    def __init__(self, folder: Path, clock: Callable[[], float], safety_s: float,
+                 min_interval_s: float = 0.0) -> None:
         self.folder = folder
+        self.min_interval_s = min_interval_s
         self._clock = clock
         self.safety_s = safety_s
         self._version: tuple[int, int] | None = None
@@ -38,8 +43,10 @@ class ListingGate:
             version = None  # gone or unreadable: the listing says what is wrong
         if version != self._version or version is None:
             self._version, self._first_seen = version, now
-        elif (self._listed_at is not None and self._listed_at - self._first_seen >= TICK_S
-              and now - self._listed_at < self.safety_s):
+        elif self._listed_at is not None and (
+                now - self._listed_at < self.min_interval_s
+                or (self._listed_at - self._first_seen >= TICK_S
+                    and now - self._listed_at < self.safety_s)):
             return False
         self._listed_at = now
         return True

@@ -36,6 +36,9 @@ from kinod.intake import JOB_SUFFIXES
 from kinod.listing_gate import ListingGate
 
 RUNNING_SAFETY_S = 5.0
+# running/ is looked up for every file dropped, on every node: listed at most this often
+# while its mtime stays as it was (kinod.listing_gate).
+RUNNING_MIN_INTERVAL_S = 0.5
 
 
 class Spool:
@@ -56,7 +59,8 @@ class Spool:
             str, (self.running_root, self.queued, self.held, self.counts))
         # A node's folder made since the last listing shows within RUNNING_SAFETY_S even
         # where a client caches the folder's attributes (NFS).
-        self._running_gate = ListingGate(self.running_root, time.monotonic, RUNNING_SAFETY_S)
+        self._running_gate = ListingGate(self.running_root, time.monotonic, RUNNING_SAFETY_S,
+                                         RUNNING_MIN_INTERVAL_S)
         # Ids whose done/<id>/ prepare_done made, empty, for finish to rename into.
         self._done_made: set[str] = set()
         self._running_cache: list[str] | None = None

@@ -49,3 +49,16 @@ def test_a_folder_that_cannot_be_looked_at_is_always_listed(tmp_path: Path) -> N
     for _ in range(3):
         assert gate.should_list()
         clock.now += TICK_S + 1
+
+
+def test_min_interval_spaces_the_listings_of_an_unchanged_folder_within_the_tick(
+        tmp_path: Path) -> None:
+    clock = Clock()
+    gate = ListingGate(tmp_path, clock, safety_s=30, min_interval_s=0.5)
+    assert gate.should_list()
+    clock.now += 0.1
+    assert not gate.should_list()  # not trusted yet, but listed a moment ago
+    clock.now += 0.5
+    assert gate.should_list()
+    (tmp_path / "new").mkdir()
+    assert gate.should_list()  # a change is listed at once, however soon
