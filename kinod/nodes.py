@@ -91,6 +91,12 @@ class NodeBoard:
         lease = heartbeat.lease if heartbeat is not None else self.lease
         return now - since >= max(lease, self.lease)
 
+    def takes_jobs(self, node: str) -> bool:
+        """``node``'s heartbeat moves and says it neither stopped nor is paused."""
+        heartbeat = read_heartbeat(self.path(node))
+        return (heartbeat is not None and not heartbeat.stopped and not heartbeat.paused
+                and not self.expired(node))
+
     def alive(self) -> dict[str, Heartbeat]:
         """The other nodes whose heartbeat still moves, and this one."""
         found = {}

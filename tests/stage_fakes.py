@@ -130,6 +130,9 @@ class FakeScheduler(Fake):
     def __contains__(self, job_id: str) -> bool:
         return job_id in self.held
 
+    def __len__(self) -> int:
+        return len(self.held)
+
     def jobs(self) -> Iterator[Job]:
         return iter(list(self.held.values()))
 
@@ -265,13 +268,17 @@ class FakeEnding(Fake):
 
 class FakeFleet(Fake):
     """``alone``: jobs wait here; ``elsewhere``: plugins another node serves; ``taken``: ids
-    another node took over."""
+    another node took over; ``others``: ids in another node's share of the queue."""
 
     def __init__(self) -> None:
         super().__init__()
         self.alone = False
         self.elsewhere: set[str] = set()
         self.taken: set[str] = set()
+        self.others: set[str] = set()
+
+    def owns(self, job_id: str) -> bool:
+        return job_id not in self.others
 
     def served_elsewhere(self, plugin: object) -> bool:
         return plugin in self.elsewhere
@@ -288,6 +295,9 @@ class FakeFleet(Fake):
 
 
 class FakeRecovery(Fake):
+    def keeps(self, path: Path, job_id: str) -> bool:
+        return True
+
     def pass_over(self, path: Path, mtime: int | None) -> None:
         self._record("pass_over", path, mtime)
 

@@ -1,11 +1,22 @@
 """The fleet: this node among the others on one inbox. It writes this node's heartbeat,
 knows whether the node serves the inbox alone (then jobs wait in its own running/),
 fences runs another node took over, and takes back the jobs of nodes whose lease ran
-out."""
+out.
+
+Polling nodes also share the work out between them, so that what each poll costs the
+file server does not grow with the number of nodes: each queued job has one owner among
+the nodes taking jobs (a hash of its id: ``owns``), which claims it first, and the nodes
+take turns at listing the inbox (``inbox_turn``), so the fleet lists it about once a
+``poll_interval_s`` however many nodes there are. Neither is needed for correctness: a
+claim is still a rename, so two nodes that disagree about an owner (one started a moment
+ago) race as before, and a job whose owner does not claim it is taken by another node
+(kinod.stages.recovery).
+"""
 
 from __future__ import annotations
 
 import os
+import zlib
 
 from loguru import logger
 
@@ -26,6 +37,14 @@ class Fleet:
         self._alone = False
         self._waiting_here = False
         self.own_lock = f"{ctx.node}.lock"
+        # The nodes taking jobs (live, neither stopped nor paused), this one always among
+        # them, in name order: every node sees the same list, give or take a heartbeat.
+        self._owners = [ctx.node]
+        # What a poll looks at (see poll_plan): when this node last listed the inbox; when
+        # it may next list queued/ for work, and how long it waits after a listing that
+        # found none; when it last looked for orphans in its running/.
+        self._inbox_at = self._orphans_at = ctx.clock()
+        self._queued_next, self._queued_wait = self._inbox_at, 0.0
 
     def set_lease(self, lease: float) -> None:
         self._board.lease = lease
@@ -36,6 +55,7 @@ class Fleet:
             if self.taken_over(job):
                 self.fence(job)
         self._take_over_expired()
+        self._find_owners()
         self._alone = self._no_other_node()
         if self._waiting_here and not self._alone:
             self.release_waiting()
@@ -43,6 +63,7 @@ class Fleet:
     def start(self) -> None:
         """The first beat, and whether this node starts alone."""
         self.beat()
+        self._find_owners()
         self._alone = self._no_other_node()
 
     def stop(self) -> None:
@@ -117,6 +138,69 @@ class Fleet:
             return False
         return any(plugin in heartbeat.serves
                    for node, heartbeat in self._board.alive().items() if node != ctx.node)
+
+    # --- sharing the work out (polling) ------------------------------------------------
+
+    def _find_owners(self) -> None:
+        """Which nodes take jobs: those with a running/ folder whose heartbeat moves and
+        says neither stopped nor paused. A heartbeat a node has not seen move yet counts
+        as moving (kinod.nodes), so a node that died before this one started is an owner
+        until its lease runs out: its share is taken by others meanwhile."""
+        if not self._polling:
+            return
+        node = self._ctx.node
+        self._owners = sorted({node, *(other for other in self._ctx.spool.other_nodes()
+                                       if self._board.takes_jobs(other))})
+
+    def nodes_sharing(self) -> int:
+        """How many nodes share the work out (1: this one alone, or not polling)."""
+        return len(self._owners)
+
+    def owns(self, job_id: str) -> bool:
+        """This node claims the queued job first. Always true unless polling beside others."""
+        owners = self._owners
+        if len(owners) < 2:
+            return True
+        return owners[zlib.crc32(job_id.encode()) % len(owners)] == self._ctx.node
+
+    def inbox_turn(self, slot: int) -> bool:
+        """Whether this node lists the inbox in poll number ``slot`` (the wall clock over
+        ``poll_interval_s``): the nodes take turns, in name order. Clocks that disagree
+        only make turns overlap or leave gaps; the daemon lists anyway once it has gone
+        a whole round without."""
+        owners = self._owners
+        return len(owners) < 2 or slot % len(owners) == owners.index(self._ctx.node)
+
+    def poll_plan(self) -> tuple[bool, bool, bool]:
+        """What this poll lists, when nothing else changed: (the inbox, queued/, this node's
+        running/). The inbox on this node's turn, or when it has gone a whole round of
+        turns without. queued/ on that turn too, and whenever this node wants work (fewer
+        jobs waiting here than workers), but after a listing that found none, not again
+        for twice as long, up to a round of turns. Its running/ (files a fault left there)
+        once a ``rescan_interval_s``. Beside other nodes, the fleet so lists the inbox
+        about once a poll, and idle nodes queued/ about once a poll between them."""
+        ctx = self._ctx
+        poll_s, now = ctx.settings.poll_interval_s, ctx.clock()
+        round_s = poll_s * len(self._owners)
+        inbox = (self.inbox_turn(int(ctx.wall_clock() // poll_s))
+                 or now - self._inbox_at >= round_s + poll_s / 2)
+        if inbox:
+            self._inbox_at = now
+        wants_work = ctx.scheduler.queued() < ctx.settings.workers
+        queued = inbox or (wants_work and now >= self._queued_next)
+        orphans = now - self._orphans_at >= ctx.settings.rescan_interval_s
+        if orphans:
+            self._orphans_at = now
+        return inbox, queued, orphans
+
+    def listed_queued(self, found: int) -> None:
+        """queued/ was listed and ``found`` jobs kept: none makes the next look wait
+        longer (twice, up to a round of turns); any, and it looks again at the next poll."""
+        ctx = self._ctx
+        poll_s = ctx.settings.poll_interval_s
+        self._queued_wait = 0.0 if found else min(max(poll_s, self._queued_wait * 2),
+                                                  poll_s * len(self._owners))
+        self._queued_next = ctx.clock() + self._queued_wait - poll_s / 2
 
     # --- other nodes' jobs --------------------------------------------------------------
 

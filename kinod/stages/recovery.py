@@ -17,6 +17,9 @@ from kinod.models import JobState
 from kinod.stages.context import RETRY_S, Context
 from kinod.stages.job import file_identity, first_sidecar, mtime_ns, queued_again, unlink
 
+# Another node's queued job is taken once this node has seen it wait this many polls.
+STEAL_AFTER_POLLS = 2
+
 
 class Recovery:
     def __init__(self, ctx: Context) -> None:
@@ -24,6 +27,9 @@ class Recovery:
         # Queued files this node passed over (not for it): their mtime, to look again
         # only once one changes.
         self._passed_over: dict[Path, int | None] = {}
+        # Queued names in another node's share (polling beside others), and when this node
+        # first saw each (its own clock): taken over once old (steal), in that order.
+        self._others: dict[str, float] = {}
 
     def recover(self) -> None:
         """Pick up where the last daemon on this node left off, and take in what is queued."""
@@ -114,24 +120,60 @@ class Recovery:
 
     # --- queued jobs --------------------------------------------------------------------
 
-    def adopt_queued(self) -> None:
+    def adopt_queued(self) -> int:
         """Keep every queued job no job here stands for: taken in by another node, or by
-        this one before a disk fault or a restart."""
+        this one before a disk fault or a restart. Polling beside other nodes, only this
+        node's share of them (kinod.stages.fleet); the others' are noted for ``steal``.
+        Returns how many jobs it kept."""
         ctx = self._ctx
         names, folder = ctx.spool.queued_names(), ctx.spool.queued
         self._passed_over = {p: m for p, m in self._passed_over.items() if p.name in names}
+        self._others = {n: seen for n, seen in self._others.items() if n in names}
         for job in ctx.scheduler.jobs():  # queued here, claimed by another node since
             if job.folder != folder or job.name in names:
                 continue
             if not os.path.lexists(job.path):
                 ctx.ending.claimed_elsewhere(job)
+        kept, now = len(ctx.scheduler), ctx.clock()
         for name in sorted(names):
             job_id = InboxName.of(name).job_id
             if job_id in ctx.scheduler:
                 continue
+            if not ctx.fleet.owns(job_id):
+                self._others.setdefault(name, now)
+                continue
             path = folder / name
             if self._passed_over.get(path, 0) != mtime_ns(path):
                 self.guarded(self.adopt, path, job_id)
+        return max(0, len(ctx.scheduler) - kept)
+
+    def keeps(self, path: Path, job_id: str) -> bool:
+        """Whether this node keeps a job it just queued itself: it is this node's share.
+        Another node's is noted, for ``steal`` should its owner not claim it."""
+        if self._ctx.fleet.owns(job_id):
+            return True
+        self._others.setdefault(path.name, self._ctx.clock())
+        return False
+
+    def steal(self, wanted: int) -> int:
+        """Keep up to ``wanted`` queued jobs of other nodes' shares that have waited there
+        ``steal_after_s`` since this node first saw them, oldest first: their owner is
+        busy, paused or dead. Returns how many it kept."""
+        ctx = self._ctx
+        if wanted <= 0 or not self._others:
+            return 0
+        kept, folder = len(ctx.scheduler), ctx.spool.queued
+        old = ctx.clock() - ctx.settings.poll_interval_s * STEAL_AFTER_POLLS
+        for name, seen in list(self._others.items()):
+            if seen > old or len(ctx.scheduler) - kept >= wanted:
+                break
+            del self._others[name]
+            job_id = InboxName.of(name).job_id
+            path = folder / name
+            if job_id in ctx.scheduler or self._passed_over.get(path, 0) == mtime_ns(path):
+                continue  # kept already, or passed over and unchanged since
+            self.guarded(self.adopt, path, job_id)
+        return len(ctx.scheduler) - kept
 
     def on_queued(self, path: Path, job_id: str) -> None:
         """Another node took a job in: keep it here too, to claim when a worker is free."""
@@ -164,6 +206,7 @@ class Recovery:
     def forget_passed_over(self) -> None:
         """After a reload: this node may serve those plugins now."""
         self._passed_over.clear()
+        self._others.clear()
 
 
 def _runs_in(folder: Path, suffix: str) -> int:
