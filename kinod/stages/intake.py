@@ -329,8 +329,9 @@ class Intake:
         except FileExistsError:  # the same id was queued on another node a moment ago
             self._set_aside_duplicate(held, job_id)
             return
-        if read.error is None:
+        if read.error is None and ctx.recovery.keeps(queued, job_id):
             # Our own rename put it there, and none can replace it: it is the file read.
+            # (Another node's share, polling beside others: its owner claims it first.)
             self.admit(queued, job_id, read, sidecar, file_identity(queued))
 
     def admit(self, queued: Path, job_id: str, read: ReadJob, sidecar: Sidecar,
