@@ -324,13 +324,19 @@ class Daemon:
 
         ``gated`` (a poll): a folder whose mtime says nothing changed since it was last
         listed is not listed again (kinod.listing_gate), so that many nodes polling one
-        share cost its server a stat each, not a listing each, while nothing happens."""
+        share cost its server a stat each, not a listing each, while nothing happens. And
+        beside other nodes a poll lists only what the fleet's plan gives it (the inbox on
+        this node's turn, queued/ when it wants work: Fleet.poll_plan), so that a burst
+        does not cost a listing per node either; the stop files of the jobs running here
+        are looked for by name meanwhile."""
         if not self._inbox_is_served():
             return
+        ctx = self.ctx
         inbox, queued, running = self._gates
+        plan = ctx.fleet.poll_plan() if gated else (True, True, True)
         try:
-            if not gated or inbox.should_list():
-                self.ctx.intake.scan()
+            if not gated or (plan[0] and inbox.should_list()):
+                ctx.intake.scan()
         except OSError as exc:
             # Deleted between the look above and the listing: the look again says so now.
             if self._inbox_is_served():
@@ -338,11 +344,18 @@ class Daemon:
                              self.settings.inbox, exc, RETRY_S)
                 self._retry_soon()
             return
-        self.ctx.holds.look_at_pause()
-        if not gated or queued.should_list():
-            self.ctx.recovery.adopt_queued()
-        if not gated or running.should_list():
-            self.ctx.recovery.recover_orphans()
+        ctx.holds.look_at_pause()
+        if not plan[0]:
+            for job in ctx.running.jobs():
+                if not job.stop_requested and os.path.lexists(stop := ctx.stop_file(job.id)):
+                    ctx.stops.on_stop_file(Path(stop), job.id)
+        if not gated or (plan[1] and queued.should_list()):
+            found = ctx.recovery.adopt_queued()
+            if gated:
+                ctx.fleet.listed_queued(found)
+        ctx.recovery.steal(self.settings.workers - len(ctx.running) - ctx.scheduler.queued())
+        if not gated or (plan[2] and running.should_list()):
+            ctx.recovery.recover_orphans()
         self._wake.set()
 
     def _inbox_is_served(self) -> bool:
