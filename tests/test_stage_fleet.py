@@ -159,3 +159,69 @@ def test_served_elsewhere_only_for_a_plugin_this_node_lacks_and_a_live_node_serv
     assert fleet.served_elsewhere("gpu")
     assert not fleet.served_elsewhere("scripted")  # loaded here: this node takes it in
     assert not fleet.served_elsewhere("nobody") and not fleet.served_elsewhere(None)
+
+
+def beating_other(rig: Rig, **flags: bool) -> NodeBoard:
+    board = other_node(rig, **{k: v for k, v in flags.items() if k == "stopped"})
+    if flags.get("paused"):
+        board.beat(["scripted"], 1, 0, 0, paused=True)
+    (rig.spool.running_root / OTHER_NODE).mkdir(exist_ok=True)
+    return board
+
+
+@pytest.mark.parametrize(("case", "shared"), [
+    ("polling beside a live node", True), ("not polling", False), ("alone", False),
+    ("the other stopped", False), ("the other paused", False)])
+def test_polling_nodes_share_the_queue_by_job_id(tmp_path: Path, case: str,
+                                                  shared: bool) -> None:
+    rig, fleet = fleet_rig(tmp_path, polling=case != "not polling")
+    if case != "alone":
+        beating_other(rig, stopped=case == "the other stopped",
+                      paused=case == "the other paused")
+    fleet.start()
+    ids = [f"j{i}" for i in range(100)]
+    owned = [job_id for job_id in ids if fleet.owns(job_id)]
+    if shared:
+        assert fleet.nodes_sharing() == 2 and 20 < len(owned) < 80
+        assert fleet.inbox_turn(0) != fleet.inbox_turn(1)  # turns, one poll each
+    else:
+        assert fleet.nodes_sharing() == 1 and owned == ids
+        assert fleet.inbox_turn(0) and fleet.inbox_turn(1)
+
+
+def test_a_node_whose_lease_ran_out_no_longer_owns_a_share(tmp_path: Path) -> None:
+    rig, fleet = fleet_rig(tmp_path, polling=True, lease=10)
+    beating_other(rig)
+    fleet.start()
+    assert fleet.nodes_sharing() == 2
+    rig.clock.now += 10  # its heartbeat stood still for a whole lease
+    asyncio.run(fleet.heartbeat())
+    assert fleet.nodes_sharing() == 1 and all(fleet.owns(f"j{i}") for i in range(20))
+
+
+def test_a_poll_lists_the_inbox_on_its_turn_and_queued_when_it_wants_work(
+        tmp_path: Path) -> None:
+    rig, fleet = fleet_rig(tmp_path, polling=True, poll_interval_s=1, workers=2,
+                           rescan_interval_s=30)
+    beating_other(rig)
+    fleet.start()
+    turn = 0 if fleet.inbox_turn(0) else 1  # its turns: turn, turn + 2, ...
+
+    def poll(slot: int) -> tuple[bool, bool, bool]:
+        rig.clock.now += 1
+        rig.wall.now = slot + 0.5
+        return fleet.poll_plan()
+
+    rig.clock.now -= 1
+    assert poll(turn) == (True, True, False)  # its turn: the inbox and queued/
+    fleet.listed_queued(0)
+    assert poll(turn + 1) == (False, True, False)  # not its turn, but it wants work
+    fleet.listed_queued(0)  # and found none again: the next look waits two polls
+    assert poll(turn + 3) == (False, False, False)
+    # Its turn went by unseen (the clocks disagree): a round and more without, it lists.
+    assert poll(turn + 5) == (True, True, False)
+    rig.scheduler.waiting = 2  # as many jobs wait here as it has workers
+    fleet.listed_queued(3)
+    assert poll(turn + 7) == (False, False, False)  # queued/ only on its turn now
+    rig.clock.now += 30
+    assert poll(turn + 9)[2]  # its running/ once a rescan_interval_s

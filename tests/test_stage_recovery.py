@@ -191,3 +191,46 @@ def test_guarded_keeps_one_file_from_stopping_recovery(tmp_path: Path, fault: Ex
 
     recovery.guarded(action, rig.spool.running / "x.json")
     assert rig.retry_soon.count == retries
+
+
+def admitting(rig: Rig) -> None:
+    """The fake intake's admit keeps the job here, as the real one does."""
+    record = rig.intake.admit
+
+    def admit(queued: Path, job_id: str, *args: object) -> None:
+        record(queued, job_id, *args)
+        rig.scheduler.held[job_id] = job_of(rig.ctx, queued)
+
+    rig.intake.admit = admit
+
+
+def test_another_nodes_share_is_taken_only_once_it_waited_two_polls_oldest_first(
+        tmp_path: Path) -> None:
+    rig, recovery = recovery_rig(tmp_path, poll_interval_s=1)
+    admitting(rig)
+    rig.fleet.others = {"t1", "t2", "t3"}
+    for job_id in ("t1", "mine", "t2"):
+        write_job(rig.spool.queued, job_id)
+    assert recovery.adopt_queued() == 1  # its own share only
+    assert [args[1] for args in rig.intake.called("admit")] == ["mine"]
+    rig.clock.now += 1
+    write_job(rig.spool.queued, "t3")
+    assert recovery.adopt_queued() == 0
+    assert recovery.steal(5) == 0  # none has waited two polls yet
+    rig.clock.now += 1
+    assert recovery.steal(5) == 2  # t3 was first seen a poll later
+    assert [args[1] for args in rig.intake.called("admit")] == ["mine", "t1", "t2"]
+    rig.clock.now += 1
+    assert recovery.steal(0) == 0  # this node wants no work
+    assert recovery.steal(1) == 1
+
+
+def test_a_job_this_node_queued_itself_is_kept_only_if_it_is_its_share(tmp_path: Path) -> None:
+    rig, recovery = recovery_rig(tmp_path, poll_interval_s=1)
+    admitting(rig)
+    rig.fleet.others = {"theirs"}
+    assert recovery.keeps(write_job(rig.spool.queued, "ours"), "ours")
+    assert not recovery.keeps(write_job(rig.spool.queued, "theirs"), "theirs")
+    rig.clock.now += 2  # its owner never claimed it
+    assert recovery.steal(1) == 1
+    assert [args[1] for args in rig.intake.called("admit")] == ["theirs"]
