@@ -21,6 +21,7 @@ import zlib
 from loguru import logger
 
 from kinod.intake import InboxName
+from kinod.listing_gate import ListingGate
 from kinod.nodes import NodeBoard
 from kinod.stages.context import Context
 from kinod.stages.job import Job, file_identity
@@ -40,6 +41,9 @@ class Fleet:
         # The nodes taking jobs (live, neither stopped nor paused), this one always among
         # them, in name order: every node sees the same list, give or take a heartbeat.
         self._owners = [ctx.node]
+        # A node starting makes its running/ folder (and lock file): seen by a stat at the
+        # next poll, not a heartbeat later.
+        self._nodes_gate = ListingGate(ctx.spool.running_root, ctx.clock, ctx.settings.lease)
         # What a poll looks at (see poll_plan): when this node last listed the inbox; when
         # it may next list queued/ for work, and how long it waits after a listing that
         # found none; when it last looked for orphans in its running/.
@@ -180,6 +184,8 @@ class Fleet:
         once a ``rescan_interval_s``. Beside other nodes, the fleet so lists the inbox
         about once a poll, and idle nodes queued/ about once a poll between them."""
         ctx = self._ctx
+        if self._nodes_gate.should_list():
+            self._find_owners()
         poll_s, now = ctx.settings.poll_interval_s, ctx.clock()
         round_s = poll_s * len(self._owners)
         inbox = (self.inbox_turn(int(ctx.wall_clock() // poll_s))
