@@ -207,6 +207,9 @@ class Intake:
                                                  "ends; taken in once that is filed away",
                                                  path, job_id)
                 return
+            if not os.path.lexists(path):
+                self._end_listing()  # another node took it in: the rest is left to it too
+                return
             if not self._being_moved(path, job_id):
                 self._set_aside_duplicate(path, job_id)
             return
@@ -228,7 +231,10 @@ class Intake:
         try:
             held = ctx.spool.accept(path)
         except FileNotFoundError:
-            return  # taken away meanwhile, by a writer or another node
+            # Taken away meanwhile, by a writer or by another node going through the same
+            # names: the rest of this listing is left to it (the next one sees what is not).
+            self._end_listing()
+            return
         # Only now, holding the file: a node that lost the race for it must never move the
         # sidecar of the run that won, which may have ended already. A crash before this
         # leaves the file beside the last run's terminal sidecar: recovery tells that from
