@@ -353,7 +353,8 @@ class Daemon:
             found = ctx.recovery.adopt_queued()
             if gated:
                 ctx.fleet.listed_queued(found)
-        ctx.recovery.steal(self.settings.workers - len(ctx.running) - ctx.scheduler.queued())
+        if not ctx.holds.paused:
+            ctx.recovery.steal(self.settings.workers - len(ctx.running) - ctx.scheduler.queued())
         if not gated or (plan[2] and running.should_list()):
             ctx.recovery.recover_orphans()
         self._wake.set()
