@@ -98,6 +98,10 @@ def test_queue_ahead_caps_the_prompts_waiting_on_each_server_and_the_rest_wait_i
                  what=f"{queue_ahead} prompt(s) waiting on each server")
         wait_for(lambda: sum(said(job, WAITING_FOR_A_SERVER) for job in jobs) == 3, DEADLINE_S,
                  what="three jobs waiting in kinod")
+        # A server counts a prompt when it is posted; its job says so a moment later. The
+        # jobs are told apart below by what they said.
+        wait_for(lambda: sum(said(job, "queued on") for job in jobs) == 2 * queue_ahead,
+                 DEADLINE_S, what="every job with a prompt on a server to say where")
         assert len(a.prompts) == len(b.prompts) == queue_ahead  # no more came meanwhile
         a.release()  # a runs its prompts: the jobs in line go there, b stays as it was
         on_b = [job for job in jobs if said(job, f"queued on {b.url}")]
