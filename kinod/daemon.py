@@ -346,9 +346,7 @@ class Daemon:
             return
         ctx.holds.look_at_pause()
         if not plan[0]:
-            for job in ctx.running.jobs():
-                if not job.stop_requested and os.path.lexists(stop := ctx.stop_file(job.id)):
-                    ctx.stops.on_stop_file(Path(stop), job.id)
+            ctx.stops.look_for_running()
         if not gated or (plan[1] and queued.should_list()):
             found = ctx.recovery.adopt_queued()
             if gated:

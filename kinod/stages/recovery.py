@@ -157,8 +157,8 @@ class Recovery:
 
     def steal(self, wanted: int) -> int:
         """Keep up to ``wanted`` queued jobs of other nodes' shares that have waited there
-        ``steal_after_s`` since this node first saw them, oldest first: their owner is
-        busy, paused or dead. Returns how many it kept."""
+        STEAL_AFTER_POLLS polls since this node first saw them, oldest first: their owner
+        is busy, paused or dead. Returns how many it kept."""
         ctx = self._ctx
         if wanted <= 0 or not self._others:
             return 0

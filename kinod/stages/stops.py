@@ -4,6 +4,7 @@ is removed."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from loguru import logger
@@ -19,6 +20,18 @@ from kinod.stages.job import first_sidecar, unlink
 class Stops:
     def __init__(self, ctx: Context) -> None:
         self._ctx = ctx
+
+    def look_for(self, job_id: str) -> None:
+        """Act on ``<id>.stop`` if it is there: looked for by name, where no event or listing
+        of the inbox would show it."""
+        if os.path.lexists(stop := self._ctx.stop_file(job_id)):
+            self.on_stop_file(Path(stop), job_id)
+
+    def look_for_running(self) -> None:
+        """``look_for`` the stop files of the jobs running here (a poll that lists no inbox)."""
+        for job in self._ctx.running.jobs():
+            if not job.stop_requested:
+                self.look_for(job.id)
 
     def on_stop_file(self, path: Path, job_id: str) -> None:
         ctx = self._ctx
