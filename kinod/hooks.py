@@ -16,113 +16,57 @@ retries, or a failed attempt handed it over to a file in pending/. The cursor of
 journal records how far lines are settled; a restart reads on from it (at least once).
 
 A failed attempt writes the delivery to pending/ under its next due time, so nothing
-waits in memory. A node claims a pending file by renaming it into its claimed/ folder
-(only one node's rename succeeds), and removes it once the hook took it or it ran out of
-retries: a crash at any point leaves the file on disk, and it is delivered again.
+waits in memory; nodes claim those files by rename (kinod.hooks_pending).
 
 A node whose lease ran out hands its work over to the node that sees it first
 (``take_back``): its claimed files go back to pending/, and its journal segments not
 written to for a lease are renamed into the taker's journal folder with their cursors.
 
-A delivery names its hook by a key of the hook's target (``hook_key``), never by the
-command or URL itself: whoever can write the spool cannot make the daemon run anything the
-settings do not list. A delivery whose hook is not in this node's settings is left in
-pending/ for a node that has it (or for the hook to come back).
+This module is the hooks' front door (``Hooks``) and their delivering thread; beside it,
+kinod.hooks_format says what a delivery, its file's name and a journal line are (and why
+a hook is named by a key, never by its command or URL), kinod.hooks_journal keeps the
+journal, kinod.hooks_pending the files in pending/, and kinod.hooks_delivery makes one
+attempt.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import heapq
-import json
-import os
-import random
-import re
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from kinod.atomic_files import atomic_write
 from kinod.config import HookSettings, Settings
 from kinod.hooks_delivery import attempt, describe
+from kinod.hooks_format import (
+    MAX_DELIVERY_BYTES,
+    Delivery,
+    delivery_name,
+    hook_key,
+    journal_line,
+    keyed,
+    matching_hooks,
+    parse_line,
+)
 from kinod.hooks_journal import JournalReader, JournalWriter, Line, adopt
-from kinod.logs import log_job_event
-from kinod.models import Sidecar, is_valid_job_id
+from kinod.hooks_pending import PendingFiles
+from kinod.models import Sidecar
 
 if TYPE_CHECKING:
     import httpx
 
-HOOK_SCHEMA = "kinod.hook/1"
+# Imported from here by the daemon and the tests: kinod.hooks is the hooks' front door.
+__all__ = ["Delivery", "Hooks", "hook_key", "journal_line", "matching_hooks", "parse_line"]
+
 MAX_IN_FLIGHT = 16      # deliveries held at once; every other one waits on disk
-MAX_BACKOFF_S = 3600.0
 POLL_S = 30.0           # a look at pending/ for what other nodes left, when nothing else wakes us
-MAX_DELIVERY_BYTES = 16 << 20  # a sidecar's result is the plugin's; a bigger file is no delivery
 MAX_REMEMBERED = 4096   # ends journaled as written, remembered until the ending stage queues them
-_BREAKS = re.compile(rb"\n *")
-_KEY_CHARS = frozenset("0123456789abcdef")
-
-
-class Delivery(BaseModel):
-    """A delivery file: which hook to tell, how many attempts it has had, and the sidecar as
-    it was when the job ended (a later run's sidecar may have replaced it in the outbox)."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    schema_: Literal["kinod.hook/1"] = Field(default=HOOK_SCHEMA, alias="schema")
-    hook: str = Field(pattern=r"^[0-9a-f]{16}$")
-    attempts: int = Field(default=0, ge=0)
-    sidecar: Sidecar
-
-    @field_validator("sidecar")
-    @classmethod
-    def _ended_job(cls, sidecar: Sidecar) -> Sidecar:
-        # The id names the job's log file: it must be a valid id, never a path.
-        if not is_valid_job_id(sidecar.id):
-            raise ValueError("the sidecar's id is not a job id")
-        if not sidecar.state.is_terminal:
-            raise ValueError("the job has not ended")
-        return sidecar
-
-    def to_json(self) -> bytes:
-        return self.model_dump_json(by_alias=True).encode() + b"\n"
-
-
-def hook_key(hook: HookSettings) -> str:
-    """A hook's name in delivery files: the same for the same target across restarts and
-    reloads, whatever its filters, retries or timeout."""
-    target = json.dumps({"run": hook.run, "url": hook.url}, sort_keys=True)
-    return hashlib.sha256(target.encode()).hexdigest()[:16]
-
-
-def matching_hooks(hooks: list[HookSettings], sidecar: Sidecar) -> dict[str, HookSettings]:
-    """The hooks to tell of this end, by key; two entries with one target are told once."""
-    found: dict[str, HookSettings] = {}
-    for hook in hooks:
-        if sidecar.state.value in hook.on and (hook.types is None or sidecar.type in hook.types):
-            found.setdefault(hook_key(hook), hook)
-    return found
-
-
-def delivery_name(due_ns: int, key: str, job_id: str) -> str:
-    return f"{due_ns:020d}.{key}.{job_id}.json"
-
-
-def parse_name(name: str) -> tuple[int, str] | None:
-    """A delivery file's due time and hook key; None for a name kinod did not make."""
-    due, _, rest = name.partition(".")
-    key, _, rest = rest.partition(".")
-    if (len(due) != 20 or not due.isdigit() or len(key) != 16 or not set(key) <= _KEY_CHARS
-            or not rest.endswith(".json")):
-        return None
-    return int(due), key
 
 
 class Hooks:
@@ -134,17 +78,17 @@ class Hooks:
                  poll_s: float = POLL_S) -> None:
         self._settings = settings
         self.root = spool_root / "hooks"
-        self.pending = self.root / "pending"
-        self.claimed_root = self.root / "claimed"
-        self.claimed = self.claimed_root / str(settings.node)
-        self.given_up = self.root / "given_up"
-        self.invalid = self.root / "invalid"
+        self._pending_files = PendingFiles(self.root, str(settings.node), backoff_s=backoff_s,
+                                           poll_s=poll_s, batch=max_in_flight * 4)
+        self.pending = self._pending_files.pending
+        self.claimed_root = self._pending_files.claimed_root
+        self.claimed = self._pending_files.claimed
+        self.given_up = self._pending_files.given_up
+        self.invalid = self._pending_files.invalid
         self.journal_root = self.root / "journal"
         self.journal_folder = self.journal_root / str(settings.node)
         self.max_in_flight = max_in_flight
-        self._backoff_s = backoff_s
         self._poll_s = poll_s
-        self._batch = max_in_flight * 4  # names read in at one look at pending/
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -152,8 +96,7 @@ class Hooks:
         self._started = False
         self._tasks: set[asyncio.Task] = set()
         self._ready: deque[str] = deque()
-        self._unknown_seen = 0
-        self._keys = _keyed(settings.hooks)
+        self._keys = keyed(settings.hooks)
         self._writer = JournalWriter(self.journal_folder, idle_s=settings.lease / 2,
                                      on_synced=self._line_on_disk)
         self._reader: JournalReader | None = None
@@ -230,7 +173,7 @@ class Hooks:
     def update_settings(self, settings: Settings) -> None:
         """The settings were reloaded: new hooks are delivered from now on."""
         self._settings = settings
-        self._keys = _keyed(settings.hooks)
+        self._keys = keyed(settings.hooks)
         self._writer.idle_s = settings.lease / 2
         if self._started:
             self._start_thread()
@@ -242,15 +185,8 @@ class Hooks:
         one whose lease ran out. Returns how many files."""
         if not node or "/" in node or node.startswith("."):
             return 0
-        folder = self.claimed_root / node
-        moved = 0
-        for name in _names_in(folder):
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(folder / name, self.pending / name)
-                moved += 1
+        moved = self._pending_files.take_back(node)
         if moved:
-            logger.info("hooks: {} deliveries node {} had under way are queued again",
-                        moved, node)
             self._look_at = 0.0  # looked at by the next fill, not the next poll
         if node != self._settings.node and self._started and self._settings.hooks:
             # Only a node that delivers takes a journal over.
@@ -366,16 +302,16 @@ class Hooks:
         while len(self._tasks) < self.max_in_flight:
             if self._ready:
                 name = self._ready.popleft()
-                delivery = self._claim(name)
+                delivery = self._pending_files.claim(name)
                 if delivery is not None:
                     claimed = True
                     self._launch(self._deliver_file(name, delivery, client))
                 continue
             if now >= self._look_at and claimed:
                 claimed = False
-                names, wait_s = self._look()
+                names, wait_s = self._pending_files.look({key for key, _ in self._keys})
                 # A whole batch: look again once it is gone; else when the next falls due.
-                self._look_at = now + (0.0 if len(names) >= self._batch else wait_s)
+                self._look_at = now + (0.0 if len(names) >= self._pending_files.batch else wait_s)
                 if names:
                     self._ready.extend(names)
                     continue
@@ -408,20 +344,6 @@ class Hooks:
             return True
         return False
 
-    def _hand_over(self, delivery: Delivery) -> None:
-        """A journal line's delivery for a hook this node lacks: a file in pending/, left
-        for a node that has it (or for a reload that brings the hook back)."""
-        name = delivery_name(time.time_ns(), delivery.hook, delivery.sidecar.id)
-        self._write_pending(name, delivery)
-
-    def _write_pending(self, name: str, delivery: Delivery) -> None:
-        """Raises OSError if the disk refuses."""
-        try:
-            atomic_write(self.pending / name, delivery.to_json(), durable=True)
-        except FileNotFoundError:
-            self.pending.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.pending / name, delivery.to_json(), durable=True)
-
     def _launch(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
@@ -431,61 +353,6 @@ class Hooks:
         self._tasks.discard(task)
         if self._wake is not None:
             self._wake.set()
-
-    def _look(self) -> tuple[list[str], float]:
-        """The oldest names in pending/ that are due and whose hook this node has (at most
-        a batch: pending/ may hold many, and only a batch is kept while looking), and the
-        seconds until the next one falls due."""
-        now_ns = time.time_ns()
-        known = {key for key, _ in self._keys}
-        counts = {"unknown": 0, "next_ns": now_ns + int(self._poll_s * 1e9)}
-
-        def due(entries) -> Iterator[tuple[int, str]]:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue  # a write under way
-                parsed = parse_name(entry.name)
-                due_ns, key = parsed if parsed is not None else (0, "")  # foreign: now
-                if key and key not in known:
-                    counts["unknown"] += 1
-                elif due_ns > now_ns:
-                    counts["next_ns"] = min(counts["next_ns"], due_ns)
-                else:
-                    yield due_ns, entry.name
-
-        names: list[str] = []
-        try:
-            with os.scandir(self.pending) as entries:
-                names = [name for _, name in heapq.nsmallest(self._batch, due(entries))]
-        except OSError as exc:
-            logger.warning("hooks: cannot read {}: {}", self.pending, exc)
-        if counts["unknown"] != self._unknown_seen:
-            self._unknown_seen = counts["unknown"]
-            if self._unknown_seen:
-                logger.warning("hooks: {} deliveries in {} are for hooks this node's settings "
-                               "do not have; left for a node that has them",
-                               self._unknown_seen, self.pending)
-        return names, max(0.0, (counts["next_ns"] - now_ns) / 1e9)
-
-    def _claim(self, name: str) -> Delivery | None:
-        """Rename the file into this node's claimed/ (None if another node was first), and
-        read it. A file that is no delivery is set aside in invalid/."""
-        path = self.claimed / name
-        try:
-            os.rename(self.pending / name, path)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            logger.warning("hooks: cannot claim {}: {}", name, exc)
-            return None
-        try:
-            return Delivery.model_validate_json(_read_file(path))
-        except (OSError, ValidationError, ValueError) as exc:
-            logger.warning("hooks: {} is not a delivery, set aside in {}: {}", name,
-                           self.invalid, exc)
-            with contextlib.suppress(OSError):
-                os.rename(path, self.invalid / name)
-            return None
 
     def _hook(self, key: str) -> HookSettings | None:
         return next((hook for k, hook in self._keys if k == key), None)
@@ -503,28 +370,6 @@ class Hooks:
             logger.exception("hooks: hook {} for job {} failed", describe(hook), sidecar.id)
             return f"{type(exc).__name__}: {exc}"
 
-    def _judge(self, delivery: Delivery, hook: HookSettings, failure: str | None,
-               kept_as: str) -> tuple[str, float]:
-        """Log the attempt's outcome in the job's log; returns what comes next: "done",
-        "give up" (kept in given_up/ as ``kept_as``), or "retry" after the returned
-        seconds."""
-        sidecar = delivery.sidecar
-        number, total = delivery.attempts + 1, hook.retries + 1
-        what = f"hook {describe(hook)} ({sidecar.state.value})"
-        if failure is None:
-            self._log(sidecar.id, "INFO", f"{what}: delivered (attempt {number} of {total})")
-            return "done", 0.0
-        if number >= total:
-            self._log(sidecar.id, "ERROR", f"{what}: attempt {number} of {total} failed: "
-                      f"{failure}; giving up (kept in {self.given_up.name}/{kept_as})")
-            return "give up", 0.0
-        first_s = hook.backoff if self._backoff_s is None else self._backoff_s
-        delay_s = min(first_s * 2 ** (number - 1), MAX_BACKOFF_S)
-        delay_s *= random.uniform(0.9, 1.1)  # a storm's retries do not all come back at once
-        self._log(sidecar.id, "WARNING", f"{what}: attempt {number} of {total} failed: "
-                  f"{failure}; next attempt in {delay_s:.1f} s")
-        return "retry", delay_s
-
     async def _deliver_line(self, line: Line, delivery: Delivery,
                             client: httpx.AsyncClient) -> None:
         """A journal line's delivery: settled once delivered, given up, or handed over to
@@ -533,15 +378,16 @@ class Hooks:
         assert self._reader is not None
         hook = self._hook(delivery.hook)
         if hook is None:  # removed by a reload since it was read
-            self._settle_by(line, self._hand_over, delivery)
+            self._settle_by(line, self._pending_files.hand_over, delivery)
             return
         failure = await self._attempt(delivery, client, hook)
         name = delivery_name(time.time_ns(), delivery.hook, delivery.sidecar.id)
-        outcome, delay_s = self._judge(delivery, hook, failure, name)
+        outcome, delay_s = self._pending_files.judge(delivery, hook, failure, name,
+                                                     self._settings.outbox)
         if outcome == "done":
             self._reader.settle(line)
         elif outcome == "give up":
-            self._settle_by(line, self._write_given_up, name, delivery)
+            self._settle_by(line, self._pending_files.write_given_up, name, delivery)
         else:
             self._settle_by(line, self._write_retry, delivery, delay_s)
 
@@ -565,16 +411,8 @@ class Hooks:
         self._wake_up()
 
     def _write_retry(self, delivery: Delivery, delay_s: float) -> None:
-        later = delivery_name(time.time_ns() + int(delay_s * 1e9), delivery.hook,
-                              delivery.sidecar.id)
-        self._write_pending(later, delivery.model_copy(update={"attempts":
-                                                               delivery.attempts + 1}))
+        self._pending_files.write_retry(delivery, delay_s)
         self._look_at = min(self._look_at, time.monotonic() + delay_s)
-
-    def _write_given_up(self, name: str, delivery: Delivery) -> None:
-        # Kept with its count reset: moved back into pending/, it is tried afresh.
-        atomic_write(self.given_up / name, delivery.model_copy(update={"attempts": 0}).to_json(),
-                     durable=True)
 
     async def _deliver_file(self, name: str, delivery: Delivery,
                             client: httpx.AsyncClient) -> None:
@@ -582,94 +420,19 @@ class Hooks:
         given_up/, or back to pending/ under its next due time."""
         hook = self._hook(delivery.hook)
         if hook is None:  # removed by a reload since it was claimed
-            self._move(name, self.pending / name)
+            self._pending_files.release(name)
             return
         try:
             failure = await self._attempt(delivery, client, hook)
         except asyncio.CancelledError:
-            self._move(name, self.pending / name)  # the daemon stops: someone delivers it later
+            self._pending_files.release(name)  # the daemon stops: someone delivers it later
             raise
-        outcome, delay_s = self._judge(delivery, hook, failure, name)
-        if outcome == "done":
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.claimed / name)
-        elif outcome == "give up":
-            self._rewrite(name, delivery.model_copy(update={"attempts": 0}), self.given_up / name)
-        else:
-            later = delivery_name(time.time_ns() + int(delay_s * 1e9), delivery.hook,
-                                  delivery.sidecar.id)
-            self._rewrite(name, delivery.model_copy(update={"attempts": delivery.attempts + 1}),
-                          self.pending / later)
+        outcome, delay_s = self._pending_files.judge(delivery, hook, failure, name,
+                                                     self._settings.outbox)
+        self._pending_files.finish(name, delivery, outcome, delay_s)
+        if outcome == "retry":
             self._look_at = min(self._look_at, time.monotonic() + delay_s)
-
-    def _rewrite(self, name: str, delivery: Delivery, dst: Path) -> None:
-        """Record the attempts in the claimed file, then move it on: a crash between the two
-        leaves it claimed, and taken back at the next start."""
-        try:
-            atomic_write(self.claimed / name, delivery.to_json())
-        except OSError as exc:
-            logger.error("hooks: cannot record an attempt of {}: {}", name, exc)
-        self._move(name, dst)
-
-    def _move(self, name: str, dst: Path) -> None:
-        try:
-            os.rename(self.claimed / name, dst)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:  # left claimed: taken back at the next start
-            logger.error("hooks: cannot move {} to {}: {}", name, dst.parent, exc)
-
-    def _log(self, job_id: str, level: str, message: str) -> None:
-        log_job_event(self._settings.outbox, job_id, level, message)
-
-
-def journal_line(keys: list[str], sidecar: Sidecar, data: bytes | None = None) -> bytes:
-    """One journal line: the hooks to tell, and the sidecar as written (``data``, its
-    indented JSON: its line breaks are only whitespace, so taking them out keeps it the
-    same JSON, on one line)."""
-    body = _BREAKS.sub(b"", data if data is not None else sidecar.to_json())
-    return b'{"hooks":' + json.dumps(keys).encode() + b',"sidecar":' + body + b"}\n"
-
-
-def parse_line(raw: bytes) -> list[Delivery] | None:
-    """The deliveries of a journal line; None for a line that is none."""
-    try:
-        record = json.loads(raw)
-        keys, body = record["hooks"], record["sidecar"]
-        if not isinstance(keys, list) or not keys:
-            return None
-        sidecar = Sidecar.model_validate(body)
-        return [Delivery(hook=key, sidecar=sidecar) for key in dict.fromkeys(keys)]
-    except (ValueError, TypeError, KeyError, RecursionError, ValidationError):
-        return None
 
 
 def _identity(sidecar: Sidecar) -> tuple:
     return sidecar.id, sidecar.attempt, sidecar.state, sidecar.finished_at, sidecar.node
-
-
-def _keyed(hooks: list[HookSettings]) -> list[tuple[str, HookSettings]]:
-    return [(hook_key(hook), hook) for hook in hooks]
-
-
-def _read_file(path: Path) -> bytes:
-    """A delivery file's bytes: never through a link, never blocking on a FIFO, never more
-    than MAX_DELIVERY_BYTES."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        if os.fstat(fd).st_size > MAX_DELIVERY_BYTES:
-            raise ValueError("too big")
-        chunks = []
-        while chunk := os.read(fd, 1 << 16):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
-def _names_in(folder: Path) -> list[str]:
-    try:
-        with os.scandir(folder) as entries:
-            return [e.name for e in entries if not e.name.startswith(".")]
-    except FileNotFoundError:
-        return []
