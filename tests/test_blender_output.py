@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from kinod.config import load_settings
+from kinod.plugins.blender import verify
 from kinod.plugins.blender.command import JobError, check_render
 from kinod.plugins.blender.output import MAX_LOGGED_LINES, BlenderOutput
 from kinod.runner import plugin_settings
@@ -150,3 +153,51 @@ def test_a_second_file_of_the_same_frame_is_not_a_second_frame() -> None:
     assert [(d.frame, d.file, d.render_time_s) for d in output.done] == [
         (3, "/f/depth_0003.exr", 0.5)]
     assert shown[-1] == (50.0, "frame 4 (2/2)")
+
+
+def test_a_frame_checked_early_is_read_again_only_if_its_file_changed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[str] = []
+    read = verify._read
+    monkeypatch.setattr(verify, "_read",
+                        lambda path, file: reads.append(path.name) or read(path, file))
+    frames = {n: tmp_path / f"frame_{n}.png" for n in range(1, 6)}
+    for path in frames.values():
+        Image.new("RGB", (16, 12), "red").save(path)
+    checks = verify.FrameChecks()
+    for path in frames.values():
+        checks.early(path)
+    assert len(reads) == 5
+    reads.clear()
+    frames[2].write_bytes(frames[2].read_bytes()[:-40])  # cut short
+    frames[3].unlink()
+    (tmp_path / "other").write_bytes(b"not an image, and longer than the frame was" * 20)
+    os.replace(tmp_path / "other", frames[4])  # another file in its place
+    frames[5].write_bytes(b"")
+    assert checks.final(frames[1]) is None
+    assert checks.final(frames[2]).startswith("is not a readable image (")
+    assert checks.final(frames[3]) == "was not written"
+    assert checks.final(frames[4]).startswith("is not a readable image (")
+    assert checks.final(frames[5]) == "is empty"
+    assert reads == ["frame_2.png", "frame_4.png"]  # 3 and 5: stat says it all
+
+
+def test_a_frame_written_to_while_it_is_checked_early_is_checked_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "frame_1.png"
+    Image.new("RGB", (16, 12), "red").save(path)
+    read = verify._read
+
+    def read_while_written(path: Path, file) -> str | None:
+        with open(path, "ab") as more:
+            more.write(b"\0")
+        return read(path, file)
+
+    monkeypatch.setattr(verify, "_read", read_while_written)
+    checks = verify.FrameChecks()
+    checks.early(path)
+    reads: list[str] = []
+    monkeypatch.setattr(verify, "_read",
+                        lambda path, file: reads.append(path.name) or read(path, file))
+    assert checks.final(path) is None  # a byte after IEND: still a readable image
+    assert reads == ["frame_1.png"]

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from kinod.plugins.blender import verify
 from kinod.plugins.blender.loader import STOPPED, BlenderPlugin
 from tests.helpers import wait_for
 from tests.test_blender_scenes import blender_processes, need_blender, scenes
@@ -154,6 +155,30 @@ def test_a_missing_or_empty_frame_fails_the_job_naming_it(scenes: Path, tmp_path
     result = render(new_plugin(tmp_path, scenes, executable=executable),
                     blend_file="cube.blend", frames="1-3")
     assert not result.success and result.error == "frame 3: frame_0003.png was not written"
+
+
+def test_frames_are_read_once_unless_they_changed_after_blender_saved_them(
+        scenes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each frame is checked as Blender says it saved it; after Blender ends, a frame still
+    # the same file is not read again, and one cut short since fails the job naming it.
+    reads: list[str] = []
+    read = verify._read
+    monkeypatch.setattr(verify, "_read",
+                        lambda path, file: reads.append(path.name) or read(path, file))
+    result = render(new_plugin(tmp_path, scenes), blend_file="cube.blend", frames="1-3")
+    assert result.success, result.error
+    assert reads == ["frame_0001.png", "frame_0002.png", "frame_0003.png"]
+
+    reads.clear()
+    frames = tmp_path / "frames" / "job"
+    executable = wrapper(tmp_path, f'"{need_blender()}" "$@" || exit $?\n'
+                                   f'truncate -s -100 "{frames}/frame_0002.png"')
+    result = render(new_plugin(tmp_path, scenes, executable=executable),
+                    blend_file="cube.blend", frames="1-3")
+    assert not result.success
+    assert result.error.startswith("frame 2: frame_0002.png is not a readable image ("), \
+        result.error
+    assert reads == ["frame_0001.png", "frame_0002.png", "frame_0003.png", "frame_0002.png"]
 
 
 def test_no_blender_executable(scenes: Path, tmp_path: Path) -> None:

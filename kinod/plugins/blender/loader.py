@@ -20,7 +20,7 @@ from kinod.plugins.base_plugin import BasePlugin, PluginResult, ProgressCallback
 from .command import DEFAULT_OUTPUT, ENGINES, FORMATS, BlenderSettings, JobError, check_render
 from .output import BlenderOutput
 from .process import BlenderProcess
-from .verify import check_frame
+from .verify import FrameChecks
 
 STOPPED = "stopped on request"
 
@@ -83,6 +83,7 @@ class BlenderPlugin(BasePlugin):
             raise JobError(f"cannot run Blender ({settings.executable}): "
                            f"{exc.strerror or exc}") from None
         self._process = process
+        checks, saved, root = FrameChecks(), 0, self._job_folder().resolve()
         try:
             if self.should_stop:  # asked while it started: stop() found no process yet
                 process.signal_group(signal.SIGTERM)
@@ -90,6 +91,9 @@ class BlenderPlugin(BasePlugin):
                 if output.feed(line):
                     self.update_progress(output.percent(), progress_callback,
                                          output.message())
+                    while saved < len(output.done):  # checked while Blender renders on
+                        _check_early(output.done[saved].frame, output, root, checks)
+                        saved += 1
             code = await process.wait()
         finally:
             await process.finish()
@@ -98,7 +102,7 @@ class BlenderPlugin(BasePlugin):
             return PluginResult(success=False, error=STOPPED)
         if code != 0:
             return PluginResult(success=False, error=_failure(code, output))
-        frames = self._check_frames(render.frames, output)
+        frames = self._check_frames(render.frames, output, checks)
         logger.info("blender job {}: {} frame(s) in {:.1f} s", task_id, len(frames), elapsed_s)
         return PluginResult(success=True, data={
             "frames": frames,
@@ -108,20 +112,16 @@ class BlenderPlugin(BasePlugin):
             "render_time_s": round(elapsed_s, 3),
         })
 
-    def _check_frames(self, frames: list[int], output: BlenderOutput) -> list[dict[str, Any]]:
-        """Every frame asked for, as a readable image inside the job's folder."""
+    def _check_frames(self, frames: list[int], output: BlenderOutput,
+                      checks: FrameChecks) -> list[dict[str, Any]]:
+        """Every frame asked for, as a readable image inside the job's folder. Those checked
+        as Blender saved them are read again only if their file changed since."""
         root = self._job_folder().resolve()
         times = {done.frame: done.render_time_s for done in output.done}
         checked: list[dict[str, Any]] = []
         for frame in frames:
-            reported = output.paths.get(frame)
-            if reported is None:
-                raise JobError(f"frame {frame}: Blender did not say where it would write it")
-            path = Path(reported).resolve()
-            if root not in path.parents:
-                raise JobError(f"frame {frame}: Blender wrote it outside the job's folder "
-                               f"({reported})")
-            problem = check_frame(path)
+            path = _frame_path(frame, output, root)
+            problem = checks.final(path)
             if problem is not None:
                 raise JobError(f"frame {frame}: {path.relative_to(root)} {problem}")
             checked.append({"frame": frame, "file": str(path.relative_to(root)),
@@ -157,6 +157,25 @@ class BlenderPlugin(BasePlugin):
             "author": "kinod",
             "parameters": PARAMETERS,
         }
+
+
+def _check_early(frame: int, output: BlenderOutput, root: Path, checks: FrameChecks) -> None:
+    """Check a frame Blender has just saved; what is wrong is said once it has ended."""
+    try:
+        checks.early(_frame_path(frame, output, root))
+    except JobError:
+        pass
+
+
+def _frame_path(frame: int, output: BlenderOutput, root: Path) -> Path:
+    """Where ``frame`` is, resolved: inside ``root``, the job's folder, resolved."""
+    reported = output.paths.get(frame)
+    if reported is None:
+        raise JobError(f"frame {frame}: Blender did not say where it would write it")
+    path = Path(reported).resolve()
+    if root not in path.parents:
+        raise JobError(f"frame {frame}: Blender wrote it outside the job's folder ({reported})")
+    return path
 
 
 def _job_log(level: str, line: str) -> None:
