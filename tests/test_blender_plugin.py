@@ -14,6 +14,7 @@ from PIL import Image
 
 from kinod.plugins.blender import verify
 from kinod.plugins.blender.loader import STOPPED, BlenderPlugin
+from kinod.plugins.blender.process import BlenderProcess
 from tests.helpers import wait_for
 from tests.test_blender_scenes import blender_processes, need_blender, scenes
 
@@ -273,3 +274,23 @@ def test_blenders_status_lines_are_throttled_in_the_log(scenes: Path, tmp_path: 
     assert 1 <= len(status) <= 3 * 2, status  # Blender printed dozens a frame
     assert sum("blender: Saved: " in line for line in lines) == 3
 
+
+
+def test_every_line_blender_prints_is_read_until_it_ends(tmp_path: Path) -> None:
+    # Read in batches, not line by line: nothing is lost, a pause does not end the
+    # reading, and a last line without its newline still comes.
+    script = ('printf "one\\rtwo\\n"; i=0; while [ $i -lt 3000 ]; do echo "line $i"; '
+              'i=$((i+1)); done; sleep 0.3; printf "last"')
+
+    async def scenario() -> tuple[list[str], int]:
+        process = BlenderProcess(["sh", "-c", script], tmp_path)
+        await process.start()
+        try:
+            lines = [line async for line in process.lines()]
+            return lines, await process.wait()
+        finally:
+            await process.finish()
+
+    lines, code = asyncio.run(scenario())
+    assert code == 0
+    assert lines == ["one", "two", *(f"line {n}" for n in range(3000)), "last"]
