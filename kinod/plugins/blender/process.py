@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import fcntl
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from pathlib import Path
 
 READ_BYTES = 65536
 BATCH_S = 0.1  # how often Blender's output is read while it runs
+PIPE_BYTES = 1 << 20
 MAX_LINE = 65536  # longer lines are cut: a line is for reading, not for holding memory
 PR_SET_PDEATHSIG = 1
 
@@ -59,6 +61,8 @@ class BlenderProcess:
         # A pipe of our own, read without asyncio's transport, which would wake the loop for
         # each line Blender prints (a thousand a job, each about 50 us of the daemon's CPU).
         reading, writing = os.pipe()
+        with contextlib.suppress(OSError, AttributeError):  # Linux: room for 0.1 s of output
+            fcntl.fcntl(writing, fcntl.F_SETPIPE_SZ, PIPE_BYTES)  # and more: it never waits
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=writing,
