@@ -12,7 +12,6 @@ from importlib.resources import files
 from pathlib import Path
 
 from loguru import logger
-from rich.console import Console
 
 from kinod import __version__
 from kinod.atomic_files import new_temporary, rename_noreplace
@@ -43,8 +42,25 @@ EPILOG = """exit status:
   130  interrupted (Ctrl-C)
 """
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class _Console:
+    """rich's Console, made when first used: ``kinod run`` never prints through it, and
+    importing rich would cost the daemon 4 MB of memory for as long as it runs."""
+
+    def __init__(self, **options: object) -> None:
+        self._options = options
+        self._console = None
+
+    def __getattr__(self, name: str) -> object:
+        if self._console is None:
+            from rich.console import Console
+            self._console = Console(**self._options)
+        return getattr(self._console, name)
+
+
+out = _Console(highlight=False, soft_wrap=True)
+err = _Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> int:

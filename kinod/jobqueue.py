@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import heapq
-import itertools
 from collections.abc import Callable
 
-# A heap item: (-priority, submitted_ns, seq, job_id). A plain tuple: a backlog of
-# 100,000 jobs keeps one each.
-_Item = tuple[int, int, int, str]
+# A heap item: (-priority, submitted_ns, job_id). A plain tuple of three: a backlog of
+# 100,000 jobs keeps one each. Exact ties run in order of id, the same on every node.
+_Item = tuple[int, int, str]
 
 
 class JobQueue:
@@ -16,10 +15,9 @@ class JobQueue:
 
     def __init__(self) -> None:
         self._heaps: dict[str, list[_Item]] = {}
-        # job id -> seq of its live item; an item whose seq is not here was discarded, and
-        # is dropped when it reaches the top of its heap.
-        self._live: dict[str, int] = {}
-        self._seq = itertools.count()
+        # job id -> its live item; an item that is not (``is``) the one here was discarded,
+        # and is dropped when it reaches the top of its heap.
+        self._live: dict[str, _Item] = {}
 
     def __len__(self) -> int:
         return len(self._live)
@@ -30,8 +28,8 @@ class JobQueue:
     def push(self, job_id: str, plugin: str, priority: int, submitted_ns: int) -> None:
         if job_id in self._live:
             raise ValueError(f"job {job_id} is already queued")
-        seq = self._live[job_id] = next(self._seq)
-        heapq.heappush(self._heaps.setdefault(plugin, []), (-priority, submitted_ns, seq, job_id))
+        item = self._live[job_id] = (-priority, submitted_ns, job_id)
+        heapq.heappush(self._heaps.setdefault(plugin, []), item)
 
     def discard(self, job_id: str) -> bool:
         return self._live.pop(job_id, None) is not None
@@ -40,12 +38,12 @@ class JobQueue:
         """The best job whose plugin ``can_run`` now, removed from the queue; None if none."""
         best: list[_Item] | None = None
         for plugin, heap in self._heaps.items():
-            while heap and self._live.get(heap[0][3]) != heap[0][2]:
+            while heap and self._live.get(heap[0][2]) is not heap[0]:
                 heapq.heappop(heap)
             if heap and can_run(plugin) and (best is None or heap[0] < best[0]):
                 best = heap
         if best is None:
             return None
-        job_id = heapq.heappop(best)[3]
+        job_id = heapq.heappop(best)[2]
         del self._live[job_id]
         return job_id

@@ -107,9 +107,8 @@ class FakeIntake(Fake):
     def let_wait(self, held: Path, job_id: str, read: ReadJob, sidecar: Sidecar) -> None:
         self._record("let_wait", held, job_id, read, sidecar)
 
-    def admit(self, queued: Path, job_id: str, read: ReadJob, sidecar: Sidecar,
-              identity: int | None) -> None:
-        self._record("admit", queued, job_id, read, sidecar, identity)
+    def admit(self, queued: Path, job_id: str, read: ReadJob, identity: int | None) -> None:
+        self._record("admit", queued, job_id, read, identity)
 
     def take_in_resubmitted(self, job_id: str) -> None:
         self._record("take_in_resubmitted", job_id)

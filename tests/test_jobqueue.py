@@ -35,11 +35,25 @@ def test_higher_priority_first_then_oldest() -> None:
     assert len(queue) == 0
 
 
-def test_exact_ties_keep_the_order_of_arrival() -> None:
+def test_exact_ties_run_in_order_of_id() -> None:
     queue = JobQueue()
     for job_id in ("c", "a", "b"):
         queue.push(job_id, "p", priority=0, submitted_ns=100)
-    assert drain(queue) == ["c", "a", "b"]
+    assert drain(queue) == ["a", "b", "c"]
+
+
+def test_an_id_discarded_and_pushed_again_runs_once_in_its_new_place() -> None:
+    queue = JobQueue()
+    queue.push("a", "p", priority=0, submitted_ns=1)
+    queue.push("b", "p", priority=0, submitted_ns=2)
+    queue.discard("a")
+    queue.push("a", "p", priority=0, submitted_ns=3)
+    assert drain(queue) == ["b", "a"]
+    queue.push("x", "p", priority=0, submitted_ns=5)
+    queue.discard("x")
+    queue.push("x", "p", priority=0, submitted_ns=5)  # the same item, made again
+    assert drain(queue) == ["x"]
+    assert len(queue) == 0
 
 
 def test_order_holds_across_plugins() -> None:

@@ -129,9 +129,9 @@ def test_adopt_queued_adopts_the_queued_files_no_job_here_stands_for(tmp_path: P
     theirs = write_job(rig.spool.queued, "theirs")
     rig.scheduler.held["mine"] = job_of(rig.ctx, write_job(rig.spool.queued, "mine"))
     recovery.adopt_queued()
-    ((path, job_id, read, sidecar, identity),) = rig.intake.called("admit")
+    ((path, job_id, read, identity),) = rig.intake.called("admit")
     assert (path, job_id, identity) == (theirs, "theirs", file_identity(theirs))
-    assert read.error is None and sidecar.state is JobState.QUEUED  # none on disk: made anew
+    assert read.error is None
 
 
 def test_adopt_queued_sends_a_job_whose_file_left_queued_to_claimed_elsewhere(

@@ -328,7 +328,7 @@ class Intake:
         nodes serve is left for them)."""
         ctx = self._ctx
         if read.error is None and ctx.fleet.let_wait_here(read.plugin.name):
-            self.admit(held, job_id, read, sidecar, file_identity(held))
+            self.admit(held, job_id, read, file_identity(held))
             return
         try:
             queued = ctx.spool.release(held)
@@ -338,10 +338,9 @@ class Intake:
         if read.error is None and ctx.recovery.keeps(queued, job_id):
             # Our own rename put it there, and none can replace it: it is the file read.
             # (Another node's share, polling beside others: its owner claims it first.)
-            self.admit(queued, job_id, read, sidecar, file_identity(queued))
+            self.admit(queued, job_id, read, file_identity(queued))
 
-    def admit(self, queued: Path, job_id: str, read: ReadJob, sidecar: Sidecar,
-              identity: int | None) -> None:
+    def admit(self, queued: Path, job_id: str, read: ReadJob, identity: int | None) -> None:
         """Keep a runnable job whose file is in queued/ (or waits here), and queue it if
         this node serves its plugin. Its sidecar is not written: the daemon that claims it
         writes the next."""
@@ -349,8 +348,7 @@ class Intake:
         if not ctx.serves(read.plugin.name):
             ctx.recovery.pass_over(queued, read.mtime_ns)  # for the nodes that serve it
             return
-        job = Job(job_id, *place(queued), read.spec, read.plugin, read.data, sidecar,
-                  read.mtime_ns)
+        job = Job.waiting(job_id, *place(queued), read.spec, read.plugin, read.mtime_ns)
         job.file_identity = identity
         ctx.scheduler.admit(job)
         if os.path.lexists(stop_file := ctx.stop_file(job_id)):

@@ -32,10 +32,16 @@ class Job:
     100,000 jobs 10 MB less than a slot for each would.
     """
 
-    __slots__ = ("id", "folder", "suffix", "spec", "plugin", "data", "sidecar",
-                 "submitted_ns", "file_identity", "priority", "after", "not_before",
-                 "__dict__")
+    __slots__ = ("id", "folder", "suffix", "plugin", "submitted_ns", "file_identity",
+                 "priority", "__dict__")
 
+    # What a run needs, made again from the job's file when it is claimed.
+    spec: JobSpec | None = None
+    data: dict[str, Any] | None = None
+    sidecar: Sidecar | None = None
+    # What only some waiting jobs have: set on the few that do.
+    after: list[str] | None = None
+    not_before: datetime | None = None
     # What a run sets (see the class docstring): read from here until set on the instance.
     run: SupervisedRun | None = None
     task: asyncio.Task | None = None
@@ -59,14 +65,22 @@ class Job:
         self.id = id
         self.folder = folder  # where its file is now (queued/ or running/<node>/): shared
         self.suffix = suffix  # its file's name is id + suffix; one object for all of a kind
-        self.spec, self.plugin, self.data, self.sidecar = spec, plugin, data, sidecar
+        self.plugin = plugin
         self.submitted_ns = submitted_ns
         self.file_identity: int | None = None  # of the file read: a claim skips rereading
-        # Kept while it waits light: a claim the disk refused queues it again, and what it
-        # waits for before it is queued at all.
+        # Kept while it waits light: a claim the disk refused queues it again.
         self.priority = 0
-        self.after: list[str] | None = None
-        self.not_before: datetime | None = None
+        if spec is not None:
+            self.spec, self.data, self.sidecar = spec, data, sidecar
+
+    @classmethod
+    def waiting(cls, id: str, folder: Path, suffix: str, spec: JobSpec,  # noqa: A002
+                plugin: LoadedPlugin, submitted_ns: int) -> Job:
+        """A job that waits light from the start: none of its spec, data or sidecar kept,
+        and no ``__dict__`` made unless it waits for something."""
+        job = cls(id, folder, suffix, None, plugin, None, None, submitted_ns)
+        job._keep_what_it_waits_for(spec)
+        return job
 
     def __repr__(self) -> str:
         return f"Job({self.id!r}, {str(self.path)!r})"
@@ -75,10 +89,17 @@ class Job:
         """Keep only what a claim needs to make the rest again from the job's file."""
         if self.spec is None:
             return
-        spec = self.spec
-        self.priority, self.not_before = spec.priority, spec.not_before
-        self.after = spec.after or None
-        self.spec = self.data = self.sidecar = None
+        self._keep_what_it_waits_for(self.spec)
+        for name in ("spec", "data", "sidecar"):
+            self.__dict__.pop(name, None)
+
+    def _keep_what_it_waits_for(self, spec: JobSpec) -> None:
+        self.priority = spec.priority
+        # Set only where there is something: most jobs then never make a __dict__.
+        if spec.not_before is not None or self.not_before is not None:
+            self.not_before = spec.not_before
+        if spec.after or self.after is not None:
+            self.after = spec.after or None
 
     @property
     def name(self) -> str:

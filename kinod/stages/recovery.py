@@ -15,7 +15,7 @@ from kinod.errors import DaemonCrashed
 from kinod.intake import InboxName, inbox_names_of
 from kinod.models import JobState
 from kinod.stages.context import RETRY_S, Context
-from kinod.stages.job import file_identity, first_sidecar, mtime_ns, queued_again, unlink
+from kinod.stages.job import file_identity, mtime_ns, queued_again, unlink
 
 # Another node's queued job is taken once this node has seen it wait this many polls.
 STEAL_AFTER_POLLS = 2
@@ -189,15 +189,12 @@ class Recovery:
         read = ctx.intake.read(path, look_again=False)
         if read is None:
             return  # claimed by another node meanwhile, or changed while read
-        sidecar = ctx.outbox.read(job_id)
         if read.error is not None or read.plugin is None or not ctx.serves(read.plugin.name):
             # Not for this node: looked at again once it changes. A file refused before it
             # was read (too big, a link) has no mtime read: take it from the file.
             self.pass_over(path, read.mtime_ns or mtime_ns(path))
             return
-        if sidecar is None:  # its first sidecar is being written, or a power cut lost it
-            sidecar = first_sidecar(job_id, read.document, ctx.node)
-        ctx.intake.admit(path, job_id, read, sidecar, identity)
+        ctx.intake.admit(path, job_id, read, identity)
 
     def pass_over(self, path: Path, mtime: int | None) -> None:
         """A queued job for other nodes: looked at again only once its file changes."""
