@@ -27,7 +27,7 @@ from kinod.outcome import Outcome, StopReason, Verdict
 from kinod.plugins.plugin_loader import PluginRegistry
 from kinod.spool import Spool
 from kinod.stages.context import Context
-from kinod.stages.job import Job, file_identity, first_sidecar, place
+from kinod.stages.job import Job, first_sidecar, place
 from tests.helpers import WORKING_PLUGINS, Clock
 
 NODE = "n1"
@@ -107,8 +107,8 @@ class FakeIntake(Fake):
     def let_wait(self, held: Path, job_id: str, read: ReadJob, sidecar: Sidecar) -> None:
         self._record("let_wait", held, job_id, read, sidecar)
 
-    def admit(self, queued: Path, job_id: str, read: ReadJob, identity: int | None) -> None:
-        self._record("admit", queued, job_id, read, identity)
+    def admit(self, queued: Path, job_id: str, read: ReadJob) -> None:
+        self._record("admit", queued, job_id, read)
 
     def take_in_resubmitted(self, job_id: str) -> None:
         self._record("take_in_resubmitted", job_id)
@@ -540,7 +540,6 @@ def job_of(ctx: Context, path: Path) -> Job:
     job_id = path.name.rpartition(".")[0]
     job = Job(job_id, *place(path), read.spec, read.plugin, read.data,
               first_sidecar(job_id, read.document, ctx.node), read.mtime_ns)
-    job.file_identity = file_identity(path)
     return job
 
 

@@ -12,7 +12,7 @@ import pytest
 from kinod.models import JobState
 from kinod.nodes import NodeBoard, read_heartbeat
 from kinod.stages.fleet import Fleet
-from kinod.stages.job import Job, file_identity
+from kinod.stages.job import Job
 from tests.stage_fakes import (
     NODE,
     OTHER_NODE,
@@ -78,7 +78,6 @@ def test_another_node_started_releases_the_jobs_waiting_here_into_queued(
     gone.path.unlink()  # taken over while this node was held up
     fleet.another_node_started()
     assert waiting.path == rig.spool.queued / "waiting.json" and waiting.path.exists()
-    assert waiting.file_identity == file_identity(waiting.path)
     assert busy.path.exists() and busy.folder == rig.spool.running
     assert unrecorded.path.exists() and unrecorded.folder == rig.spool.running
     assert rig.ending.called("claimed_elsewhere") == [(gone,)]

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from kinod.models import JobState
-from kinod.stages.job import file_identity
 from kinod.stages.recovery import Recovery
 from tests.stage_fakes import Rig, disk_full, job_of, make_rig, sidecar_in, write_job
 
@@ -129,8 +128,8 @@ def test_adopt_queued_adopts_the_queued_files_no_job_here_stands_for(tmp_path: P
     theirs = write_job(rig.spool.queued, "theirs")
     rig.scheduler.held["mine"] = job_of(rig.ctx, write_job(rig.spool.queued, "mine"))
     recovery.adopt_queued()
-    ((path, job_id, read, identity),) = rig.intake.called("admit")
-    assert (path, job_id, identity) == (theirs, "theirs", file_identity(theirs))
+    ((path, job_id, read),) = rig.intake.called("admit")
+    assert (path, job_id) == (theirs, "theirs")
     assert read.error is None
 
 

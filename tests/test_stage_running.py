@@ -160,7 +160,8 @@ def test_a_light_job_is_made_whole_from_its_file_at_claim(tmp_path: Path,
         running.start(job)
         assert job.spec is not None and job.sidecar is not None
         assert job.data["steps"] == 2 and job.data["step_s"] == 0.05  # defaults filled in
-        assert rig.intake.called("read_held") == []  # the file read at intake: not read anew
+        # Read again as claimed, as every waiting job is: the file on disk is the truth.
+        assert rig.intake.called("read_held") == [(rig.spool.running / "light.json",)]
         run = await run_of(runs, "light")
         assert run.data == job.data
         run.finish(SUCCESS)

@@ -24,7 +24,7 @@ from kinod.intake import InboxName
 from kinod.listing_gate import ListingGate
 from kinod.nodes import NodeBoard
 from kinod.stages.context import Context
-from kinod.stages.job import Job, file_identity
+from kinod.stages.job import Job
 
 
 class Fleet:
@@ -132,7 +132,6 @@ class Fleet:
                 logger.error("cannot move the jobs waiting here to {}: {}; trying again at "
                              "the next heartbeat", ctx.spool.queued, exc)
                 return
-            job.file_identity = file_identity(job.path)
         self._waiting_here = False
 
     def served_elsewhere(self, plugin: object) -> bool:

@@ -20,7 +20,7 @@ from kinod.errors import InvalidJob
 from kinod.intake import InboxName, ReadJob, holds_bytes, read_job, wait_before_reading_s
 from kinod.models import JOB_ID_RULES, JobState, Sidecar, is_valid_job_id
 from kinod.stages.context import RETRY_S, Context
-from kinod.stages.job import Job, file_identity, first_sidecar, place
+from kinod.stages.job import Job, first_sidecar, place
 
 # Inbox paths looked at per turn of the loop, and for how long at most, so a flood of
 # files never starves the rest (heartbeats, progress, stop requests).
@@ -328,7 +328,7 @@ class Intake:
         nodes serve is left for them)."""
         ctx = self._ctx
         if read.error is None and ctx.fleet.let_wait_here(read.plugin.name):
-            self.admit(held, job_id, read, file_identity(held))
+            self.admit(held, job_id, read)
             return
         try:
             queued = ctx.spool.release(held)
@@ -338,9 +338,9 @@ class Intake:
         if read.error is None and ctx.recovery.keeps(queued, job_id):
             # Our own rename put it there, and none can replace it: it is the file read.
             # (Another node's share, polling beside others: its owner claims it first.)
-            self.admit(queued, job_id, read, file_identity(queued))
+            self.admit(queued, job_id, read)
 
-    def admit(self, queued: Path, job_id: str, read: ReadJob, identity: int | None) -> None:
+    def admit(self, queued: Path, job_id: str, read: ReadJob) -> None:
         """Keep a runnable job whose file is in queued/ (or waits here), and queue it if
         this node serves its plugin. Its sidecar is not written: the daemon that claims it
         writes the next."""
@@ -349,7 +349,6 @@ class Intake:
             ctx.recovery.pass_over(queued, read.mtime_ns)  # for the nodes that serve it
             return
         job = Job.waiting(job_id, *place(queued), read.spec, read.plugin, read.mtime_ns)
-        job.file_identity = identity
         ctx.scheduler.admit(job)
         if os.path.lexists(stop_file := ctx.stop_file(job_id)):
             ctx.stops.on_stop_file(Path(stop_file), job_id)

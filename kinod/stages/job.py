@@ -32,8 +32,7 @@ class Job:
     100,000 jobs 10 MB less than a slot for each would.
     """
 
-    __slots__ = ("id", "folder", "suffix", "plugin", "submitted_ns", "file_identity",
-                 "priority", "__dict__")
+    __slots__ = ("id", "folder", "suffix", "plugin", "submitted_ns", "priority", "__dict__")
 
     # What a run needs, made again from the job's file when it is claimed.
     spec: JobSpec | None = None
@@ -67,7 +66,6 @@ class Job:
         self.suffix = suffix  # its file's name is id + suffix; one object for all of a kind
         self.plugin = plugin
         self.submitted_ns = submitted_ns
-        self.file_identity: int | None = None  # of the file read: a claim skips rereading
         # Kept while it waits light: a claim the disk refused queues it again.
         self.priority = 0
         if spec is not None:
@@ -150,14 +148,6 @@ def document_of(path: Path, suffix: str, max_bytes: int) -> dict[str, Any] | Non
     except (OSError, InvalidJob):
         return None
 
-
-def file_identity(path: Path) -> int | None:
-    """Which file (and version) ``path`` is: a hash of its inode, mtime and size."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return hash((st.st_ino, st.st_mtime_ns, st.st_size))
 
 
 def mtime_ns(path: Path) -> int | None:

@@ -15,7 +15,7 @@ from kinod.errors import DaemonCrashed
 from kinod.intake import InboxName, inbox_names_of
 from kinod.models import JobState
 from kinod.stages.context import RETRY_S, Context
-from kinod.stages.job import file_identity, mtime_ns, queued_again, unlink
+from kinod.stages.job import mtime_ns, queued_again, unlink
 
 # Another node's queued job is taken once this node has seen it wait this many polls.
 STEAL_AFTER_POLLS = 2
@@ -183,7 +183,6 @@ class Recovery:
 
     def adopt(self, path: Path, job_id: str) -> None:
         ctx = self._ctx
-        identity = file_identity(path)  # before reading: a later change shows at the claim
         # A queued file is never looked at as an inbox path: rescans and queued/ events
         # bring it back if it changed while read.
         read = ctx.intake.read(path, look_again=False)
@@ -194,7 +193,7 @@ class Recovery:
             # was read (too big, a link) has no mtime read: take it from the file.
             self.pass_over(path, read.mtime_ns or mtime_ns(path))
             return
-        ctx.intake.admit(path, job_id, read, identity)
+        ctx.intake.admit(path, job_id, read)
 
     def pass_over(self, path: Path, mtime: int | None) -> None:
         """A queued job for other nodes: looked at again only once its file changes."""

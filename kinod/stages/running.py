@@ -14,11 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from loguru import logger
-from pydantic import ValidationError
 
 from kinod.atomic_files import flush_tree
 from kinod.errors import KinodError
-from kinod.intake import recheck
 from kinod.isolation import ProcessRun
 from kinod.models import JobState, Sidecar, utc_now
 from kinod.outcome import Outcome, StopReason, Verdict, judge
@@ -26,7 +24,7 @@ from kinod.plugins.base_plugin import BasePlugin
 from kinod.runner import PluginRun, new_plugin
 from kinod.runner import plugin_settings as settings_for_plugin
 from kinod.stages.context import Context
-from kinod.stages.job import Job, document_of, file_identity, final_sidecar
+from kinod.stages.job import Job, final_sidecar
 
 
 class Running:
@@ -53,12 +51,7 @@ class Running:
         """Claim a waiting job's file and run it, unless the file or the sidecar on disk
         says otherwise. OSError when the disk refuses: then the job waits as it did."""
         ctx = self._ctx
-        if job.folder == ctx.spool.running:  # it waited here: one look says it is still ours
-            identity = file_identity(job.path)
-            claimed = job.path if identity is not None else None
-        else:
-            claimed = ctx.spool.claim(job.path)
-            identity = file_identity(claimed) if claimed is not None else None
+        claimed = self.claim(job)
         if claimed is None:
             ctx.ending.claimed_elsewhere(job)
             return
@@ -69,40 +62,23 @@ class Running:
             ctx.scheduler.remove(job.id)
             ctx.ending.file_away(claimed, job.id)
             return
-        same_file = job.file_identity is not None and job.file_identity == identity
-        if same_file and job.spec is None:  # it waited light
-            same_file = self._make_whole(job, claimed)
-        if not same_file:
-            # Not the file this node read: resubmitted meanwhile (done/ keeps the old file,
-            # so a new one never has its inode).
-            read = ctx.intake.read_held(claimed)
-            if read.error is not None:
-                ctx.scheduler.remove(job.id)
-                ctx.ending.end(job.id, claimed, old, JobState.FAILED, error=read.error)
-                return
-            if not ctx.serves(read.plugin.name):  # resubmitted for another plugin
-                ctx.spool.requeue(claimed)
-                ctx.scheduler.forget(job)
-                return
-            job.spec, job.plugin, job.data = read.spec, read.plugin, read.data
+        # Read again as claimed: a job waits light, and its file may have been resubmitted
+        # meanwhile, even for another plugin.
+        read = ctx.intake.read_held(claimed)
+        if read.error is not None:
+            ctx.scheduler.remove(job.id)
+            ctx.ending.end(job.id, claimed, old, JobState.FAILED, error=read.error)
+            return
+        if not ctx.serves(read.plugin.name):  # resubmitted for another plugin
+            ctx.spool.requeue(claimed)
+            ctx.scheduler.forget(job)
+            return
+        job.spec, job.plugin, job.data = read.spec, read.plugin, read.data
         try:
             self.begin(job, claimed, old)
         except OSError:
             job.path = ctx.spool.requeue(claimed)  # as it was: queued
             raise
-
-    def _make_whole(self, job: Job, held: Path) -> bool:
-        """A job that waited light gets its checked spec and data again, from its file as
-        read when it was queued (checked against the plugin it was taken in with). False
-        if that file can no longer be read as valid: then it is read as a new one."""
-        document = document_of(held, job.suffix, self._ctx.settings.max_job_bytes)
-        if document is None:
-            return False
-        try:
-            job.spec, job.data = recheck(document, job.plugin)
-        except ValidationError:
-            return False
-        return True
 
     def claim(self, job: Job) -> Path | None:
         """The file of a waiting job, in this node's running/: claimed from queued/, or there
