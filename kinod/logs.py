@@ -49,8 +49,10 @@ def setup_logging(log_format: str = "text", level: str = "INFO") -> None:
     logging.basicConfig(handlers=[_InterceptHandler()], level=0, force=True)
     # apscheduler reports every run of the periodic rescan at INFO; watchdog every file event
     # at DEBUG (a cost paid per job even when nobody reads DEBUG); the HTTP and websocket
-    # libraries (the sdxl plugin's) every request and frame, into the job's log.
-    for name in ("apscheduler", "watchdog", "httpx", "httpcore", "websockets", "aiohttp"):
+    # libraries (the sdxl plugin's) every request and frame, into the job's log; Pillow every
+    # PNG chunk it reads (14 lines a frame checked, more CPU than decoding the frame).
+    for name in ("apscheduler", "watchdog", "httpx", "httpcore", "websockets", "aiohttp",
+                 "PIL"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 

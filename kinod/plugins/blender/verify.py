@@ -7,7 +7,6 @@ inode, size, modification and change times), and checked again otherwise.
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -58,8 +57,6 @@ def _read(path: Path, file) -> str | None:
             return "is not an OpenEXR image"
         return None
     from PIL import Image, UnidentifiedImageError  # here: a daemon that renders none never loads it
-
-    _quiet_pillow()
     try:
         with Image.open(file) as image:
             # load(), not verify(): verify() reads a PNG's chunks and their checksums without
@@ -68,15 +65,6 @@ def _read(path: Path, file) -> str | None:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         return f"is not a readable image ({exc})"
     return None
-
-
-def _quiet_pillow() -> None:
-    """Pillow logs every PNG chunk it reads at DEBUG ("STREAM b'IHDR' 16 13", 14 lines a
-    frame here), and kinod's logging carries them into the job's log: that cost the daemon
-    more CPU than decoding the frames. Unless someone set Pillow's level, it is INFO."""
-    pillow = logging.getLogger("PIL")
-    if pillow.level == logging.NOTSET:
-        pillow.setLevel(logging.INFO)
 
 
 class FrameChecks:
