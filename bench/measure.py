@@ -239,6 +239,31 @@ def backlog(root: Path, n: int, workers: int, limit_s: float) -> Backlog:
     return result
 
 
+def paused_queue_rss_mb(root: Path, n: int, limit_s: float) -> float:
+    """kinod (8 workers) on a paused farm started on n job files: its resident memory (MB)
+    once every one of them waits in the spool, and none has run: what the queue alone
+    costs, apart from what running jobs beside it leave allocated."""
+    config = make_farm(root, workers=8)
+    write_jobs(root / "inbox", n)
+    (root / "inbox" / ".pause").touch()
+    spool = root / "inbox" / ".kinod"
+    with Daemon(config) as daemon:
+        deadline = time.monotonic() + limit_s
+        while sum(_count(spool / folder) for folder in ("queued", "running/bench")) < n:
+            if not daemon.alive() or time.monotonic() > deadline:
+                raise BenchError(f"the paused queue never filled: {daemon.log_tail()}")
+            time.sleep(1)
+        return daemon.peak_rss_mb()
+
+
+def _count(folder: Path) -> int:
+    try:
+        with os.scandir(folder) as entries:
+            return sum(1 for _ in entries)
+    except FileNotFoundError:
+        return 0
+
+
 # --- idle cost ------------------------------------------------------------------------------
 
 

@@ -284,6 +284,10 @@ class Bench:
         s.add("peak RSS", f"{big.peak_rss_mb:.0f} MB",
               f"{ref.peak_rss_mb:.0f} MB ({ref_n:,} queued)",
               f"{big.peak_rss_mb / ref.peak_rss_mb:.2f}x", "< 100 MB", big.peak_rss_mb < 100)
+        paused = measure.paused_queue_rss_mb(self.farm("backlog_paused"), n, p.limit_s)
+        s.add(f"peak RSS, farm paused: all {n:,} queued, none run", f"{paused:.0f} MB",
+              f"{ref.peak_rss_mb:.0f} MB ({ref_n:,} queued, run)",
+              f"{paused / ref.peak_rss_mb:.2f}x", "< 100 MB", paused < 100)
         s.add("CPU per job", f"{big.cpu_s / n * 1e6:,.0f} µs",
               f"{ref.cpu_s / ref_n * 1e6:,.0f} µs ({ref_n:,} queued)",
               f"{(big.cpu_s / n) / (ref.cpu_s / ref_n):.2f}x")
