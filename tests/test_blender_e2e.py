@@ -56,7 +56,9 @@ def no_blender_left(root: Path) -> None:
 
 def test_a_render_job_succeeds_with_every_frame_and_rising_progress(
         start_daemon: Callable[..., DaemonProcess], projects: Path) -> None:
-    daemon = start_daemon()
+    # Every report written: at the 0.5 s default, a fast render on an idle machine can end
+    # within two writes, and "rising" would depend on the machine's speed.
+    daemon = start_daemon(progress_interval_s=0)
     daemon.drop("shot.yaml", render_job())
 
     seen = follow(daemon, "shot")
@@ -70,7 +72,11 @@ def test_a_render_job_succeeds_with_every_frame_and_rising_progress(
             assert image.size == (32, 24)
     running = [s for s in seen if s["state"] == "running"]
     progress = [s["progress"] for s in running]
-    assert progress == sorted(progress) and len(set(progress)) >= 3, progress
+    # Rising, never falling. How many steps are seen depends on how fast the machine
+    # renders these tiny frames (several can end within one read of Blender's output);
+    # every report, a step for each frame and sample, is checked where each is seen:
+    # test_blender_plugin.py (real Blender) and test_blender_output.py.
+    assert progress == sorted(progress) and progress[-1] > progress[0], progress
     assert any((s["message"] or "").startswith("frame ") and "/6)" in s["message"]
                for s in running)
     log = (daemon.outbox / "shot.log").read_text()
