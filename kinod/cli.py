@@ -43,10 +43,9 @@ EPILOG = """exit status:
 """
 
 
-
 class _Console:
     """rich's Console, made when first used: ``kinod run`` never prints through it, and
-    importing rich would cost the daemon 4 MB of memory for as long as it runs."""
+    importing rich would cost the daemon 2 MB of memory for as long as it runs."""
 
     def __init__(self, **options: object) -> None:
         self._options = options

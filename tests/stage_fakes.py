@@ -28,6 +28,7 @@ from kinod.plugins.plugin_loader import PluginRegistry
 from kinod.spool import Spool
 from kinod.stages.context import Context
 from kinod.stages.job import Job, first_sidecar, place
+from kinod.stages.stops import Stops
 from tests.helpers import WORKING_PLUGINS, Clock
 
 NODE = "n1"
@@ -308,6 +309,14 @@ class FakeRecovery(Fake):
 
 
 class FakeStops(Fake):
+    """Looks for a stop file as the real stage does, and records what it would act on."""
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__()
+        self._ctx = ctx
+
+    look_for = Stops.look_for
+
     def on_stop_file(self, path: Path, job_id: str) -> None:
         self._record("on_stop_file", path, job_id)
 
@@ -508,7 +517,7 @@ def make_rig(tmp_path: Path, spool: type[Spool] = Spool, outbox: type[Outbox] = 
     ctx = Context(config, registry(), the_spool, the_outbox, clock, wall, wake=wake,
                   retry_soon=retry_soon)
     rig = Rig(ctx, clock, wall, wake, retry_soon, FakeIntake(ctx), FakeScheduler(),
-              FakeRunning(ctx), FakeEnding(), FakeFleet(), FakeRecovery(), FakeStops(),
+              FakeRunning(ctx), FakeEnding(), FakeFleet(), FakeRecovery(), FakeStops(ctx),
               FakeHolds(), FakeDependencies())
     ctx.intake, ctx.scheduler, ctx.running = rig.intake, rig.scheduler, rig.running
     ctx.ending, ctx.fleet, ctx.recovery, ctx.stops = (rig.ending, rig.fleet, rig.recovery,

@@ -350,8 +350,7 @@ class Intake:
             return
         job = Job.waiting(job_id, *place(queued), read.spec, read.plugin, read.mtime_ns)
         ctx.scheduler.admit(job)
-        if os.path.lexists(stop_file := ctx.stop_file(job_id)):
-            ctx.stops.on_stop_file(Path(stop_file), job_id)
+        ctx.stops.look_for(job_id)
 
     def _set_aside_duplicate(self, path: Path, job_id: str) -> None:
         ctx = self._ctx

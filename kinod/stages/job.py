@@ -149,7 +149,6 @@ def document_of(path: Path, suffix: str, max_bytes: int) -> dict[str, Any] | Non
         return None
 
 
-
 def mtime_ns(path: Path) -> int | None:
     try:
         return os.stat(path).st_mtime_ns

@@ -102,7 +102,7 @@ class BlenderPlugin(BasePlugin):
             return PluginResult(success=False, error=STOPPED)
         if code != 0:
             return PluginResult(success=False, error=_failure(code, output))
-        frames = self._check_frames(render.frames, output, checks)
+        frames = self._check_frames(render.frames, output, checks, root)
         logger.info("blender job {}: {} frame(s) in {:.1f} s", task_id, len(frames), elapsed_s)
         return PluginResult(success=True, data={
             "frames": frames,
@@ -112,11 +112,11 @@ class BlenderPlugin(BasePlugin):
             "render_time_s": round(elapsed_s, 3),
         })
 
-    def _check_frames(self, frames: list[int], output: BlenderOutput,
-                      checks: FrameChecks) -> list[dict[str, Any]]:
+    def _check_frames(self, frames: list[int], output: BlenderOutput, checks: FrameChecks,
+                      root: Path) -> list[dict[str, Any]]:
         """Every frame asked for, as a readable image inside the job's folder. Those checked
-        as Blender saved them are read again only if their file changed since."""
-        root = self._job_folder().resolve()
+        as Blender saved them are read again only if their file changed since. ``root``:
+        the job's folder, resolved."""
         times = {done.frame: done.render_time_s for done in output.done}
         checked: list[dict[str, Any]] = []
         for frame in frames:
