@@ -205,6 +205,7 @@ class Daemon:
     async def _turn(self) -> None:
         intake = self.ctx.intake
         intake.take_turn()
+        self.ctx.fleet.send_mail()
         self.ctx.scheduler.dispatch()
         # Every change to the counts is followed by a turn (a job's end wakes the loop).
         if self._status_paused and self._status() != self._last_status:
@@ -326,16 +327,16 @@ class Daemon:
         listed is not listed again (kinod.listing_gate), so that many nodes polling one
         share cost its server a stat each, not a listing each, while nothing happens. And
         beside other nodes a poll lists only what the fleet's plan gives it (the inbox on
-        this node's turn, queued/ when it wants work: Fleet.poll_plan), so that a burst
+        this node's turn, and queued/ with it: Fleet.poll_plan), so that a burst
         does not cost a listing per node either; the stop files of the jobs running here
         are looked for by name meanwhile."""
         if not self._inbox_is_served():
             return
         ctx = self.ctx
         inbox, queued, running = self._gates
-        plan = ctx.fleet.poll_plan() if gated else (True, True, True)
+        shared, orphans = ctx.fleet.poll_plan() if gated else (True, True)
         try:
-            if not gated or (plan[0] and inbox.should_list()):
+            if not gated or (shared and inbox.should_list()):
                 ctx.intake.scan()
         except OSError as exc:
             # Deleted between the look above and the listing: the look again says so now.
@@ -345,15 +346,15 @@ class Daemon:
                 self._retry_soon()
             return
         ctx.holds.look_at_pause()
-        if not plan[0]:
+        if not shared:
             ctx.stops.look_for_running()
-        if not gated or (plan[1] and queued.should_list()):
-            found = ctx.recovery.adopt_queued()
-            if gated:
-                ctx.fleet.listed_queued(found)
+        for name in ctx.fleet.mail() if gated else ():
+            ctx.recovery.on_queued(ctx.spool.queued / name, InboxName.of(name).job_id)
+        if not gated or (shared and queued.should_list()):
+            ctx.recovery.adopt_queued()
         if not ctx.holds.paused:
             ctx.recovery.steal(self.settings.workers - len(ctx.running) - ctx.scheduler.queued())
-        if not gated or (plan[2] and running.should_list()):
+        if not gated or (orphans and running.should_list()):
             ctx.recovery.recover_orphans()
         self._wake.set()
 

@@ -10,6 +10,8 @@
     inbox/.kinod/invalid/<name>          a name that is not a valid job id
     inbox/.kinod/counts/<id>.json        how often <id> crashed a daemon or failed retryably
     inbox/.kinod/nodes/<node>.json       the heartbeat of daemon <node> (kinod.nodes)
+    inbox/.kinod/mail/<node>             names of queued jobs of <node>'s share, a hint
+                                         (polling nodes: kinod.share_mail)
 
 Everything lives inside the inbox, on the same file system, so every move is
 an atomic rename: a crash leaves each file in exactly one of these places.
@@ -54,6 +56,7 @@ class Spool:
         self.invalid = self.root / "invalid"
         self.counts = self.root / "counts"
         self.nodes = self.root / "nodes"
+        self.mail = self.root / "mail"
         # As text too: the paths made for every job are joined as strings, not Paths.
         self._running_root, self._queued, self._held, self._counts = map(
             str, (self.running_root, self.queued, self.held, self.counts))
@@ -67,7 +70,7 @@ class Spool:
 
     def ensure_folders(self) -> None:
         for folder in (self.queued, self.held, self.running, self.done, self.duplicates,
-                       self.invalid, self.counts, self.nodes):
+                       self.invalid, self.counts, self.nodes, self.mail):
             folder.mkdir(parents=True, exist_ok=True)
 
     def lock_node(self) -> int:

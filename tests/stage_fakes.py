@@ -280,6 +280,9 @@ class FakeFleet(Fake):
     def owns(self, job_id: str) -> bool:
         return job_id not in self.others
 
+    def queued_for_another(self, name: str, job_id: str) -> None:
+        self._record("queued_for_another", name, job_id)
+
     def served_elsewhere(self, plugin: object) -> bool:
         return plugin in self.elsewhere
 

@@ -198,7 +198,7 @@ def test_a_node_whose_lease_ran_out_no_longer_owns_a_share(tmp_path: Path) -> No
     assert fleet.nodes_sharing() == 1 and all(fleet.owns(f"j{i}") for i in range(20))
 
 
-def test_a_poll_lists_the_inbox_on_its_turn_and_queued_when_it_wants_work(
+def test_a_poll_lists_the_inbox_and_queued_on_its_turn_only_however_short_of_work(
         tmp_path: Path) -> None:
     rig, fleet = fleet_rig(tmp_path, polling=True, poll_interval_s=1, workers=2,
                            rescan_interval_s=30)
@@ -206,21 +206,51 @@ def test_a_poll_lists_the_inbox_on_its_turn_and_queued_when_it_wants_work(
     fleet.start()
     turn = 0 if fleet.inbox_turn(0) else 1  # its turns: turn, turn + 2, ...
 
-    def poll(slot: int) -> tuple[bool, bool, bool]:
+    def poll(slot: int) -> tuple[bool, bool]:
         rig.clock.now += 1
         rig.wall.now = slot + 0.5
         return fleet.poll_plan()
 
     rig.clock.now -= 1
-    assert poll(turn) == (True, True, False)  # its turn: the inbox and queued/
-    fleet.listed_queued(0)
-    assert poll(turn + 1) == (False, True, False)  # not its turn, but it wants work
-    fleet.listed_queued(0)  # and found none again: the next look waits two polls
-    assert poll(turn + 3) == (False, False, False)
-    # Its turn went by unseen (the clocks disagree): a round and more without, it lists.
-    assert poll(turn + 5) == (True, True, False)
-    rig.scheduler.waiting = 2  # as many jobs wait here as it has workers
-    fleet.listed_queued(3)
-    assert poll(turn + 7) == (False, False, False)  # queued/ only on its turn now
+    rig.scheduler.waiting = 0  # nothing waits here: it wants work
+    assert poll(turn) == (True, False)  # its turn: the inbox and queued/
+    assert poll(turn + 1) == (False, False)  # the other node's turn
+    assert poll(turn + 2) == (True, False)
+    # Its turns go by unseen (the clocks disagree): a round and more without, it lists.
+    assert poll(turn + 1) == (False, False)
+    assert poll(turn + 3) == (False, False)
+    assert poll(turn + 5) == (True, False)
     rig.clock.now += 30
-    assert poll(turn + 9)[2]  # its running/ once a rescan_interval_s
+    assert poll(turn + 7)[1]  # its running/ once a rescan_interval_s
+
+
+def test_alone_a_poll_lists_the_shared_folders_every_time(tmp_path: Path) -> None:
+    rig, fleet = fleet_rig(tmp_path, polling=True, poll_interval_s=1)
+    fleet.start()
+    for slot in range(4):
+        rig.clock.now += 1
+        rig.wall.now = slot + 0.5
+        assert fleet.poll_plan()[0]
+
+
+def test_a_job_queued_for_another_nodes_share_is_mailed_to_it(tmp_path: Path) -> None:
+    rig, fleet = fleet_rig(tmp_path, polling=True)
+    beating_other(rig)
+    fleet.start()
+    ids = [f"j{i}" for i in range(20)]
+    theirs = [job_id for job_id in ids if not fleet.owns(job_id)]
+    for job_id in theirs:
+        fleet.queued_for_another(f"{job_id}.json", job_id)
+    fleet.send_mail()
+    mail = rig.spool.mail / OTHER_NODE
+    assert mail.read_text().split() == [f"{job_id}.json" for job_id in theirs]
+    # Mail for this node is read only while it shares the queue out.
+    (rig.spool.mail / rig.spool.running.name).write_text("mine.json\n")
+    assert fleet.mail() == ["mine.json"]
+
+
+def test_a_node_that_shares_nothing_reads_no_mail(tmp_path: Path) -> None:
+    rig, fleet = fleet_rig(tmp_path, polling=True)
+    fleet.start()
+    (rig.spool.mail / rig.spool.running.name).write_text("mine.json\n")
+    assert fleet.mail() == []

@@ -230,6 +230,7 @@ def test_a_job_this_node_queued_itself_is_kept_only_if_it_is_its_share(tmp_path:
     rig.fleet.others = {"theirs"}
     assert recovery.keeps(write_job(rig.spool.queued, "ours"), "ours")
     assert not recovery.keeps(write_job(rig.spool.queued, "theirs"), "theirs")
+    assert rig.fleet.called("queued_for_another") == [("theirs.json", "theirs")]  # told
     rig.clock.now += 2  # its owner never claimed it
     assert recovery.steal(1) == 1
     assert [args[1] for args in rig.intake.called("admit")] == ["theirs"]

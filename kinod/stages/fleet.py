@@ -5,9 +5,10 @@ out.
 
 Polling nodes also share the work out between them, so that what each poll costs the
 file server does not grow with the number of nodes: each queued job has one owner among
-the nodes taking jobs (a hash of its id: ``owns``), which claims it first, and the nodes
-take turns at listing the inbox (``inbox_turn``), so the fleet lists it about once a
-``poll_interval_s`` however many nodes there are. Neither is needed for correctness: a
+the nodes taking jobs (a hash of its id: ``owns``), which claims it first and hears of it
+by mail between its turns (kinod.share_mail), and the nodes take turns at listing the
+inbox and queued/ (``inbox_turn``), so the fleet lists each about once a
+``poll_interval_s`` however many nodes there are. None of it is needed for correctness: a
 claim is still a rename, so two nodes that disagree about an owner (one started a moment
 ago) race as before, and a job whose owner does not claim it is taken by another node
 (kinod.stages.recovery).
@@ -23,6 +24,7 @@ from loguru import logger
 from kinod.intake import InboxName
 from kinod.listing_gate import ListingGate
 from kinod.nodes import NodeBoard
+from kinod.share_mail import ShareMail
 from kinod.stages.context import Context
 from kinod.stages.job import Job
 
@@ -41,14 +43,13 @@ class Fleet:
         # The nodes taking jobs (live, neither stopped nor paused), this one always among
         # them, in name order: every node sees the same list, give or take a heartbeat.
         self._owners = [ctx.node]
+        self._mail = ShareMail(ctx.spool.mail, ctx.node)
         # A node starting makes its running/ folder (and lock file): seen by a stat at the
         # next poll, not a heartbeat later.
         self._nodes_gate = ListingGate(ctx.spool.running_root, ctx.clock, ctx.settings.lease)
-        # What a poll looks at (see poll_plan): when this node last listed the inbox; when
-        # it may next list queued/ for work, and how long it waits after a listing that
-        # found none; when it last looked for orphans in its running/.
-        self._inbox_at = self._orphans_at = ctx.clock()
-        self._queued_next, self._queued_wait = self._inbox_at, 0.0
+        # What a poll looks at (see poll_plan): when this node last listed the inbox and
+        # queued/, and when it last looked for orphans in its running/.
+        self._shared_at = self._orphans_at = ctx.clock()
 
     def set_lease(self, lease: float) -> None:
         self._board.lease = lease
@@ -161,10 +162,26 @@ class Fleet:
 
     def owns(self, job_id: str) -> bool:
         """This node claims the queued job first. Always true unless polling beside others."""
+        return self._owner(job_id) == self._ctx.node
+
+    def _owner(self, job_id: str) -> str:
         owners = self._owners
         if len(owners) < 2:
-            return True
-        return owners[zlib.crc32(job_id.encode()) % len(owners)] == self._ctx.node
+            return self._ctx.node
+        return owners[zlib.crc32(job_id.encode()) % len(owners)]
+
+    def queued_for_another(self, name: str, job_id: str) -> None:
+        """This node queued a job of another node's share: word of it goes to that node's
+        mail at the end of this turn (``send_mail``)."""
+        self._mail.post(self._owner(job_id), name)
+
+    def send_mail(self) -> None:
+        self._mail.send()
+
+    def mail(self) -> list[str]:
+        """Names of queued jobs of this node's share that other nodes queued since the last
+        look; nothing (and no look) unless it shares the queue out."""
+        return self._mail.receive() if len(self._owners) > 1 else []
 
     def inbox_turn(self, slot: int) -> bool:
         """Whether this node lists the inbox in poll number ``slot`` (the wall clock over
@@ -174,38 +191,29 @@ class Fleet:
         owners = self._owners
         return len(owners) < 2 or slot % len(owners) == owners.index(self._ctx.node)
 
-    def poll_plan(self) -> tuple[bool, bool, bool]:
-        """What this poll lists, when nothing else changed: (the inbox, queued/, this node's
-        running/). The inbox on this node's turn, or when it has gone a whole round of
-        turns without. queued/ on that turn too, and whenever this node wants work (fewer
-        jobs waiting here than workers), but after a listing that found none, not again
-        for twice as long, up to a round of turns. Its running/ (files a fault left there)
-        once a ``rescan_interval_s``. Beside other nodes, the fleet so lists the inbox
-        about once a poll, and idle nodes queued/ about once a poll between them."""
+    def poll_plan(self) -> tuple[bool, bool]:
+        """What this poll lists, when nothing else changed: (the inbox and queued/, this
+        node's running/). The inbox and queued/ on this node's turn, or when it has gone a
+        whole round of turns without; its running/ (files a fault left there) once a
+        ``rescan_interval_s``. Beside other nodes, the fleet so lists the shared folders
+        about once a poll however many nodes there are, and each listing of queued/ finds
+        a round's worth of a node's share: listing it whenever a node wants work made the
+        listings grow with the nodes, each finding a job or two. A job of another node's
+        share is not left waiting meanwhile: the node that took it in runs it after two
+        polls (kinod.stages.recovery.steal) unless its owner claimed it first."""
         ctx = self._ctx
         if self._nodes_gate.should_list():
             self._find_owners()
         poll_s, now = ctx.settings.poll_interval_s, ctx.clock()
         round_s = poll_s * len(self._owners)
-        inbox = (self.inbox_turn(int(ctx.wall_clock() // poll_s))
-                 or now - self._inbox_at >= round_s + poll_s / 2)
-        if inbox:
-            self._inbox_at = now
-        wants_work = ctx.scheduler.queued() < ctx.settings.workers
-        queued = inbox or (wants_work and now >= self._queued_next)
+        shared = (self.inbox_turn(int(ctx.wall_clock() // poll_s))
+                  or now - self._shared_at >= round_s + poll_s / 2)
+        if shared:
+            self._shared_at = now
         orphans = now - self._orphans_at >= ctx.settings.rescan_interval_s
         if orphans:
             self._orphans_at = now
-        return inbox, queued, orphans
-
-    def listed_queued(self, found: int) -> None:
-        """queued/ was listed and ``found`` jobs kept: none makes the next look wait
-        longer (twice, up to a round of turns); any, and it looks again at the next poll."""
-        ctx = self._ctx
-        poll_s = ctx.settings.poll_interval_s
-        self._queued_wait = 0.0 if found else min(max(poll_s, self._queued_wait * 2),
-                                                  poll_s * len(self._owners))
-        self._queued_next = ctx.clock() + self._queued_wait - poll_s / 2
+        return shared, orphans
 
     # --- other nodes' jobs --------------------------------------------------------------
 

@@ -153,6 +153,7 @@ class Recovery:
         if self._ctx.fleet.owns(job_id):
             return True
         self._others.setdefault(path.name, self._ctx.clock())
+        self._ctx.fleet.queued_for_another(path.name, job_id)
         return False
 
     def steal(self, wanted: int) -> int:
