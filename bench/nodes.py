@@ -122,7 +122,7 @@ def run(root: Path, nodes: int, jobs: int, poll_s: float, trace: str = "all"
     figures = {"seconds": finished - started, "cpu ms/job": cpu_s / jobs * 1000}
     if listings is not None and listings.exists():
         for kind, count in listings_by_folder(listings, root).items():
-            figures[f"listings of {kind}/job"] = count / jobs
+            figures[f"{kind} listings/job"] = count / jobs
     for what, calls in CALLS.items():
         if traced:
             figures[f"{what}/job"] = sum(traced.get(c, 0) for c in calls) * scale / jobs
