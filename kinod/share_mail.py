@@ -43,6 +43,8 @@ class ShareMail:
 
     def send(self) -> None:
         """Append each owner's names to its mail file, one write each."""
+        if not self._outgoing:
+            return  # the common case: called at every turn of the daemon's loop
         outgoing, self._outgoing = self._outgoing, defaultdict(list)
         for owner, names in outgoing.items():
             text = "".join(f"{name}\n" for name in names).encode()
