@@ -349,7 +349,8 @@ class Daemon:
         if not shared:
             ctx.stops.look_for_running()
         for name in ctx.fleet.mail() if gated else ():
-            ctx.recovery.on_queued(ctx.spool.queued / name, InboxName.of(name).job_id)
+            if (what := InboxName.of(name)).kind == "job":  # mail is anyone's to write
+                ctx.recovery.on_queued(ctx.spool.queued / name, what.job_id)
         if not gated or (shared and queued.should_list()):
             ctx.recovery.adopt_queued()
         if not ctx.holds.paused:

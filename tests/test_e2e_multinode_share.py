@@ -1,7 +1,7 @@
 """End to end: polling daemons on one folder share the queue out (kinod.stages.fleet).
 
-Each queued job has an owner among the live nodes, which claims it first; the nodes take
-turns at listing the inbox. Neither may cost a job: every job runs exactly once whichever
+Each queued job has an owner among the live nodes, which claims it first and hears of it
+by mail; the nodes take turns at listing the inbox and queued/. Neither may cost a job: every job runs exactly once whichever
 node owns it; a job whose owner was killed runs on another node long before the owner's
 lease runs out; a stop file reaches a job running on a node whose turn it is not.
 """
@@ -66,6 +66,11 @@ def test_three_polling_nodes_sharing_the_queue_run_every_job_once(
     watch.wait_all_ended(120)
     ran_on = assert_each_ran_once(daemons[0], ids)
     assert len(ran_on) >= 2, ran_on  # shared out, not all on one node
+    # A node that queued another node's job told it so by mail (kinod.share_mail).
+    mail = {path.name: path.read_text().split()
+            for path in (inbox / ".kinod" / "mail").iterdir()}
+    assert mail and set(mail) <= {"a", "b", "c"}, mail
+    assert {name for names in mail.values() for name in names} <= {f"{i}.json" for i in ids}
     for daemon in daemons:
         assert daemon.stop() == 0
     watch.look()

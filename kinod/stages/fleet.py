@@ -196,11 +196,11 @@ class Fleet:
         node's running/). The inbox and queued/ on this node's turn, or when it has gone a
         whole round of turns without; its running/ (files a fault left there) once a
         ``rescan_interval_s``. Beside other nodes, the fleet so lists the shared folders
-        about once a poll however many nodes there are, and each listing of queued/ finds
-        a round's worth of a node's share: listing it whenever a node wants work made the
-        listings grow with the nodes, each finding a job or two. A job of another node's
-        share is not left waiting meanwhile: the node that took it in runs it after two
-        polls (kinod.stages.recovery.steal) unless its owner claimed it first."""
+        about once a poll however many nodes there are; between its turns a node hears of
+        its share by mail (``mail``). Listing queued/ whenever a node wanted work made the
+        listings grow with the nodes, each finding a job or two. A job whose owner does
+        not claim it is not left waiting for the owner's turn: the node that queued it
+        runs it after two polls (kinod.stages.recovery.steal)."""
         ctx = self._ctx
         if self._nodes_gate.should_list():
             self._find_owners()
