@@ -1,9 +1,10 @@
 """End to end: polling daemons on one folder share the queue out (kinod.stages.fleet).
 
 Each queued job has an owner among the live nodes, which claims it first and hears of it
-by mail; the nodes take turns at listing the inbox and queued/. Neither may cost a job: every job runs exactly once whichever
-node owns it; a job whose owner was killed runs on another node long before the owner's
-lease runs out; a stop file reaches a job running on a node whose turn it is not.
+by mail; the nodes take turns at listing the inbox and queued/. None of it may cost a job:
+every job runs exactly once whichever node owns it; a job whose owner was killed runs on
+another node long before the owner's lease runs out; a stop file reaches a job running on
+a node whose turn it is not.
 """
 
 from __future__ import annotations
