@@ -10,7 +10,8 @@ Mail is a hint, never the truth: queued/ is. A name read is looked at there like
 other, and a name lost (two nodes appending at once over NFS, a line torn, a file
 rotated as a node appends) only makes its job wait for the next listing, or for another
 node to take it. Names that are not a plain file name are ignored. Nothing is written
-through a link: files are opened with O_NOFOLLOW.
+through a link, nor does a FIFO planted there block: mail is appended as a job's log is
+(kinod.logs.append_job_line), and read with O_NOFOLLOW and O_NONBLOCK.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from pathlib import Path
 
 from loguru import logger
 
+from kinod.atomic_files import read_rest
+from kinod.logs import append_job_line
+
 # A mail file read to its end is started afresh past this size; a writer that opened it
 # just before loses its lines (see above).
 ROTATE_BYTES = 64 * 1024
-_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-_APPEND = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 class ShareMail:
@@ -47,13 +50,8 @@ class ShareMail:
             return  # the common case: called at every turn of the daemon's loop
         outgoing, self._outgoing = self._outgoing, defaultdict(list)
         for owner, names in outgoing.items():
-            text = "".join(f"{name}\n" for name in names).encode()
             try:
-                fd = os.open(self.folder / owner, _APPEND, 0o644)
-                try:
-                    os.write(fd, text)
-                finally:
-                    os.close(fd)
+                append_job_line(self.folder / owner, "".join(f"{name}\n" for name in names))
             except OSError as exc:  # a hint lost: the owner finds them at its next listing
                 logger.debug("cannot post to {}'s mail: {}", owner, exc)
 
@@ -77,7 +75,7 @@ class ShareMail:
         try:
             inode = os.fstat(fd).st_ino
             os.lseek(fd, offset, os.SEEK_SET)
-            data = _read_all(fd)
+            data = read_rest(fd)
         finally:
             os.close(fd)
         complete = data.rfind(b"\n") + 1  # a line being appended is read next time
@@ -94,13 +92,6 @@ class ShareMail:
         except OSError:
             return
         self._read_to = (0, 0)
-
-
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _is_plain_name(name: str) -> bool:

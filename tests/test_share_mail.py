@@ -85,3 +85,13 @@ def test_nothing_is_written_or_read_through_a_link(tmp_path: Path) -> None:
     a.send()  # refused, and only logged: the owner finds the job at its next listing
     assert target.read_text() == "secret.json\n"
     assert b.receive() == []
+
+
+def test_a_fifo_planted_as_mail_blocks_neither_sender_nor_owner(tmp_path: Path) -> None:
+    a, b = pair(tmp_path)
+    fifo = tmp_path / "mail" / "b"
+    os.mkfifo(fifo)
+    a.post("b", "j.json")
+    a.send()  # no reader: refused at once, and only logged
+    assert b.receive() == []
+    assert fifo.is_fifo()
