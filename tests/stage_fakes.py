@@ -153,8 +153,8 @@ class FakeScheduler(Fake):
     def enqueue(self, job: Job) -> None:
         self._record("enqueue", job)
 
-    def unqueue(self, job_id: str) -> None:
-        self._record("unqueue", job_id)
+    def unqueue(self, job: Job) -> None:
+        self._record("unqueue", job)
 
     def remove(self, job_id: str) -> None:
         self._record("remove", job_id)

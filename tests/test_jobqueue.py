@@ -1,21 +1,35 @@
-"""The job queue: highest priority first, then oldest, and a busy plugin holds back no one."""
+"""The job queue: highest priority first, then oldest, and a busy plugin holds back no one.
+A job is its own entry in the heap: discarded and pushed again, it still runs once."""
 
 from __future__ import annotations
 
 import pytest
 
-from kinod.jobqueue import JobQueue
+from kinod.jobqueue import JobQueue, Queueable
+
+
+class Item(Queueable):
+    """What the queue needs of a job, and nothing else."""
+
+    __slots__ = ()
 
 
 def anything(plugin: str) -> bool:
     return True
 
 
-def drain(queue: JobQueue, can_run=anything) -> list[str]:
+def drain(queue: JobQueue[Item], can_run=anything) -> list[str]:
     order = []
-    while (job_id := queue.pop(can_run)) is not None:
-        order.append(job_id)
+    while (item := queue.pop(can_run)) is not None:
+        order.append(item.id)
     return order
+
+
+def push(queue: JobQueue[Item], job_id: str, plugin: str = "p", priority: int = 0,
+         submitted_ns: int = 0) -> Item:
+    item = Item(job_id, submitted_ns)
+    queue.push(item, plugin, priority)
+    return item
 
 
 def test_empty_queue() -> None:
@@ -26,11 +40,11 @@ def test_empty_queue() -> None:
 
 def test_higher_priority_first_then_oldest() -> None:
     queue = JobQueue()
-    queue.push("low-old", "p", priority=0, submitted_ns=1)
-    queue.push("high-new", "p", priority=5, submitted_ns=30)
-    queue.push("low-new", "p", priority=0, submitted_ns=20)
-    queue.push("high-old", "p", priority=5, submitted_ns=10)
-    queue.push("negative", "p", priority=-1, submitted_ns=0)
+    push(queue, "low-old", priority=0, submitted_ns=1)
+    push(queue, "high-new", priority=5, submitted_ns=30)
+    push(queue, "low-new", priority=0, submitted_ns=20)
+    push(queue, "high-old", priority=5, submitted_ns=10)
+    push(queue, "negative", priority=-1, submitted_ns=0)
     assert drain(queue) == ["high-old", "high-new", "low-old", "low-new", "negative"]
     assert len(queue) == 0
 
@@ -38,99 +52,121 @@ def test_higher_priority_first_then_oldest() -> None:
 def test_exact_ties_run_in_order_of_id() -> None:
     queue = JobQueue()
     for job_id in ("c", "a", "b"):
-        queue.push(job_id, "p", priority=0, submitted_ns=100)
+        push(queue, job_id, submitted_ns=100)
     assert drain(queue) == ["a", "b", "c"]
 
 
-def test_an_id_discarded_and_pushed_again_runs_once_in_its_new_place() -> None:
+def test_a_job_discarded_and_pushed_again_runs_once_in_its_new_place() -> None:
     queue = JobQueue()
-    queue.push("a", "p", priority=0, submitted_ns=1)
-    queue.push("b", "p", priority=0, submitted_ns=2)
-    queue.discard("a")
-    queue.push("a", "p", priority=0, submitted_ns=3)
+    a = push(queue, "a", submitted_ns=1)
+    push(queue, "b", submitted_ns=2)
+    queue.discard(a)
+    queue.push(a, "p", priority=-1)  # its old entry is still in the heap, ahead of b
+    assert len(queue) == 2
     assert drain(queue) == ["b", "a"]
-    queue.push("x", "p", priority=0, submitted_ns=5)
-    queue.discard("x")
-    queue.push("x", "p", priority=0, submitted_ns=5)  # the same item, made again
+    x = push(queue, "x", submitted_ns=5)
+    queue.discard(x)
+    queue.push(x, "p", priority=0)  # the same place as before
     assert drain(queue) == ["x"]
     assert len(queue) == 0
 
 
+def test_a_discarded_job_pushed_again_for_another_plugin_runs_once_there() -> None:
+    queue = JobQueue()
+    a = push(queue, "a", plugin="old", submitted_ns=1)
+    queue.discard(a)
+    queue.push(a, "new", priority=0)
+    assert drain(queue, can_run=lambda plugin: plugin == "old") == []
+    assert drain(queue) == ["a"]
+    assert len(queue) == 0
+
+
+def test_two_jobs_of_one_id_are_two_entries() -> None:
+    queue = JobQueue()
+    first, again = Item("a", 1), Item("a", 1)  # a stale job beside its resubmission
+    queue.push(first, "p", 0)
+    queue.push(again, "p", 0)
+    queue.discard(first)
+    assert queue.pop(anything) is again
+    assert queue.pop(anything) is None
+
+
 def test_order_holds_across_plugins() -> None:
     queue = JobQueue()
-    queue.push("a1", "a", priority=0, submitted_ns=3)
-    queue.push("b1", "b", priority=0, submitted_ns=1)
-    queue.push("a2", "a", priority=1, submitted_ns=5)
-    queue.push("b2", "b", priority=0, submitted_ns=2)
+    push(queue, "a1", "a", priority=0, submitted_ns=3)
+    push(queue, "b1", "b", priority=0, submitted_ns=1)
+    push(queue, "a2", "a", priority=1, submitted_ns=5)
+    push(queue, "b2", "b", priority=0, submitted_ns=2)
     assert drain(queue) == ["a2", "b1", "b2", "a1"]
 
 
-def test_len_and_contains() -> None:
+def test_len_and_holds() -> None:
     queue = JobQueue()
-    queue.push("a", "p", 0, 1)
-    queue.push("b", "p", 0, 2)
+    a = push(queue, "a", submitted_ns=1)
+    push(queue, "b", submitted_ns=2)
     assert len(queue) == 2
-    assert "a" in queue
-    assert "zzz" not in queue
-    assert queue.pop(anything) == "a"
-    assert "a" not in queue
+    assert queue.holds(a)
+    assert not queue.holds(Item("zzz", 0))
+    assert queue.pop(anything) is a
+    assert not queue.holds(a)
     assert len(queue) == 1
 
 
-def test_pushing_a_queued_id_again_is_refused() -> None:
+def test_pushing_a_queued_job_again_is_refused() -> None:
     queue = JobQueue()
-    queue.push("a", "p", 0, 1)
+    a = push(queue, "a", submitted_ns=1)
     with pytest.raises(ValueError, match="already queued"):
-        queue.push("a", "other", 9, 2)
+        queue.push(a, "other", 9)
+    assert len(queue) == 1
     assert drain(queue) == ["a"]
 
 
 def test_discard() -> None:
     queue = JobQueue()
-    queue.push("a", "p", 0, 1)
-    queue.push("b", "p", 0, 2)
-    queue.push("c", "p", 0, 3)
-    assert queue.discard("a") is True
-    assert queue.discard("a") is False
-    assert queue.discard("never") is False
-    assert "a" not in queue
+    a = push(queue, "a", submitted_ns=1)
+    push(queue, "b", submitted_ns=2)
+    push(queue, "c", submitted_ns=3)
+    assert queue.discard(a) is True
+    assert queue.discard(a) is False
+    assert queue.discard(Item("never", 0)) is False
+    assert not queue.holds(a)
     assert len(queue) == 2
     assert drain(queue) == ["b", "c"]
 
 
 def test_discard_then_push_again() -> None:
     queue = JobQueue()
-    queue.push("a", "p", 9, 1)
-    queue.push("b", "p", 0, 2)
-    queue.discard("a")
-    queue.push("a", "p", 0, 3)  # resubmitted, now with a lower priority
-    assert drain(queue) == ["b", "a"]
+    a = push(queue, "a", priority=9, submitted_ns=1)
+    push(queue, "b", submitted_ns=2)
+    queue.discard(a)
+    queue.push(a, "p", 0)  # now with b's priority: the older of the two
+    assert drain(queue) == ["a", "b"]
     assert len(queue) == 0
 
 
 def test_discarding_everything_empties_the_queue() -> None:
     queue = JobQueue()
-    queue.push("a", "p", 0, 1)
-    queue.push("b", "q", 0, 2)
-    queue.discard("a")
-    queue.discard("b")
+    a = push(queue, "a", submitted_ns=1)
+    b = push(queue, "b", plugin="q", submitted_ns=2)
+    queue.discard(a)
+    queue.discard(b)
     assert queue.pop(anything) is None
     assert len(queue) == 0
+    queue.push(a, "p", 0)  # its entry left the heap as stale: pushed afresh
+    assert drain(queue) == ["a"]
 
 
 def test_blocked_plugin_does_not_hold_back_others() -> None:
     queue = JobQueue()
-    queue.push("sdxl-urgent", "sdxl", priority=10, submitted_ns=1)
-    queue.push("sdxl-2", "sdxl", priority=10, submitted_ns=2)
-    queue.push("example-1", "example", priority=0, submitted_ns=3)
-    queue.push("example-2", "example", priority=0, submitted_ns=4)
+    push(queue, "sdxl-urgent", "sdxl", priority=10, submitted_ns=1)
+    push(queue, "sdxl-2", "sdxl", priority=10, submitted_ns=2)
+    push(queue, "example-1", "example", priority=0, submitted_ns=3)
+    push(queue, "example-2", "example", priority=0, submitted_ns=4)
 
     def sdxl_is_full(plugin: str) -> bool:
         return plugin != "sdxl"
 
-    assert queue.pop(sdxl_is_full) == "example-1"
-    assert queue.pop(sdxl_is_full) == "example-2"
-    assert queue.pop(sdxl_is_full) is None
+    assert drain(queue, sdxl_is_full) == ["example-1", "example-2"]
     assert len(queue) == 2
     assert drain(queue) == ["sdxl-urgent", "sdxl-2"]  # free again: its jobs, in order
 
@@ -138,8 +174,8 @@ def test_blocked_plugin_does_not_hold_back_others() -> None:
 def test_can_run_is_asked_per_plugin_not_per_job() -> None:
     queue = JobQueue()
     for i in range(5):
-        queue.push(f"a{i}", "a", 0, i)
-    queue.push("b0", "b", 0, 99)
+        push(queue, f"a{i}", "a", submitted_ns=i)
+    push(queue, "b0", "b", submitted_ns=99)
     asked: list[str] = []
 
     def record(plugin: str) -> bool:
@@ -153,15 +189,23 @@ def test_can_run_is_asked_per_plugin_not_per_job() -> None:
 
 def test_nothing_can_run() -> None:
     queue = JobQueue()
-    queue.push("a", "p", 0, 1)
+    a = push(queue, "a", submitted_ns=1)
     assert queue.pop(lambda plugin: False) is None
-    assert "a" in queue
+    assert queue.holds(a)
 
 
 def test_discarded_job_in_a_blocked_plugin_is_not_returned_later() -> None:
     queue = JobQueue()
-    queue.push("a", "p", 0, 1)
-    queue.push("b", "p", 0, 2)
+    a = push(queue, "a", submitted_ns=1)
+    push(queue, "b", submitted_ns=2)
     assert queue.pop(lambda plugin: False) is None
-    queue.discard("a")
+    queue.discard(a)
     assert drain(queue) == ["b"]
+
+
+def test_a_heap_keeps_no_entry_beside_its_jobs() -> None:
+    """The memory a backlog costs: the heap holds the jobs themselves."""
+    queue = JobQueue()
+    items = [push(queue, f"j{i}", submitted_ns=i) for i in range(3)]
+    assert all(isinstance(entry, Item) for entry in queue._heaps["p"])
+    assert sorted(queue._heaps["p"], key=lambda item: item.id) == items

@@ -208,7 +208,7 @@ def test_end_waiting_claims_the_file_then_ends_the_job(tmp_path: Path) -> None:
     claimed = rig.spool.running / "w.json"
     rig.running.claimed["w"] = claimed
     ending.end_waiting(job, JobState.FAILED, DependencyFailed("job a ended failed"))
-    assert rig.scheduler.called("unqueue") == [("w",)]
+    assert rig.scheduler.called("unqueue") == [(job,)]
     final = rig.sidecar("w")
     assert (final.state, final.error.code) == (JobState.FAILED, "dependency_failed")
     assert rig.ctx.dependencies.called("ended") == [("w", JobState.FAILED)]

@@ -195,7 +195,7 @@ class Ending:
             self.claimed_elsewhere(job)
             return
         job.path = claimed
-        ctx.scheduler.unqueue(job.id)
+        ctx.scheduler.unqueue(job)
         self.end(job.id, claimed, self.sidecar_of(job), state, error=error)
 
     def claimed_elsewhere(self, job: Job) -> None:

@@ -13,13 +13,14 @@ from typing import Any
 from kinod.errors import InvalidJob, KinodError
 from kinod.intake import read_job_bytes
 from kinod.job_document import parse_document
+from kinod.jobqueue import Queueable
 from kinod.models import JobSpec, JobState, Sidecar, SidecarError, utc_now
 from kinod.outcome import Verdict
 from kinod.plugins.plugin_loader import LoadedPlugin
 from kinod.runner import SupervisedRun
 
 
-class Job:
+class Job(Queueable):
     """An accepted job that has not ended: queued, waiting for ``not_before``, or running.
 
     A job waiting in the queue keeps none of its file (light, ``spec`` None): its checked spec and
@@ -32,7 +33,7 @@ class Job:
     100,000 jobs 10 MB less than a slot for each would.
     """
 
-    __slots__ = ("id", "folder", "suffix", "plugin", "submitted_ns", "priority", "__dict__")
+    __slots__ = ("folder", "suffix", "plugin", "priority", "__dict__")  # and Queueable's
 
     # What a run needs, made again from the job's file when it is claimed.
     spec: JobSpec | None = None
@@ -61,11 +62,10 @@ class Job:
     def __init__(self, id: str, folder: Path, suffix: str, spec: JobSpec | None,  # noqa: A002
                  plugin: LoadedPlugin, data: dict[str, Any] | None, sidecar: Sidecar | None,
                  submitted_ns: int) -> None:
-        self.id = id
+        super().__init__(id, submitted_ns)
         self.folder = folder  # where its file is now (queued/ or running/<node>/): shared
         self.suffix = suffix  # its file's name is id + suffix; one object for all of a kind
         self.plugin = plugin
-        self.submitted_ns = submitted_ns
         # Kept while it waits light: a claim the disk refused queues it again.
         self.priority = 0
         if spec is not None:

@@ -19,7 +19,7 @@ from kinod.stages.job import Job
 class Scheduler:
     def __init__(self, ctx: Context) -> None:
         self._ctx = ctx
-        self._queue = JobQueue()
+        self._queue: JobQueue[Job] = JobQueue()
         self._jobs: dict[str, Job] = {}  # every accepted job that has not ended
         # Running jobs that hold a slot, per plugin: what ``max_concurrency`` and, in all,
         # ``workers`` limit (see free_slot).
@@ -61,13 +61,13 @@ class Scheduler:
         their ``not_before``)."""
         return len(self._queue)
 
-    def unqueue(self, job_id: str) -> None:
-        self._queue.discard(job_id)
+    def unqueue(self, job: Job) -> None:
+        self._queue.discard(job)
 
     def forget(self, job: Job) -> None:
         """Drop a job this node holds no file of: another node has it."""
         self.remove_if(job)
-        self._queue.discard(job.id)
+        self._queue.discard(job)
         timers = self._ctx.timers
         if timers is not None and timers.get_job(f"not_before:{job.id}"):
             timers.remove_job(f"not_before:{job.id}")
@@ -98,13 +98,13 @@ class Scheduler:
 
     def enqueue(self, job: Job) -> None:
         priority = job.priority if job.spec is None else job.spec.priority
-        self._queue.push(job.id, job.plugin.name, priority, job.submitted_ns)
+        self._queue.push(job, job.plugin.name, priority)
         self._ctx.wake()
 
     async def _release(self, job_id: str) -> None:
         job = self._jobs.get(job_id)
         if (job is not None and not self._ctx.running.is_running(job_id)
-                and job_id not in self._queue):
+                and not self._queue.holds(job)):
             self.enqueue(job)
 
     def can_start_now(self, job_id: str, spec: JobSpec, plugin: str) -> bool:
@@ -121,16 +121,15 @@ class Scheduler:
     def dispatch(self) -> None:
         """Start the best waiting jobs while workers are free."""
         while self.worker_free():
-            job_id = self._queue.pop(self.has_room)
-            if job_id is None:
+            job = self._queue.pop(self.has_room)
+            if job is None:
                 return
-            job = self._jobs.get(job_id)
-            if job is None:  # forgotten while queued (claimed by another node)
+            if self._jobs.get(job.id) is not job:  # let go while queued (another node has it)
                 continue
             try:
                 self._ctx.running.start(job)
             except OSError as exc:  # the spool or the outbox fails (a full disk): wait, retry
-                logger.error("job {}: could not start: {}; trying again in {:g} s", job_id, exc,
+                logger.error("job {}: could not start: {}; trying again in {:g} s", job.id, exc,
                              RETRY_S)
                 self.enqueue(job)
                 self._held = True
