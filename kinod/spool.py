@@ -37,9 +37,15 @@ from kinod.errors import ConfigError
 from kinod.intake import JOB_SUFFIXES
 from kinod.listing_gate import ListingGate
 
+# running/ (a folder per node) is listed whatever its mtime says (kinod.listing_gate) once
+# RUNNING_SAFETY_S for each node folder in it: the fleet as a whole then lists it about
+# once a RUNNING_SAFETY_S however many nodes share the inbox, where one period per node
+# made the listings grow with the nodes. At least once a RUNNING_SAFETY_MAX_S: NFS's
+# default acdirmax, past which a client's cached mtime shows the change itself.
 RUNNING_SAFETY_S = 5.0
+RUNNING_SAFETY_MAX_S = 60.0
 # running/ is looked up for every file dropped, on every node: listed at most this often
-# while its mtime stays as it was (kinod.listing_gate).
+# while its mtime stays as it was.
 RUNNING_MIN_INTERVAL_S = 0.5
 
 
@@ -60,8 +66,8 @@ class Spool:
         # As text too: the paths made for every job are joined as strings, not Paths.
         self._running_root, self._queued, self._held, self._counts = map(
             str, (self.running_root, self.queued, self.held, self.counts))
-        # A node's folder made since the last listing shows within RUNNING_SAFETY_S even
-        # where a client caches the folder's attributes (NFS).
+        # A node's folder made since the last listing shows within the gate's safety_s
+        # even where a client caches the folder's attributes (NFS).
         self._running_gate = ListingGate(self.running_root, time.monotonic, RUNNING_SAFETY_S,
                                          RUNNING_MIN_INTERVAL_S)
         # Ids whose done/<id>/ prepare_done made, empty, for finish to rename into.
@@ -180,6 +186,8 @@ class Spool:
                                            if e.is_dir(follow_symlinks=False)]
             except FileNotFoundError:
                 self._running_cache = []
+            self._running_gate.safety_s = min(
+                RUNNING_SAFETY_MAX_S, RUNNING_SAFETY_S * max(1, len(self._running_cache)))
         return self._running_cache
 
     def claim(self, queued: Path) -> Path | None:

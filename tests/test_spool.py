@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from kinod import atomic_files
+from kinod import spool as spool_module
 from kinod.spool import Spool
 from tests.racing import ROUNDS, race
 
@@ -66,6 +67,31 @@ def moves(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> st
     if request.param == "portable":
         monkeypatch.setattr(atomic_files, "_renameat2", None)
     return request.param
+
+
+def test_running_is_listed_less_often_by_each_node_the_more_nodes_share_it(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its safety listing (whatever the mtime says) comes once RUNNING_SAFETY_S a node
+    folder, so the fleet as a whole lists it about as often however many nodes it has."""
+    monkeypatch.setattr(spool_module, "RUNNING_SAFETY_S", 5.0)
+    monkeypatch.setattr(spool_module, "RUNNING_SAFETY_MAX_S", 60.0)
+    now = [1000.0]
+    spool._running_gate._clock = lambda: now[0]
+    spool.holds("a")
+    assert spool._running_gate.safety_s == 5.0  # this node's folder alone
+    for n in range(2, 4):
+        Spool(INBOX, f"node{n}").ensure_folders()
+    now[0] += 5.0
+    spool.holds("a")
+    assert spool.other_nodes() == ["node2", "node3"]
+    assert spool._running_gate.safety_s == 15.0
+    for n in range(4, 30):
+        Spool(INBOX, f"node{n}").ensure_folders()
+    now[0] += 14.0
+    assert len(spool.other_nodes()) == 2  # not listed again yet
+    now[0] += 1.0
+    assert len(spool.other_nodes()) == 28
+    assert spool._running_gate.safety_s == 60.0  # never more than NFS's acdirmax
 
 
 @pytest.mark.usefixtures("moves")
