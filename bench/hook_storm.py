@@ -113,7 +113,8 @@ def main() -> int:
     rows = [("no hook", plain), ("slow webhook", storm)]
     lines = [f"{args.jobs:,} jobs, 8 workers, a webhook answering after {args.delay:g} s "
              f"({'keeping' if args.keep_alive else 'closing'} its connections), "
-             f"{args.rounds} round(s) of ABBA, medians; {where}", "",
+             f"{args.rounds} round(s) of ABBA: medians, but the highest peak RSS, and what "
+             f"waits on disk as the last run left it; {where}", "",
              "| | seconds | jobs/s | CPU ms/job | peak RSS MB | deliveries made by then | "
              "waiting on disk then |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, runs in rows:
