@@ -34,6 +34,9 @@ class Outbox:
     def ensure_folder(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
 
+    def has_sidecar(self, job_id: str) -> bool:
+        return os.path.lexists(f"{self._folder}/{job_id}.json")
+
     def sidecar_path(self, job_id: str) -> Path:
         return self.folder / f"{job_id}.json"
 

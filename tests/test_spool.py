@@ -411,6 +411,16 @@ def test_a_job_taken_in_under_an_upper_case_suffix_is_held_under_a_lower_case_on
     assert other.holds("u1")
 
 
+def test_here_only_leaves_out_the_other_nodes_running_folders(spool: Spool) -> None:
+    other = Spool(INBOX, "node2")
+    other.ensure_folders()
+    other.accept(drop("elsewhere.json"))
+    spool.accept(drop("here.json"))
+    spool.release(spool.accept(drop("queued.json")))
+    assert spool.holds("elsewhere") and not spool.holds("elsewhere", here_only=True)
+    assert spool.holds("here", here_only=True) and spool.holds("queued", here_only=True)
+
+
 @pytest.mark.parametrize("name", ["u1.YAML", "u1.Yml", "u1.JSON", "u1.jSoN"])
 def test_every_spelling_of_the_suffix_is_held_as_one_job(spool: Spool, name: str) -> None:
     other = Spool(INBOX, "node2")

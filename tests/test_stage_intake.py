@@ -213,10 +213,30 @@ def test_an_id_already_active_is_set_aside_as_a_duplicate(tmp_path: Path, holder
         rig.scheduler.held["dup"] = job_of(rig.ctx, write_job(rig.spool.queued, "dup"))
     else:
         write_job(rig.spool.running_root / OTHER_NODE, "dup")
+        rig.ctx.outbox.publish(sidecar_in(JobState.RUNNING, "dup", node=OTHER_NODE))
     path = write_job(rig.inbox, "dup")
     look_at(intake, path)
     assert not path.exists() and (rig.spool.duplicates / "dup" / "1.json").exists()
     assert begun(rig) == [] and rig.ending.ends() == []
+
+
+def test_an_id_with_no_sidecar_is_not_looked_for_in_other_nodes_running_folders(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every job another node runs has a sidecar: without one, that node's folder is left
+    # out of the look, which then costs the same however many nodes share the spool.
+    rig, intake = intake_rig(tmp_path)
+    rig.scheduler.can_start = True
+    for node in ("n3", "n4", "n5"):
+        (rig.spool.running_root / node).mkdir(parents=True)
+    looked_in: list[str] = []
+    lexists = os.path.lexists
+    monkeypatch.setattr(os.path, "lexists",
+                        lambda p: looked_in.append(os.path.dirname(p)) or lexists(p))
+    look_at(intake, write_job(rig.inbox, "fresh"))
+    assert begun(rig) == ["fresh"]
+    folders = {os.path.basename(folder) for folder in looked_in}
+    assert rig.spool.running.name in folders and {"queued", "held"} <= folders
+    assert not folders & {OTHER_NODE, "n3", "n4", "n5"}
 
 
 def test_the_inbox_name_of_a_file_another_node_is_moving_in_is_left_to_that_node(

@@ -157,7 +157,7 @@ class Intake:
             return
         if self._wait_until_settled(path, st, renamed):
             return
-        self._intake(path, name.job_id, renamed)
+        self._intake(path, name.job_id, renamed, linked=st.st_nlink > 1)
 
     def _wait_until_settled(self, path: Path, st: os.stat_result, renamed: bool) -> bool:
         """True (and a look again planned) while the file may still be being written."""
@@ -193,12 +193,12 @@ class Intake:
 
     # --- taking a job in ----------------------------------------------------------------
 
-    def _intake(self, path: Path, job_id: str, renamed: bool) -> None:
+    def _intake(self, path: Path, job_id: str, renamed: bool, linked: bool) -> None:
         """inbox/<id>.<ext> -> running/<node>/ (this daemon alone takes it in), its first
         sidecar (queued, or failed if invalid), then queued/ for any daemon to claim."""
         ctx = self._ctx
         unchanged = self._unchanged.pop(path)
-        if self._is_active(job_id):
+        if self._is_active(job_id, linked):
             if ctx.ending.has_ended(job_id):
                 # Resubmitted on seeing the final sidecar, a moment before the file of the
                 # run that ended is filed away: a new run, once it is.
@@ -247,16 +247,26 @@ class Intake:
             read = self.read_held(held)
         self.take_in(held, job_id, read)
 
-    def _is_active(self, job_id: str) -> bool:
+    def _is_active(self, job_id: str, linked: bool) -> bool:
         """Queued, waiting, running (here or on another node), or ended with its file not
-        yet filed away."""
+        yet filed away. ``linked``: the inbox file has other names, as one a node moves
+        in by a link and an unlink has, between the two."""
         ctx = self._ctx
         job = ctx.scheduler.get(job_id)
         if job is not None:
             if ctx.running.is_running(job_id) or os.path.lexists(job.path):
                 return True
             ctx.ending.claimed_elsewhere(job)  # or removed by someone: then it fails as lost
-        return ctx.ending.is_unfiled(job_id) or ctx.spool.holds(job_id)
+        if ctx.ending.is_unfiled(job_id):
+            return True
+        # A job another node runs has a sidecar in the shared outbox, written before its file
+        # is queued or starts there. For an id with none, the other nodes' running/ folders
+        # are not looked in: the look costs the same however many nodes share the spool.
+        # Unless the file is linked: another node may be moving it in (_being_moved).
+        spool = ctx.spool
+        here_only = (not linked and bool(spool.other_nodes())
+                     and not ctx.outbox.has_sidecar(job_id))
+        return spool.holds(job_id, here_only=here_only)
 
     def _being_moved(self, path: Path, job_id: str) -> bool:
         """``path`` is the very file the spool holds for ``job_id``: a node moving it in by
