@@ -35,7 +35,7 @@ class Outbox:
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def has_sidecar(self, job_id: str) -> bool:
-        return os.path.lexists(f"{self._folder}/{job_id}.json")
+        return os.path.exists(f"{self._folder}/{job_id}.json")
 
     def sidecar_path(self, job_id: str) -> Path:
         return self.folder / f"{job_id}.json"
@@ -93,8 +93,7 @@ class Outbox:
         Flushed to disk: were a power cut to undo this but not the acceptance
         of the new run, the old terminal sidecar would pass the new run off as ended.
         """
-        if not (os.path.exists(f"{self._folder}/{job_id}.json")
-                or os.path.exists(f"{self._folder}/{job_id}.log")):
+        if not (self.has_sidecar(job_id) or os.path.exists(f"{self._folder}/{job_id}.log")):
             return  # a new id: the common case, told apart without a Path
         sidecar, log = self.sidecar_path(job_id), self.log_path(job_id)
         current = self.read(job_id)

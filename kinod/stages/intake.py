@@ -263,10 +263,8 @@ class Intake:
         # is queued or starts there. For an id with none, the other nodes' running/ folders
         # are not looked in: the look costs the same however many nodes share the spool.
         # Unless the file is linked: another node may be moving it in (_being_moved).
-        spool = ctx.spool
-        here_only = (not linked and bool(spool.other_nodes())
-                     and not ctx.outbox.has_sidecar(job_id))
-        return spool.holds(job_id, here_only=here_only)
+        here_only = not linked and not ctx.outbox.has_sidecar(job_id)
+        return ctx.spool.holds(job_id, here_only=here_only)
 
     def _being_moved(self, path: Path, job_id: str) -> bool:
         """``path`` is the very file the spool holds for ``job_id``: a node moving it in by
